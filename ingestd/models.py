@@ -1,0 +1,65 @@
+"""Values passed between the pipeline's stages.
+
+Raw Things Stack JSON stays a plain ``dict`` (decoded by orjson); :class:`TtsEvent`
+documents the keys we read. Internal values are small frozen dataclasses or NamedTuples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple, TypedDict
+
+
+class TtsEvent(TypedDict, total=False):
+    """An ``Event`` as TTS writes it on ``/api/v3/events`` (TTS_WIRE §2)."""
+
+    name: str
+    time: str
+    identifiers: list[dict[str, Any]]
+    data: dict[str, Any]
+    correlation_ids: list[str]
+    origin: str
+    context: dict[str, str]
+    visibility: dict[str, Any]
+    unique_id: str
+
+
+class Row(NamedTuple):
+    """One row for one table, derived from an event by :func:`ingestd.normalize.normalize`."""
+
+    table: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Cursor:
+    """Where a stream stands: the newest event time seen, and the ids seen at that time.
+
+    Reconnects ask for ``after = last_time - overlap``; the ids let the store and the gap
+    detector recognise the cursor's own events when they are replayed.
+    """
+
+    last_time: datetime | None = None
+    unique_ids_at_last_time: frozenset[str] = field(default_factory=frozenset)
+
+    def advanced(self, time: datetime, unique_id: str) -> Cursor:
+        """The cursor after seeing one more event; never moves backwards."""
+        if self.last_time is None or time > self.last_time:
+            return Cursor(last_time=time, unique_ids_at_last_time=frozenset((unique_id,)))
+        if time == self.last_time and unique_id not in self.unique_ids_at_last_time:
+            return Cursor(
+                last_time=time, unique_ids_at_last_time=self.unique_ids_at_last_time | {unique_id}
+            )
+        return self
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Gap:
+    """A window in which events may have been lost."""
+
+    stream: str
+    gap_start: datetime | None
+    gap_end: datetime | None
+    reason: str
+    detail: str | None = None
