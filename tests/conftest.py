@@ -1,0 +1,145 @@
+"""Shared fixtures: real databases (SQLite file and PostgreSQL), one fresh database per test.
+
+PostgreSQL comes from ``INGESTD_TEST_PG_URL`` (a server URL whose database we may use to
+``CREATE DATABASE``). Without it the PostgreSQL cases skip locally; with
+``--require-postgres`` (CI) a skip becomes a failure, so a missing server cannot hide.
+Each PostgreSQL test gets ``CREATE DATABASE … TEMPLATE <migrated template>``: fast and
+isolated (procrastinate's setup_db).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Engine
+
+from ingestd import migrate
+from ingestd.db import create_engine
+
+PG_URL_ENV = "INGESTD_TEST_PG_URL"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--require-postgres",
+        action="store_true",
+        help="fail (instead of skip) tests that need PostgreSQL when it is not available",
+    )
+
+
+def _pg_admin_url() -> str | None:
+    return os.environ.get(PG_URL_ENV) or None
+
+
+def _skip_or_fail(config: pytest.Config, reason: str) -> None:
+    if config.getoption("--require-postgres"):
+        pytest.fail(f"PostgreSQL required: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_template(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """(admin URL, template database name): a database migrated to head once per session."""
+    admin = _pg_admin_url()
+    if admin is None:
+        _skip_or_fail(request.config, f"{PG_URL_ENV} is not set")
+    assert admin is not None
+    admin_engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    template = f"ingestd_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        with admin_engine.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{template}"')
+    except sa.exc.OperationalError as exc:
+        admin_engine.dispose()
+        _skip_or_fail(request.config, f"cannot reach PostgreSQL at {PG_URL_ENV}: {exc}")
+    tpl_url = sa.make_url(admin).set(database=template).render_as_string(hide_password=False)
+    tpl_engine = create_engine(tpl_url)
+    migrate.upgrade(tpl_engine)
+    tpl_engine.dispose()
+    yield admin, template
+    with admin_engine.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+    admin_engine.dispose()
+
+
+def _fresh_pg_database(admin: str, template: str) -> Iterator[str]:
+    name = f"ingestd_t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield sa.make_url(admin).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        engine.dispose()
+
+
+def _fresh_sqlite_database(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'ingestd.db'}"
+    engine = create_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of a fresh, migrated database of each dialect (one per test)."""
+    if request.param == "sqlite":
+        yield _fresh_sqlite_database(tmp_path)
+    else:
+        admin, template = request.getfixturevalue("pg_template")
+        yield from _fresh_pg_database(admin, template)
+
+
+@pytest.fixture
+def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """URL of a fresh, migrated PostgreSQL database (PostgreSQL-only tests)."""
+    admin, template = request.getfixturevalue("pg_template")
+    yield from _fresh_pg_database(admin, template)
+
+
+@pytest.fixture
+def blank_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Like ``db_url`` but never migrated (for migration tests); parametrize it yourself."""
+    dialect = getattr(request, "param", "sqlite")
+    if dialect == "sqlite":
+        yield f"sqlite:///{tmp_path / 'blank.db'}"
+        return
+    admin = _pg_admin_url()
+    if admin is None:
+        _skip_or_fail(request.config, f"{PG_URL_ENV} is not set")
+    assert admin is not None
+    name = f"ingestd_b_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.make_url(admin).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        engine.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An ingestd engine on the test's fresh database."""
+    eng = create_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Every test starts with structlog's defaults, so capture_logs works and nothing leaks."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
