@@ -1,0 +1,153 @@
+"""Stop signals: real signals to our own pid inside a running loop, and to a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+from types import FrameType
+
+import pytest
+
+from ingestd.signals import install_stop_handlers
+
+TIMEOUT_S = 5.0
+
+# A daemon whose shutdown hangs: stop() is called but the loop keeps running for 30 s.
+HUNG_CHILD = textwrap.dedent(
+    """
+    import asyncio
+    from ingestd.signals import install_stop_handlers
+
+    async def main():
+        install_stop_handlers(asyncio.get_running_loop(), lambda: print("stop called", flush=True))
+        print("ready", flush=True)
+        await asyncio.sleep(30)
+
+    asyncio.run(main())
+    """
+)
+
+# A daemon that stops cleanly on the first signal.
+GRACEFUL_CHILD = textwrap.dedent(
+    """
+    import asyncio
+    from ingestd.signals import install_stop_handlers
+
+    async def main():
+        stop = asyncio.Event()
+        uninstall = install_stop_handlers(asyncio.get_running_loop(), stop.set)
+        print("ready", flush=True)
+        await asyncio.wait_for(stop.wait(), 30)
+        uninstall()
+        print("stopped", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_first_signal_calls_stop_and_the_loop_keeps_running(signum: int) -> None:
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signum)
+    stopped = asyncio.Event()
+    calls: list[str] = []
+
+    def stop() -> None:
+        calls.append("stop")
+        stopped.set()
+
+    uninstall = install_stop_handlers(loop, stop)
+    try:
+        os.kill(os.getpid(), signum)
+        await asyncio.wait_for(stopped.wait(), TIMEOUT_S)
+        # The loop is still alive and serving other work after the signal.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), TIMEOUT_S) == 42
+        assert calls == ["stop"]
+    finally:
+        uninstall()
+    assert signal.getsignal(signum) is previous
+
+
+async def test_uninstall_restores_the_previous_handler() -> None:
+    seen: list[int] = []
+
+    def recorder(signum: int, frame: FrameType | None) -> None:
+        seen.append(signum)
+
+    old = signal.signal(signal.SIGTERM, recorder)
+    try:
+        calls: list[str] = []
+        uninstall = install_stop_handlers(asyncio.get_running_loop(), lambda: calls.append("x"))
+        uninstall()
+        assert signal.getsignal(signal.SIGTERM) is recorder
+        signal.raise_signal(signal.SIGTERM)
+        await asyncio.sleep(0)
+        assert seen == [signal.SIGTERM]
+        assert calls == []
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _spawn(code: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-u", "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _expect_line(proc: subprocess.Popen[str], line: str) -> None:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT_S)
+    assert ready, f"child did not print {line!r} within {TIMEOUT_S} s"
+    assert proc.stdout.readline().strip() == line
+
+
+def _finish(proc: subprocess.Popen[str]) -> int:
+    try:
+        return proc.wait(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT_S)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (signal.SIGTERM, signal.SIGTERM),
+        (signal.SIGINT, signal.SIGINT),
+        (signal.SIGTERM, signal.SIGINT),
+    ],
+    ids=["TERM-TERM", "INT-INT", "TERM-INT"],
+)
+def test_second_signal_kills_a_hung_shutdown_at_once(first: int, second: int) -> None:
+    proc = _spawn(HUNG_CHILD)
+    try:
+        _expect_line(proc, "ready")
+        proc.send_signal(first)
+        _expect_line(proc, "stop called")
+        assert proc.poll() is None, "the first signal must not end the process"
+        proc.send_signal(second)
+    finally:
+        returncode = _finish(proc)
+    assert returncode == -second  # died by the signal itself, as an interrupted program should
+
+
+def test_one_signal_lets_the_daemon_stop_cleanly() -> None:
+    proc = _spawn(GRACEFUL_CHILD)
+    try:
+        _expect_line(proc, "ready")
+        proc.send_signal(signal.SIGTERM)
+        _expect_line(proc, "stopped")
+    finally:
+        returncode = _finish(proc)
+    assert returncode == 0
