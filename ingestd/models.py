@@ -63,3 +63,48 @@ class Gap:
     gap_end: datetime | None
     reason: str
     detail: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class Batch:
+    """Events normalized since the last commit, with the cursor that covers them.
+
+    ``items`` keeps each event's own rows together so that a batch the database refuses
+    can be retried event by event (the bad one goes to ``rejected_events``).
+    """
+
+    stream: str
+    items: list[tuple[dict[str, Any], list[Row]]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)
+    cursor: Cursor | None = None  # None: leave the stored cursor as it is
+    duplicates_in_batch: int = 0
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.rejected)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.items or self.rejected or self.gaps) and self.cursor is None
+
+
+@dataclass(kw_only=True, slots=True)
+class CommitResult:
+    """What one commit stored, for logs, metrics and ``ingestd import``'s summary."""
+
+    events: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    gaps: int = 0
+    rows: dict[str, int] = field(default_factory=dict)  # derived rows offered, per table
+    stored_by_name: dict[str, int] = field(default_factory=dict)  # new events, per name
+
+    def add(self, other: CommitResult) -> None:
+        self.events += other.events
+        self.duplicates += other.duplicates
+        self.rejected += other.rejected
+        self.gaps += other.gaps
+        for table, n in other.rows.items():
+            self.rows[table] = self.rows.get(table, 0) + n
+        for name, n in other.stored_by_name.items():
+            self.stored_by_name[name] = self.stored_by_name.get(name, 0) + n

@@ -1,0 +1,354 @@
+"""One stream's consumer: connect, read frames into batches, commit, reconnect forever.
+
+Per event the work is parse → normalize → append (in :class:`BatchBuilder`); commits run
+in a worker thread, one at a time and in order, so the cursor in the database only ever
+moves forward. A batch is committed when it reaches ``batch_max_events`` or
+``batch_max_delay_s`` after the last commit, whichever comes first; while one batch
+commits, the next is being read (a pipeline of depth one, which is also backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import structlog
+
+from ingestd import metrics
+from ingestd.aio import sleep_or_stop, wait_any
+from ingestd.config import DatabaseSettings, StreamSettings
+from ingestd.errors import (
+    AuthRejected,
+    PermanentError,
+    RateLimited,
+    RequestRejected,
+    StoreUnavailable,
+    StreamDisconnected,
+    StreamError,
+    TransientError,
+)
+from ingestd.ingest import BatchBuilder
+from ingestd.models import Batch, Gap
+from ingestd.retry import Backoff
+from ingestd.store import Store
+from ingestd.stream import EventStream, OpenStream
+
+log = structlog.get_logger()
+
+STORE_RETRY = Backoff(base_s=0.5, factor=2.0, max_s=30.0)
+SHUTDOWN_COMMIT_ATTEMPTS = 3
+AUTH_ERROR_CODES = {7, 16}  # PermissionDenied, Unauthenticated: an error frame about the key
+
+
+@dataclass(kw_only=True)
+class StreamState:
+    """What the service, ``/healthz`` and the downlink worker need to know about a stream."""
+
+    name: str
+    application_id: str
+    device_ids: tuple[str, ...]
+    connected: bool = False
+    connected_since: datetime | None = None
+    retrying_since: datetime | None = None
+    last_error: str | None = None
+    permanent_error: bool = False
+
+    def covers(self, application_id: str, device_id: str) -> bool:
+        """True when this stream receives ``device_id``'s downlink lifecycle events."""
+        return self.application_id == application_id and (
+            not self.device_ids or device_id in self.device_ids
+        )
+
+
+class StreamConsumer:
+    """Follows one configured stream into the database until ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: StreamSettings,
+        *,
+        store: Store,
+        client: httpx.AsyncClient,
+        batching: DatabaseSettings,
+    ) -> None:
+        self.settings = settings
+        self.state = StreamState(
+            name=settings.name,
+            application_id=settings.application_id,
+            device_ids=settings.device_ids,
+        )
+        self._store = store
+        self._stream = EventStream(settings, client)
+        self._max_events = batching.batch_max_events
+        self._max_delay_s = batching.batch_max_delay_s
+        self._backoff = Backoff(base_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
+        self._builder: BatchBuilder | None = None
+        self._flush_lock = asyncio.Lock()
+        self._flush_task: asyncio.Task[None] | None = None
+        self._warned: set[str] = set()
+        self._stopping = False
+        self.connected_event = asyncio.Event()  # set on every successful (re)connect
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop``; then commit what was read, with its cursor."""
+        name = self.settings.name
+        with structlog.contextvars.bound_contextvars(
+            stream=name, application_id=self.settings.application_id
+        ):
+            cursor = await asyncio.to_thread(self._store.load_cursor, name)
+            self._builder = BatchBuilder(name, cursor)
+            log.info("stream_starting", cursor=cursor.last_time)
+            ticker = asyncio.create_task(self._flush_on_timer(stop), name=f"flush:{name}")
+            try:
+                await self._connect_forever(stop)
+            finally:
+                self._stopping = True
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
+                # Commit the batch in flight with its cursor even if we are being cancelled.
+                await asyncio.shield(self._flush())
+                self._set_disconnected(None)
+                log.info("stream_stopped", cursor=self._builder.cursor.last_time)
+
+    async def _connect_forever(self, stop: asyncio.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            try:
+                async with self._stream.open(self._builder_or_fail().cursor) as conn:
+                    attempt = 0
+                    self._on_connected(conn)
+                    reader = asyncio.create_task(self._read(conn))
+                    await wait_any(reader, stop.wait())
+                    if stop.is_set():
+                        return  # wait_any cancelled the reader between two frames
+                    reader.result()  # re-raise the reader's error, if any
+                    raise StreamDisconnected("the server ended the stream", reason="server_closed")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop's top: classify, log, back off
+                attempt += 1
+                delay, reason = self._delay_for(exc, attempt)
+                metrics.RECONNECTS.labels(self.settings.name, reason).inc()
+                self._set_disconnected(_describe(exc))
+                if await sleep_or_stop(delay, stop):
+                    return
+
+    def _delay_for(self, exc: Exception, attempt: int) -> tuple[float, str]:
+        s = self.settings
+        if isinstance(exc, RateLimited):
+            log.warning("stream_rate_limited", retry_after_s=exc.retry_after_s)
+            return exc.retry_after_s, "rate_limited"
+        if isinstance(exc, AuthRejected) or (
+            isinstance(exc, StreamError) and exc.status_code in AUTH_ERROR_CODES
+        ):
+            # One clear line naming the stream and the TTS error; then wait long, not a hot loop.
+            log.error(
+                "stream_auth_rejected",
+                error_name=exc.error_name,
+                error=str(exc),
+                retry_in_s=s.auth_retry_s,
+            )
+            self.state.permanent_error = True
+            return s.auth_retry_s, "auth"
+        if isinstance(exc, RequestRejected):
+            log.error(
+                "stream_request_rejected",
+                error_name=exc.error_name,
+                error=str(exc),
+                retry_in_s=s.auth_retry_s,
+            )
+            self.state.permanent_error = True
+            return s.auth_retry_s, "rejected"
+        delay = self._backoff.delay_s(attempt)
+        if isinstance(exc, StreamDisconnected):
+            reason = exc.reason
+        elif isinstance(exc, StreamError):
+            reason = "stream_error"
+        elif isinstance(exc, TransientError):
+            reason = "server_error"
+        elif isinstance(exc, PermanentError):
+            reason = "error"
+        else:
+            reason = "unexpected"
+            log.exception("stream_unexpected_error")
+        level = log.info if reason in ("server_closed", "idle_timeout") else log.warning
+        level(
+            "stream_disconnected", reason=reason, error=_describe(exc), retry_in_s=round(delay, 2)
+        )
+        return delay, reason
+
+    def _on_connected(self, conn: OpenStream) -> None:
+        builder = self._builder_or_fail()
+        now = datetime.now(UTC)
+        self.state.connected = True
+        self.state.connected_since = now
+        self.state.retrying_since = None
+        self.state.permanent_error = False
+        metrics.STREAM_CONNECTED.labels(self.settings.name).set(1)
+        for warning in conn.warnings:
+            if warning not in self._warned:  # log each X-Warning once per stream
+                self._warned.add(warning)
+                log.warning("tts_warning", warning=warning)
+        cursor = builder.cursor
+        if conn.store_disabled:
+            if cursor.last_time is not None:
+                builder.add_gap(
+                    Gap(
+                        stream=self.settings.name,
+                        gap_start=cursor.last_time,
+                        gap_end=now,
+                        reason="store_disabled",
+                        detail="TTS has no event store: nothing before the connection is replayed",
+                    )
+                )
+        else:
+            builder.expect_replay_from(cursor)
+        log.info(
+            "stream_connected",
+            after=conn.after,
+            request_id=conn.request_id,
+            store_disabled=conn.store_disabled,
+        )
+        self.connected_event.set()
+        self._spawn(self._save_state(now, None))
+
+    def _set_disconnected(self, error: str | None) -> None:
+        was = self.state.connected
+        self.state.connected = False
+        if self.state.retrying_since is None:
+            self.state.retrying_since = datetime.now(UTC)
+        if error is not None:
+            self.state.last_error = error
+        metrics.STREAM_CONNECTED.labels(self.settings.name).set(0)
+        if (was or error) and not self._stopping:
+            self._spawn(self._save_state(None, error))
+
+    async def _save_state(self, connected_since: datetime | None, error: str | None) -> None:
+        try:
+            await asyncio.to_thread(
+                self._store.set_stream_state,
+                self.settings.name,
+                connected_since=connected_since,
+                last_error=error,
+            )
+        except StoreUnavailable as exc:
+            log.warning("stream_state_not_saved", error=str(exc))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    # -- reading and committing --------------------------------------------------------------
+
+    async def _read(self, conn: OpenStream) -> None:
+        builder = self._builder_or_fail()
+        max_events = self._max_events
+        async for payload in conn.frames:
+            error = builder.add_frame(payload)
+            if error is not None:
+                raise StreamError(
+                    f"the server ended the stream with an error: {error.describe()}",
+                    status_code=error.code,
+                    error_name=error.name,
+                    tts_message=error.message,
+                )
+            if builder.first_cursor_pending:
+                builder.first_cursor_pending = False
+                await self._start_flush()  # a new stream's first cursor, saved at once
+            if len(builder) >= max_events:
+                await self._start_flush()
+
+    async def _start_flush(self) -> None:
+        """Start committing the current batch; wait for the previous commit first."""
+        if self._flush_task is not None and not self._flush_task.done():
+            # shield: cancelling the reader must never cancel a commit half-way.
+            await asyncio.shield(self._flush_task)
+        self._flush_task = asyncio.create_task(self._flush())
+
+    async def _flush_on_timer(self, stop: asyncio.Event) -> None:
+        while not await sleep_or_stop(self._max_delay_s, stop):
+            await self._start_flush()
+
+    async def _flush(self) -> None:
+        builder = self._builder
+        if builder is None:
+            return
+        async with self._flush_lock:
+            names = builder.names
+            batch = builder.take()
+            if batch.empty:
+                return
+            await self._commit(batch, names)
+
+    async def _commit(self, batch: Batch, names: dict[str, int]) -> None:
+        name = self.settings.name
+        attempt = 0
+        while True:
+            started = asyncio.get_running_loop().time()
+            try:
+                result = await asyncio.to_thread(self._store.commit_batch, batch)
+                break
+            except StoreUnavailable as exc:
+                attempt += 1
+                if self._stopping and attempt >= SHUTDOWN_COMMIT_ATTEMPTS:
+                    # Not lost for good: the cursor did not move, so a restart replays it.
+                    log.error("batch_not_committed", error=str(exc), events=len(batch))
+                    return
+                delay = STORE_RETRY.delay_s(attempt)
+                log.warning("store_unavailable", error=str(exc), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+        elapsed = asyncio.get_running_loop().time() - started
+        now = datetime.now(UTC)
+        for event_name, n in names.items():
+            metrics.EVENTS_RECEIVED.labels(name, event_name).inc(n)
+        for event_name, n in result.stored_by_name.items():
+            metrics.EVENTS_STORED.labels(name, event_name).inc(n)
+        metrics.EVENTS_DUPLICATE.labels(name).inc(result.duplicates)
+        metrics.EVENTS_REJECTED.labels(name).inc(result.rejected)
+        metrics.BATCHES.labels(name).inc()
+        metrics.COMMIT_SECONDS.labels(name).observe(elapsed)
+        if batch.items:
+            oldest = min(ev["time"] for ev, _ in batch.items)
+            metrics.EVENT_TO_COMMIT_SECONDS.labels(name).observe((now - oldest).total_seconds())
+        for gap in batch.gaps:
+            metrics.GAPS.labels(name, gap.reason).inc()
+            if gap.gap_start and gap.gap_end:
+                seconds = max((gap.gap_end - gap.gap_start).total_seconds(), 0.0)
+                metrics.GAP_SECONDS.labels(name, gap.reason).inc(seconds)
+            log.warning(
+                "stream_gap",
+                reason=gap.reason,
+                gap_start=gap.gap_start,
+                gap_end=gap.gap_end,
+                detail=gap.detail,
+            )
+        cursor = batch.cursor
+        if cursor is not None and cursor.last_time is not None:
+            metrics.CURSOR_LAG.labels(name).set(max((now - cursor.last_time).total_seconds(), 0))
+        log.info(
+            "batch_committed",
+            events=result.events,
+            duplicates=result.duplicates,
+            rejected=result.rejected,
+            gaps=result.gaps,
+            rows=result.rows,
+            cursor=cursor.last_time if cursor else None,
+            commit_ms=round(elapsed * 1000, 1),
+        )
+
+    def _builder_or_fail(self) -> BatchBuilder:
+        if self._builder is None:
+            raise RuntimeError("StreamConsumer.run() has not started")
+        return self._builder
+
+
+_background: set[asyncio.Task[object]] = set()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,249 @@
+"""Frames → normalized rows → batches: the per-event hot path, shared by streams and imports.
+
+Per event the work is parse → normalize → append; all I/O happens per batch in
+:meth:`ingestd.store.Store.commit_batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, Any
+
+import orjson
+
+from ingestd.errors import MalformedEvent
+from ingestd.framing import ErrorFrame, EventFrame, FrameDecoder, TtsErrorInfo, parse_frame
+from ingestd.models import Batch, CommitResult, Cursor, Gap
+from ingestd.normalize import event_row, normalize, parse_time
+from ingestd.store import Store
+
+STREAM_START = "events.stream.start"
+IMPORT_READ_BYTES = 1 << 20
+RAW_KEEP_CHARS = 1_000_000  # a rejected frame larger than this is truncated in rejected_events
+
+
+class BatchBuilder:
+    """Accumulates one stream's events into a :class:`Batch` and tracks its cursor.
+
+    The cursor never moves backwards: an out-of-order event older than the cursor is
+    stored but leaves the cursor alone. Events with the same ``unique_id`` in one
+    batch are kept once.
+    """
+
+    def __init__(self, stream: str, cursor: Cursor) -> None:
+        self.stream = stream
+        self._last_time = cursor.last_time
+        self._ids_at_last = set(cursor.unique_ids_at_last_time)
+        self._cursor_moved = False
+        self._new_batch()
+        self.stream_start_time: datetime | None = None  # of the last events.stream.start seen
+        # Set on a resume: the first event must reach back to this cursor, else the
+        # server's store lost what lay between (see expect_replay_from).
+        self._replay_check: Cursor | None = None
+        # True when a stream-start frame gave a new stream its first cursor: save it at once.
+        self.first_cursor_pending = False
+
+    def _new_batch(self) -> None:
+        self._batch = Batch(stream=self.stream)
+        self._seen: set[str] = set()
+        self.names: dict[str, int] = {}  # events received in this batch, per name
+        self._sparse_count = 0
+        self._sparse_first: datetime | None = None
+        self._sparse_last: datetime | None = None
+
+    @property
+    def cursor(self) -> Cursor:
+        """The cursor covering everything added so far."""
+        return Cursor(
+            last_time=self._last_time, unique_ids_at_last_time=frozenset(self._ids_at_last)
+        )
+
+    def __len__(self) -> int:
+        return len(self._batch)
+
+
+    def add_frame(self, payload: bytes) -> TtsErrorInfo | None:
+        """Parse and add one frame; return the error if the frame is a TTS error."""
+        try:
+            frame = parse_frame(payload)
+        except MalformedEvent as exc:
+            self.reject(payload, str(exc))
+            return None
+        if isinstance(frame, ErrorFrame):
+            return frame.error
+        assert isinstance(frame, EventFrame)
+        self.add_event(frame.event, payload)
+        return None
+
+    def add_event(self, event: dict[str, Any], payload: bytes | None = None) -> None:
+        """Normalize and add one event (hot path)."""
+        if event.get("name") == STREAM_START:
+            self._on_stream_start(event, payload)
+            return
+        try:
+            ev_row = event_row(event, stream=self.stream)
+            rows = normalize(event)
+        except MalformedEvent as exc:
+            self.reject(payload, str(exc), event=event)
+            return
+        uid = ev_row["unique_id"]
+        name = ev_row["name"]
+        self.names[name] = self.names.get(name, 0) + 1
+        if uid in self._seen:
+            self._batch.duplicates_in_batch += 1
+            return
+        self._seen.add(uid)
+        self._batch.items.append((ev_row, rows))
+        t = ev_row["time"]
+        if self._replay_check is not None:
+            self._check_replay_reach(t, uid)
+        if ev_row["data"] is None and ev_row["correlation_ids"] is None:
+            self._note_sparse(t)
+        if self._last_time is None or t > self._last_time:
+            self._last_time = t
+            self._ids_at_last = {uid}
+            self._cursor_moved = True
+        elif t == self._last_time and uid not in self._ids_at_last:
+            self._ids_at_last.add(uid)
+            self._cursor_moved = True
+
+    def _on_stream_start(self, event: dict[str, Any], payload: bytes | None) -> None:
+        try:
+            start = parse_time(event["time"])
+        except (KeyError, TypeError, MalformedEvent) as exc:
+            self.reject(payload, f"events.stream.start without a valid time: {exc}", event=event)
+            return
+        self.stream_start_time = start
+        if self._last_time is None:
+            # A new stream's first connection: start the cursor at the server's "now", so a
+            # crash before the first event still resumes from here and loses nothing.
+            self._last_time = start
+            self._ids_at_last = set()
+            self._cursor_moved = True
+            self.first_cursor_pending = True
+
+    def expect_replay_from(self, cursor: Cursor) -> None:
+        """After a resume from ``cursor``, check that the replay reaches back to it.
+
+        The request asks for events after ``cursor - overlap``, so a store that still
+        holds the cursor's own events replays one at or before the cursor first. When the
+        first event is later than the cursor and is none of the cursor's events, the store
+        no longer had what lay between: that window is a gap. A cursor that came from a
+        stream-start time (no event ids) gives no such evidence, and is not checked.
+        """
+        self._replay_check = cursor if cursor.last_time and cursor.unique_ids_at_last_time else None
+
+    def _check_replay_reach(self, t: datetime, uid: str) -> None:
+        check, self._replay_check = self._replay_check, None
+        assert check is not None
+        assert check.last_time is not None
+        if t <= check.last_time or uid in check.unique_ids_at_last_time:
+            return
+        self.add_gap(
+            Gap(
+                stream=self.stream,
+                gap_start=check.last_time,
+                gap_end=t,
+                reason="replay_truncated",
+                detail="the server's event store no longer held the events after the cursor",
+            )
+        )
+
+    def _note_sparse(self, t: datetime) -> None:
+        # Replayed after the store's payload TTL: name, time and ids only, no data.
+        self._sparse_count += 1
+        if self._sparse_first is None or t < self._sparse_first:
+            self._sparse_first = t
+        if self._sparse_last is None or t > self._sparse_last:
+            self._sparse_last = t
+
+    def reject(self, payload: bytes | None, error: str, *, event: Any = None) -> None:
+        """Keep input we cannot use in ``rejected_events``; the stream goes on."""
+        if payload is not None:
+            raw = payload.decode("utf-8", errors="replace")
+        else:
+            raw = orjson.dumps(event, default=str).decode()
+        self._batch.rejected.append(
+            {"stream": self.stream, "raw": raw[:RAW_KEEP_CHARS], "error": error[:2000]}
+        )
+
+    def add_gap(self, gap: Gap) -> None:
+        """Record a window of possible loss with the next commit."""
+        self._batch.gaps.append(gap)
+
+    def take(self) -> Batch:
+        """The batch so far, with the cursor if it moved; starts a new batch."""
+        if self._sparse_count:
+            self.add_gap(
+                Gap(
+                    stream=self.stream,
+                    gap_start=self._sparse_first,
+                    gap_end=self._sparse_last,
+                    reason="sparse_replay",
+                    detail=f"{self._sparse_count} events replayed without data "
+                    "(older than the server store's payload TTL)",
+                )
+            )
+        batch = self._batch
+        if self._cursor_moved:
+            batch.cursor = self.cursor
+            self._cursor_moved = False
+        self._new_batch()
+        return batch
+
+
+@dataclass(kw_only=True)
+class ImportSummary:
+    """What ``ingestd import`` did."""
+
+    result: CommitResult = field(default_factory=CommitResult)
+    frames: int = 0
+    bytes_read: int = 0
+    error: TtsErrorInfo | None = None  # an {"error": …} frame that ended the capture
+
+
+def import_stream(
+    store: Store,
+    source: IO[bytes],
+    *,
+    stream: str,
+    batch_max_events: int = 500,
+    progress: Callable[[ImportSummary], None] | None = None,
+) -> ImportSummary:
+    """Ingest a recorded stream body (any framing) as if it were streamed.
+
+    Everything before an ``{"error": …}`` frame is kept; the error ends the import and
+    is reported. Re-importing the same capture stores nothing twice.
+    """
+    builder = BatchBuilder(stream, store.load_cursor(stream))
+    decoder = FrameDecoder()
+    summary = ImportSummary()
+
+    def flush() -> None:
+        summary.result.add(store.commit_batch(builder.take()))
+        if progress is not None:
+            progress(summary)
+
+    def consume(frames: Iterable[bytes]) -> bool:
+        for payload in frames:
+            summary.frames += 1
+            error = builder.add_frame(payload)
+            if error is not None:
+                summary.error = error
+                return False
+            if len(builder) >= batch_max_events:
+                flush()
+        return True
+
+    going = True
+    while going:
+        chunk = source.read(IMPORT_READ_BYTES)
+        if not chunk:
+            consume(decoder.flush())
+            break
+        summary.bytes_read += len(chunk)
+        going = consume(decoder.feed(chunk))
+    flush()
+    return summary

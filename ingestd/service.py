@@ -1,0 +1,252 @@
+"""The daemon: owns the engine and HTTP client, runs the named tasks, stops in order.
+
+Tasks: ``stream:<name>`` per configured stream, ``downlink:<n>`` workers when enabled,
+``metrics`` and ``watchdog``. If one fails unexpectedly the service logs ``task_failed``
+and stops everything (the supervisor restarts the process). Shutdown order: streams stop
+reading and commit the batch in flight with its cursor; the downlink worker gets
+``shutdown_grace_s`` to finish its push; the rest is cancelled; the engine is disposed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+import structlog
+
+from ingestd import __version__, metrics, migrate, sdnotify
+from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
+from ingestd.config import Settings
+from ingestd.consumer import StreamConsumer
+from ingestd.db import create_engine
+from ingestd.signals import install_stop_handlers
+from ingestd.store import Store
+
+log = structlog.get_logger()
+
+HTTP_MAX_CONNECTIONS = 100
+HEALTH_DB_TIMEOUT_S = 2.0
+STOP_CHECK_S = 0.2
+WATCHDOG_DEFAULT_S = 10.0
+
+
+class Service:
+    """``async with Service(settings) as svc: await svc.run(stop)``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._entered = False
+        self.engine: sa.Engine | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.consumers: list[StreamConsumer] = []
+        self.metrics_port: int | None = None
+
+    async def __aenter__(self) -> Service:
+        if self._entered:
+            raise RuntimeError("a Service can be entered only once")
+        self._entered = True
+        s = self.settings
+        self.engine = create_engine(s.database.url)
+        store = Store(self.engine, downlink_hook=_downlink_hook())
+        self.client = httpx.AsyncClient(
+            http2=True,
+            limits=httpx.Limits(max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=20),
+            headers={"User-Agent": f"ingestd/{__version__}"},
+        )
+        self.consumers = [
+            StreamConsumer(stream, store=store, client=self.client, batching=s.database)
+            for stream in s.streams
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+        if self.engine is not None:
+            self.engine.dispose()
+
+    # -- health ------------------------------------------------------------------------------
+
+    def stream_ready(self, application_id: str, device_id: str) -> bool:
+        """True when a connected stream receives this device's downlink events."""
+        return any(
+            c.state.connected and c.state.covers(application_id, device_id) for c in self.consumers
+        )
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy while every stream is connected or retrying within its grace, and the
+        database answers."""
+        now = datetime.now(UTC)
+        grace_s = self.settings.metrics.health_grace_s
+        streams: dict[str, str] = {}
+        ok = True
+        for c in self.consumers:
+            st = c.state
+            if st.connected:
+                streams[st.name] = "connected"
+                continue
+            since = st.retrying_since or now
+            within = (now - since).total_seconds() <= grace_s and not st.permanent_error
+            streams[st.name] = "retrying" if within else f"down: {st.last_error or 'not connected'}"
+            ok = ok and within
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._ping_db), HEALTH_DB_TIMEOUT_S)
+            database = "ok"
+        except Exception as exc:  # any failure to answer is unhealthy
+            database = f"down: {type(exc).__name__}"
+            ok = False
+        return ok, {"streams": streams, "database": database}
+
+    def _ping_db(self) -> None:
+        assert self.engine is not None
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run every task until ``stop`` is set or one of them fails."""
+        tasks: dict[str, asyncio.Task[Any]] = {}
+        for consumer in self.consumers:
+            name = f"stream:{consumer.settings.name}"
+            tasks[name] = asyncio.create_task(consumer.run(stop), name=name)
+        downlink_stop = asyncio.Event()
+        for i, worker in enumerate(self._downlink_workers()):
+            name = f"downlink:{i}"
+            tasks[name] = asyncio.create_task(worker.run(downlink_stop), name=name)
+        side: dict[str, asyncio.Task[Any]] = {
+            "ready": asyncio.create_task(self._notify_ready(stop), name="ready"),
+            "watchdog": asyncio.create_task(self._watchdog(stop), name="watchdog"),
+        }
+        server = await self._start_metrics()
+        failed: BaseException | None = None
+        try:
+            failed = await self._monitor(tasks, stop)
+        finally:
+            sdnotify.stopping()
+            stop.set()
+            streams = [t for n, t in tasks.items() if n.startswith("stream:")]
+            await asyncio.gather(*streams, return_exceptions=True)
+            downlinks = [t for n, t in tasks.items() if n.startswith("downlink:")]
+            downlink_stop.set()
+            if downlinks:
+                _, pending = await asyncio.wait(
+                    downlinks, timeout=self.settings.downlinks.shutdown_grace_s
+                )
+                await cancel_and_wait(pending)
+            await cancel_and_wait(side.values())
+            if server is not None:
+                await server.stop()
+        if failed is not None:
+            raise failed
+
+    async def _monitor(
+        self, tasks: dict[str, asyncio.Task[Any]], stop: asyncio.Event
+    ) -> BaseException | None:
+        """Wait for stop; if a task ends early, log ``task_failed`` and stop everything."""
+        while not stop.is_set():
+            running = [t for t in tasks.values() if not t.done()]
+            if running:
+                await wait_any(stop.wait(), asyncio.wait(running, return_when="FIRST_COMPLETED"))
+            else:
+                await stop.wait()
+            for name, task in tasks.items():
+                if task.done() and not stop.is_set():
+                    exc = None if task.cancelled() else task.exception()
+                    log.error("task_failed", task=name, error=repr(exc))
+                    return exc or RuntimeError(f"task {name} ended unexpectedly")
+        return None
+
+    def _downlink_workers(self) -> list[Any]:
+        d = self.settings.downlinks
+        if not d.enabled:
+            return []
+        from ingestd.downlink import DownlinkWorker
+
+        assert self.engine is not None
+        host = socket.gethostname()
+        return [
+            DownlinkWorker(
+                self.engine,
+                self.settings,
+                client=self.client,
+                stream_ready=self.stream_ready if d.require_stream else None,
+                worker_id=f"{host}:{os.getpid()}:{i}",
+            )
+            for i in range(d.workers)
+        ]
+
+    async def _start_metrics(self) -> Any:
+        listen = self.settings.metrics.listen
+        if not listen:
+            return None
+        server = metrics.MetricsServer(listen, self.health)
+        await server.start()
+        self.metrics_port = server.port
+        log.info("metrics_listening", listen=listen, port=server.port)
+        return server
+
+    async def _notify_ready(self, stop: asyncio.Event) -> None:
+        """READY=1 after the first successful stream connection (at once without streams)."""
+        if self.consumers:
+            waits = [c.connected_event.wait() for c in self.consumers]
+            await wait_any(stop.wait(), *waits)
+        if not stop.is_set():
+            sdnotify.ready()
+            log.info("service_ready", streams=len(self.consumers))
+
+    async def _watchdog(self, stop: asyncio.Event) -> None:
+        """WATCHDOG=1 while the event loop keeps running."""
+        interval = sdnotify.watchdog_interval_s()
+        if interval is None:
+            return
+        while not await sleep_or_stop(min(interval, WATCHDOG_DEFAULT_S), stop):
+            sdnotify.watchdog()
+
+
+def _downlink_hook() -> Any:
+    from ingestd import outbox
+
+    return outbox.apply_downlink_events
+
+
+def run_service(settings: Settings, *, migrate_first: bool = True) -> int:
+    """``ingestd run``: migrate, then serve until SIGTERM/SIGINT. Returns the exit code."""
+    settings.require_credentials()
+    if migrate_first:
+        engine = create_engine(settings.database.url)
+        try:
+            migrate.upgrade(engine)
+        finally:
+            engine.dispose()
+    return asyncio.run(_main(settings))
+
+
+async def _main(settings: Settings) -> int:
+    stop = asyncio.Event()
+    uninstall = install_stop_handlers(asyncio.get_running_loop(), stop.set)
+    try:
+        async with Service(settings) as service:
+            log.info(
+                "service_starting",
+                version=__version__,
+                streams=len(settings.streams),
+                downlinks=settings.downlinks.enabled,
+                database=settings.database.safe_url,
+            )
+            await service.run(stop)
+        log.info("service_stopped")
+        return 0
+    finally:
+        uninstall()

@@ -1,0 +1,249 @@
+"""All ingest-side SQL: batches of rows and the cursor that covers them, in one transaction.
+
+One code path serves SQLite and PostgreSQL; the dialect differences live in
+:func:`_insert_ignore` and :func:`_upsert_cursor`. Inserts are executemany per table
+(never a giant multi-VALUES statement, see PERF_NOTES), and every insert is
+``ON CONFLICT DO NOTHING``: idempotency lives in the database, keyed by the event's
+``unique_id``. The in-batch and pre-select de-duplication only saves work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from ingestd import schema
+from ingestd.errors import StoreUnavailable
+from ingestd.models import Batch, CommitResult, Cursor, Gap, Row
+
+log = structlog.get_logger()
+
+# Called inside the batch's transaction with the new downlink_events rows, so that an
+# outbox row's status moves in the same commit as the event that moved it.
+DownlinkHook = Callable[[Connection, list[dict[str, Any]]], None]
+
+_TABLES: dict[str, sa.Table] = {t.name: t for t in schema.metadata.sorted_tables}
+# Parents before children (uplinks before uplink_receptions).
+_DERIVED_ORDER = ("uplinks", "uplink_receptions", "joins", "downlink_events")
+_PRESELECT_CHUNK = 500  # ids per "which of these exist already" query
+
+
+@contextlib.contextmanager
+def map_db_errors() -> Iterator[None]:
+    """Translate driver-level connectivity failures into :class:`StoreUnavailable`."""
+    try:
+        yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        if getattr(exc, "connection_invalidated", False) or isinstance(
+            exc, sa.exc.OperationalError
+        ):
+            raise StoreUnavailable(f"database unavailable: {type(exc.orig).__name__}") from exc
+        raise
+
+
+def _insert_ignore(conn: Connection, table: sa.Table) -> Any:
+    """``INSERT … ON CONFLICT DO NOTHING`` for the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+def _upsert_cursor(conn: Connection, stream: str, cursor: Cursor, now: datetime) -> None:
+    values = {
+        "stream": stream,
+        "last_event_time": cursor.last_time,
+        "last_unique_ids": sorted(cursor.unique_ids_at_last_time),
+        "updated_at": now,
+    }
+    table = schema.stream_cursors
+    ins = (
+        postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
+    ).values(values)
+    update = {k: ins.excluded[k] for k in ("last_event_time", "last_unique_ids", "updated_at")}
+    conn.execute(ins.on_conflict_do_update(index_elements=["stream"], set_=update))
+
+
+class Store:
+    """Writes batches and reads cursors. Synchronous: the async pipeline calls it in a thread."""
+
+    def __init__(self, engine: Engine, *, downlink_hook: DownlinkHook | None = None) -> None:
+        self.engine = engine
+        self._downlink_hook = downlink_hook
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def load_cursor(self, stream: str) -> Cursor:
+        """The stream's saved cursor, or an empty one for a new stream."""
+        t = schema.stream_cursors
+        with map_db_errors(), self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(t.c.last_event_time, t.c.last_unique_ids).where(t.c.stream == stream)
+            ).first()
+        if row is None or row.last_event_time is None:
+            return Cursor()
+        return Cursor(
+            last_time=row.last_event_time,
+            unique_ids_at_last_time=frozenset(row.last_unique_ids or ()),
+        )
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def commit_batch(self, batch: Batch) -> CommitResult:
+        """Store ``batch`` and its cursor atomically; a refused batch is retried per event."""
+        with map_db_errors():
+            try:
+                with self.engine.begin() as conn:
+                    return self._write(conn, batch, isolate=False)
+            except (sa.exc.IntegrityError, sa.exc.DataError, sa.exc.StatementError) as exc:
+                if isinstance(exc, sa.exc.OperationalError):
+                    raise
+                log.warning(
+                    "batch_refused_retrying_per_event", stream=batch.stream, error=str(exc.orig)
+                )
+            with self.engine.begin() as conn:
+                return self._write(conn, batch, isolate=True)
+
+    def record_gap(self, gap: Gap) -> None:
+        """Write one gap outside any batch (e.g. detected before the first event)."""
+        with map_db_errors(), self.engine.begin() as conn:
+            self._insert_gaps(conn, [gap])
+
+    def set_stream_state(
+        self, stream: str, *, connected_since: datetime | None, last_error: str | None = None
+    ) -> None:
+        """Record connection state and the last error for ``ingestd status``."""
+        now = datetime.now(UTC)
+        values: dict[str, Any] = {"connected_since": connected_since, "updated_at": now}
+        if last_error is not None:
+            values |= {"last_error": last_error[:2000], "last_error_at": now}
+        t = schema.stream_cursors
+        with map_db_errors(), self.engine.begin() as conn:
+            updated = conn.execute(sa.update(t).where(t.c.stream == stream).values(values)).rowcount
+            if not updated:
+                conn.execute(_insert_ignore(conn, t).values(stream=stream, **values))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _write(self, conn: Connection, batch: Batch, *, isolate: bool) -> CommitResult:
+        result = CommitResult(duplicates=batch.duplicates_in_batch)
+        items = self._drop_existing(conn, batch.items)
+        result.duplicates += len(batch.items) - len(items)
+        rejected = list(batch.rejected)
+        if isolate:
+            items = self._keep_insertable(conn, items, rejected, batch.stream)
+        self._insert_items(conn, items, result)
+        if rejected:
+            conn.execute(sa.insert(schema.rejected_events), rejected)
+        result.rejected = len(rejected)
+        if batch.gaps:
+            self._insert_gaps(conn, batch.gaps)
+            result.gaps = len(batch.gaps)
+        if batch.cursor is not None and batch.cursor.last_time is not None:
+            _upsert_cursor(conn, batch.stream, batch.cursor, datetime.now(UTC))
+        return result
+
+    def _drop_existing(
+        self, conn: Connection, items: list[tuple[dict[str, Any], list[Row]]]
+    ) -> list[tuple[dict[str, Any], list[Row]]]:
+        """Skip events already stored (replays after a reconnect): one indexed query per chunk."""
+        if not items:
+            return items
+        ids = [ev["unique_id"] for ev, _ in items]
+        uid = schema.events.c.unique_id
+        existing: set[str] = set()
+        for i in range(0, len(ids), _PRESELECT_CHUNK):
+            chunk = ids[i : i + _PRESELECT_CHUNK]
+            existing.update(conn.execute(sa.select(uid).where(uid.in_(chunk))).scalars())
+        if not existing:
+            return items
+        return [item for item in items if item[0]["unique_id"] not in existing]
+
+    def _insert_items(
+        self,
+        conn: Connection,
+        items: Sequence[tuple[dict[str, Any], list[Row]]],
+        result: CommitResult,
+    ) -> None:
+        if not items:
+            return
+        per_table: dict[str, list[dict[str, Any]]] = {name: [] for name in _DERIVED_ORDER}
+        by_name = result.stored_by_name
+        now = datetime.now(UTC)
+        events_rows = []
+        for ev, rows in items:
+            ev["ingested_at"] = now
+            events_rows.append(ev)
+            by_name[ev["name"]] = by_name.get(ev["name"], 0) + 1
+            for table, values in rows:
+                per_table[table].append(values)
+        inserted = conn.execute(_insert_ignore(conn, schema.events), events_rows).rowcount
+        # rowcount is exact for executemany on both drivers; a concurrent writer's rows
+        # count as duplicates here.
+        if inserted is not None and inserted >= 0:
+            result.duplicates += len(events_rows) - inserted
+            result.events += inserted
+        else:
+            result.events += len(events_rows)
+        for name in _DERIVED_ORDER:
+            table_rows = per_table[name]
+            if table_rows:
+                conn.execute(_insert_ignore(conn, _TABLES[name]), table_rows)
+                result.rows[name] = result.rows.get(name, 0) + len(table_rows)
+        if self._downlink_hook is not None and per_table["downlink_events"]:
+            self._downlink_hook(conn, per_table["downlink_events"])
+
+    def _keep_insertable(
+        self,
+        conn: Connection,
+        items: list[tuple[dict[str, Any], list[Row]]],
+        rejected: list[dict[str, Any]],
+        stream: str,
+    ) -> list[tuple[dict[str, Any], list[Row]]]:
+        """Try each event in a savepoint; move the ones the database refuses to ``rejected``."""
+        good: list[tuple[dict[str, Any], list[Row]]] = []
+        probe = CommitResult()
+        for item in items:
+            try:
+                with conn.begin_nested() as sp:
+                    self._insert_items(conn, [item], probe)
+                    sp.rollback()  # only probing; the good ones are inserted together below
+                good.append(item)
+            except (sa.exc.IntegrityError, sa.exc.DataError, sa.exc.StatementError) as exc:
+                if isinstance(exc, sa.exc.OperationalError):
+                    raise
+                rejected.append(
+                    {
+                        "stream": stream,
+                        "raw": _raw_text(item[0]),
+                        "error": f"database refused the event: {exc.orig or exc}"[:2000],
+                    }
+                )
+        return good
+
+    @staticmethod
+    def _insert_gaps(conn: Connection, gaps: Sequence[Gap]) -> None:
+        conn.execute(
+            sa.insert(schema.stream_gaps),
+            [
+                {
+                    "stream": g.stream,
+                    "gap_start": g.gap_start,
+                    "gap_end": g.gap_end,
+                    "reason": g.reason,
+                    "detail": g.detail,
+                }
+                for g in gaps
+            ],
+        )
+
+
+def _raw_text(event_row: dict[str, Any]) -> str:
+    return orjson.dumps(event_row, default=str).decode()
