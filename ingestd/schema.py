@@ -213,6 +213,16 @@ OUTBOX_STATUSES = (
     "invalidated",
     "dropped",
 )
+OUTBOX_OPERATIONS = ("push", "replace")
+# TTS TxSchedulePriority names (TTS_WIRE 5.2), lowest first.
+TX_PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
+# Statuses of rows TTS has not accepted yet: they hold back later rows of the same device.
+OUTBOX_ACTIVE_STATUSES = ("pending", "pushing")
+
+
+def _in_list(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
 
 downlink_outbox = sa.Table(
     "downlink_outbox",
@@ -239,6 +249,26 @@ downlink_outbox = sa.Table(
     sa.Column("sent_at", UtcDateTime()),
     sa.Column("acked_at", UtcDateTime()),
     sa.Column("finished_at", UtcDateTime()),
+    sa.Column("request_id", sa.String(64)),  # X-Request-ID of the push TTS accepted
     sa.Index(None, "status", "next_attempt_at"),
     sa.Index(None, "application_id", "device_id", "id"),
+    # The claim's per-device order check only looks at rows not yet accepted by TTS; a
+    # partial index keeps it cheap however many finished rows a device has.
+    sa.Index(
+        "ix_downlink_outbox_active_device",
+        "application_id",
+        "device_id",
+        "id",
+        postgresql_where=sa.text(_in_list("status", OUTBOX_ACTIVE_STATUSES)),
+        sqlite_where=sa.text(_in_list("status", OUTBOX_ACTIVE_STATUSES)),
+    ),
+    # Reject typos in hand-written INSERTs at once instead of failing the row later.
+    sa.CheckConstraint(_in_list("status", OUTBOX_STATUSES), name="status"),
+    sa.CheckConstraint(_in_list("operation", OUTBOX_OPERATIONS), name="operation"),
+    sa.CheckConstraint(_in_list("priority", TX_PRIORITIES), name="priority"),
+    # AUTOINCREMENT: SQLite would otherwise reuse the id of a deleted newest row, and a
+    # reused id would inherit the old row's lifecycle events (matched by outbox id).
+    # Alembic cannot reflect this flag: a batch rebuild of this table must pass
+    # table_kwargs={"sqlite_autoincrement": True} (see 0003_outbox_constraints).
+    sqlite_autoincrement=True,
 )
