@@ -1,0 +1,329 @@
+"""What configured values mean: ``Raw`` values, field parsers and validators.
+
+A field parser takes a ``Raw`` and returns the typed value or raises ``Invalid`` with the
+problem text. Values that arrive as text (environment overrides, ``${VAR}`` expansions) are
+parsed into the field's type; TOML values must already have it. Problem texts pass through
+``redact``, and the parsers of secret fields never echo the value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+from sqlalchemy.exc import ArgumentError
+
+from ingestd.logs import redact
+
+_TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+_FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+_SHOWN_CHARS_MAX = 60
+_TTS_ID_RE = re.compile(r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$")
+_TTS_ID_MAX_CHARS = 36
+_EVENT_NAME_RE = re.compile(r"^[a-z0-9_]+(?:\.[a-z0-9_]+)+$")
+_PORT_MAX = 65535
+
+
+class Invalid(ValueError):
+    """Raised by a field parser; the message is the problem text without its location."""
+
+
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """One configured value, before type conversion.
+
+    ``where`` is the location prefix of any problem with it (``ingestd.toml: tts.tail`` or
+    ``env INGESTD_TTS__TAIL``). ``text`` is true for values that arrive as text and may be
+    parsed into the field's type: environment overrides and ``${VAR}`` expansions.
+    ``base_dir`` anchors relative paths (the config file's directory).
+    """
+
+    value: object
+    where: str
+    text: bool = False
+    base_dir: Path | None = None
+
+
+class Problems:
+    """Collects problem lines (``<where>: <what>``), masking anything that looks secret."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, where: str, what: str) -> None:
+        self.lines.append(redact(f"{where}: {what}"))
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+
+def suggestion(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a likely typo, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def show(value: object) -> str:
+    """A short, TOML-flavoured rendering of a (non-secret) value for a problem text."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, dict):
+        text = "a table"
+    else:
+        text = redact(repr(value))  # before truncating, which could cut a key past matching
+    return text if len(text) <= _SHOWN_CHARS_MAX else text[: _SHOWN_CHARS_MAX - 3] + "..."
+
+
+Parser = Callable[[Raw], object]
+
+
+def parse_entries(
+    entries: Mapping[str, Raw],
+    spec: Mapping[str, Parser],
+    *,
+    section: str,
+    problems: Problems,
+) -> dict[str, object]:
+    """Parse every entry with its field parser; unknown keys and bad values become problems."""
+    values: dict[str, object] = {}
+    for key, raw in entries.items():
+        parser = spec.get(key)
+        if parser is None:
+            problems.add(raw.where, f"unknown key '{key}' in [{section}]{suggestion(key, spec)}")
+            continue
+        try:
+            values[key] = parser(raw)
+        except Invalid as exc:
+            problems.add(raw.where, str(exc))
+    return values
+
+
+def checked(parser: Parser, *checks: Callable[[Any], str | None]) -> Parser:
+    """``parser`` followed by checks that return a problem text or ``None``."""
+
+    def parse(raw: Raw) -> object:
+        value = parser(raw)
+        for check in checks:
+            problem = check(value)
+            if problem is not None:
+                raise Invalid(problem)
+        return value
+
+    return parse
+
+
+def as_str(raw: Raw) -> str:
+    if not isinstance(raw.value, str):
+        raise Invalid(f"expected a string, got {show(raw.value)}")
+    return raw.value
+
+
+def as_secret_text(raw: Raw) -> str:
+    """Like ``as_str`` but never shows the value (it may be a key pasted in the wrong type)."""
+    if not isinstance(raw.value, str):
+        raise Invalid(f"expected a string, got {_toml_type(raw.value)}")
+    return raw.value.strip()
+
+
+def as_int(raw: Raw) -> int:
+    value = raw.value
+    if raw.text and isinstance(value, str):
+        try:
+            return int(value.strip().replace("_", ""))
+        except ValueError:
+            raise Invalid(f"expected an integer, got {show(value)}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"expected an integer, got {show(value)}")
+    return value
+
+
+def as_float(raw: Raw) -> float:
+    value = raw.value
+    if raw.text and isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise Invalid(f"expected a number, got {show(value)}") from None
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid(f"expected a number, got {show(value)}")
+    else:
+        number = float(value)
+    if not math.isfinite(number):
+        raise Invalid(f"expected a finite number, got {show(value)}")
+    return number
+
+
+def as_bool(raw: Raw) -> bool:
+    value = raw.value
+    if isinstance(value, bool):
+        return value
+    if raw.text and isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    raise Invalid(f"expected true or false, got {show(value)}")
+
+
+def as_str_tuple(raw: Raw) -> tuple[str, ...]:
+    """A list of strings; from text either ``a,b,c`` or a TOML array ``["a", "b"]``."""
+    value = raw.value
+    if raw.text and isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            try:
+                value = tomllib.loads(f"v = {stripped}")["v"]
+            except tomllib.TOMLDecodeError as exc:
+                raise Invalid(f"expected a TOML array of strings: {exc}") from None
+        else:
+            return tuple(item.strip() for item in stripped.split(",") if item.strip())
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise Invalid(f"expected a list of strings, got {show(value)}")
+    return tuple(value)
+
+
+def _toml_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def read_secret_file(raw: Raw) -> str:
+    """The stripped content of the file named by ``raw`` (relative to the config file)."""
+    path = Path(as_str(raw)).expanduser()
+    if not path.is_absolute() and raw.base_dir is not None:
+        path = raw.base_dir / path
+    try:
+        content = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise Invalid(f"cannot read {str(path)!r}: {reason}") from None
+    if not content:
+        raise Invalid(f"{str(path)!r} is empty")
+    return content
+
+
+def check_order(
+    values: Mapping[str, object],
+    entries: Mapping[str, Raw],
+    keys: tuple[str, str],
+    problems: Problems,
+) -> None:
+    """``low <= high`` (e.g. reconnect_min_s <= reconnect_max_s), reported where one is set."""
+    low_key, high_key = keys
+    low, high = values.get(low_key), values.get(high_key)
+    if not isinstance(low, float) or not isinstance(high, float) or low <= high:
+        return
+    raw = entries.get(high_key) or entries.get(low_key)
+    if raw is not None:
+        problems.add(raw.where, f"{low_key} ({low!r}) must not exceed {high_key} ({high!r})")
+
+
+# --- validators ---------------------------------------------------------------------
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value!r}"
+
+
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value!r}"
+
+
+def tts_id_problem(value: str) -> str | None:
+    if _TTS_ID_RE.match(value) and len(value) <= _TTS_ID_MAX_CHARS:
+        return None
+    return f"{value!r} is not a valid TTS id (lowercase a-z0-9 and single dashes, 3-36 chars)"
+
+
+def tts_ids(values: tuple[str, ...]) -> str | None:
+    bad = [p for p in map(tts_id_problem, values) if p is not None]
+    return "; ".join(bad) if bad else None
+
+
+def event_names(values: tuple[str, ...]) -> str | None:
+    bad: list[str] = []
+    for entry in values:
+        if len(entry) >= 3 and entry.startswith("/") and entry.endswith("/"):
+            try:
+                re.compile(entry[1:-1])
+            except re.error as exc:
+                bad.append(f"{entry!r} is not a valid regexp: {exc.msg}")
+        elif not _EVENT_NAME_RE.match(entry):
+            bad.append(
+                f"{entry!r} is neither a dotted event name (as.up.data.forward) nor a /regexp/"
+            )
+    return "; ".join(bad) if bad else None
+
+
+def base_url(raw: Raw) -> str:
+    text = as_str(raw).strip()
+    parts = urlsplit(text)
+    if parts.username is not None or parts.password is not None:
+        raise Invalid("must not contain credentials; use api_key or api_key_file")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Invalid(
+            f"expected an http(s) URL (e.g. https://eu1.cloud.thethings.network), got {text!r}"
+        )
+    return text.rstrip("/")
+
+
+def stream_name(raw: Raw) -> str:
+    text = as_str(raw).strip()
+    if not text:
+        raise Invalid("must not be empty")
+    return text
+
+
+def database_url(raw: Raw) -> str:
+    """A URL SQLAlchemy can parse, for SQLite or PostgreSQL; never echoed (password)."""
+    try:
+        url = sa.make_url(as_str(raw).strip())
+    except ArgumentError:
+        raise Invalid(
+            "is not a valid database URL (e.g. sqlite:///ingestd.db or "
+            "postgresql+psycopg://user:pass@host/db)"
+        ) from None
+    if url.drivername in ("postgres", "postgresql"):
+        url = url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise Invalid(f"unsupported database {backend!r} (expected sqlite or postgresql)")
+    return url.render_as_string(hide_password=False)
+
+
+def listen(raw: Raw) -> str:
+    text = as_str(raw).strip()
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") == host.endswith("]")
+    if not sep or not host or not bracketed or not port.isdigit() or int(port) > _PORT_MAX:
+        raise Invalid(f'expected host:port (e.g. 127.0.0.1:9464) or "" to disable, got {text!r}')
+    return text
+
+
+def choice(options: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Parser:
+    def parse(raw: Raw) -> str:
+        word = as_str(raw).strip().lower()
+        word = (aliases or {}).get(word, word)
+        if word not in options:
+            raise Invalid(f"expected one of {', '.join(options)}, got {raw.value!r}")
+        return word
+
+    return parse
