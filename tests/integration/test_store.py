@@ -1,0 +1,188 @@
+"""The store on real databases: idempotent, atomic with its cursor, bad input kept aside."""
+
+from __future__ import annotations
+
+import io
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from ingestd import eventgen, schema
+from ingestd.ingest import BatchBuilder, import_stream
+from ingestd.models import Cursor
+from ingestd.store import Store
+
+DATA = Path(__file__).parent.parent / "data" / "events"
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def _uplinks(n: int, *, start: datetime = T0, seed: int = 7) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    ulids = eventgen.UlidFactory(rng)
+    events = []
+    for i in range(n):
+        t = start + timedelta(milliseconds=250 * i)
+        events.append(
+            eventgen.uplink_event(
+                application_id="acme-app",
+                device_id=f"dev-{i % 5:03d}",
+                dev_eui=f"70B3D57ED000{i % 5:04X}",
+                f_cnt=i,
+                f_port=2,
+                payload=bytes([i % 256, 1, 2]),
+                gateways=2,
+                time=t,
+                unique_id=ulids(t),
+                rng=rng,
+            )
+        )
+    return events
+
+
+def _body(events: list[dict[str, object]], delim: bytes = b"\n\n") -> bytes:
+    return b"".join(orjson.dumps({"result": e}) + delim for e in events)
+
+
+def _count(engine: Engine, table: sa.Table) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+def test_import_stores_every_family_and_reimport_stores_nothing_twice(engine: Engine) -> None:
+    files = sorted(DATA.glob("*.json"))
+    body = b"".join(orjson.dumps({"result": orjson.loads(f.read_bytes())}) + b"\n" for f in files)
+    body += _body(_uplinks(30))
+    store = Store(engine)
+
+    first = import_stream(store, io.BytesIO(body), stream="cap", batch_max_events=7)
+    second = import_stream(store, io.BytesIO(body), stream="cap", batch_max_events=7)
+
+    stored = _count(engine, schema.events)
+    assert first.result.events == stored
+    assert second.result.events == 0
+    assert second.result.duplicates == first.result.events
+    assert _count(engine, schema.uplinks) == 30 + 5  # 30 generated + 5 uplink fixtures
+    assert _count(engine, schema.joins) == 1
+    assert _count(engine, schema.downlink_events) == 8  # one per lifecycle kind
+    with engine.connect() as conn:
+        kinds = set(conn.execute(sa.select(schema.downlink_events.c.kind)).scalars())
+        sparse = conn.execute(
+            sa.select(schema.events.c.data).where(schema.events.c.name == "as.up.data.forward")
+        ).scalars().all()
+    assert kinds == {"receive", "forward", "sent", "ack", "nack", "failed", "queue_invalidated",
+                     "drop"}
+    assert None in sparse  # the sparse replay is kept in events, not counted as an uplink
+    assert _count(engine, schema.uplink_receptions) == first.result.rows["uplink_receptions"]
+
+
+def test_rows_and_cursor_commit_together_or_not_at_all(engine: Engine) -> None:
+    events = _uplinks(20)
+    store = Store(engine)
+    builder = BatchBuilder("s1", Cursor())
+    for ev in events[:10]:
+        builder.add_event(ev)
+    store.commit_batch(builder.take())
+    cursor_before = store.load_cursor("s1")
+
+    for ev in events[10:]:
+        builder.add_event(ev)
+    batch = builder.take()
+    # Inject a failure half-way through the batch: after events and uplinks are written,
+    # the receptions insert blows up.
+    calls = {"n": 0}
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _fail(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if "uplink_receptions" in statement and "INSERT" in statement:
+            calls["n"] += 1
+            raise RuntimeError("injected crash mid-batch")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        store.commit_batch(batch)
+    sa.event.remove(engine, "before_cursor_execute", _fail)
+
+    assert calls["n"] == 1
+    assert _count(engine, schema.events) == 10
+    assert _count(engine, schema.uplinks) == 10
+    assert store.load_cursor("s1") == cursor_before
+
+    store.commit_batch(batch)  # the same batch again, now without the fault
+    assert _count(engine, schema.events) == 20
+    assert _count(engine, schema.uplink_receptions) == 40
+    assert store.load_cursor("s1").last_time == max(
+        datetime.fromisoformat(str(e["time"])) for e in events
+    )
+
+
+def test_bad_frames_go_to_rejected_events_and_the_rest_is_stored(engine: Engine) -> None:
+    good = _uplinks(3)
+    broken = dict(good[1])
+    broken["unique_id"] = "01HBROKENBROKENBROKENBROKE"
+    broken["data"] = {**broken["data"], "uplink_message": {"settings": {"frequency": "lots"}}}  # type: ignore[dict-item]
+    body = (
+        orjson.dumps({"result": good[0]}) + b"\n\n"
+        + b"this is not json\n\n"
+        + orjson.dumps({"result": broken}) + b"\n\n"
+        + b'{"result": 42}\n\n'
+        + orjson.dumps({"result": good[2]}) + b"\n\n"
+    )
+    summary = import_stream(Store(engine), io.BytesIO(body), stream="bad")
+
+    assert summary.result.events == 2
+    assert summary.result.rejected == 3
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(schema.rejected_events.c.raw, schema.rejected_events.c.error)
+            .order_by(schema.rejected_events.c.id)
+        ).all()
+    assert rows[0].raw == "this is not json"
+    assert "not valid JSON" in rows[0].error
+    assert "01HBROKENBROKENBROKENBROKE" in rows[1].raw
+    assert "frequency" in rows[1].error
+    assert _count(engine, schema.uplinks) == 2
+
+
+def test_error_frame_keeps_everything_before_it(engine: Engine) -> None:
+    events = _uplinks(5)
+    err = (
+        b'{"error":{"code":16,"message":"error:pkg/identityserver:api_key_expired (expired)",'
+        b'"details":[{"namespace":"pkg/identityserver","name":"api_key_expired","code":16}]}}'
+    )
+    body = _body(events[:3]) + err + b"\n\n" + _body(events[3:])
+    summary = import_stream(Store(engine), io.BytesIO(body), stream="err")
+    assert summary.error is not None
+    assert summary.error.name == "api_key_expired"
+    assert summary.result.events == 3
+    assert _count(engine, schema.events) == 3
+
+
+def test_out_of_order_events_never_move_the_cursor_backwards(engine: Engine) -> None:
+    events = _uplinks(6)
+    shuffled = [events[i] for i in (0, 3, 1, 5, 2, 4)]
+    store = Store(engine)
+    import_stream(store, io.BytesIO(_body(shuffled)), stream="ooo", batch_max_events=2)
+    cursor = store.load_cursor("ooo")
+    assert cursor.last_time == datetime.fromisoformat(str(events[5]["time"]))
+    assert cursor.unique_ids_at_last_time == {events[5]["unique_id"]}
+    assert _count(engine, schema.events) == 6
+
+
+def test_a_row_the_database_refuses_is_rejected_and_the_batch_still_lands(engine: Engine) -> None:
+    events = _uplinks(4)
+    store = Store(engine)
+    builder = BatchBuilder("refuse", Cursor())
+    for ev in events:
+        builder.add_event(ev)
+    batch = builder.take()
+    # A row that passes normalization but violates the schema (NOT NULL application_id).
+    batch.items[1][1][0].values["application_id"] = None
+    result = store.commit_batch(batch)
+    assert result.events == 3
+    assert result.rejected == 1
+    assert _count(engine, schema.uplinks) == 3
+    assert store.load_cursor("refuse").last_time is not None
