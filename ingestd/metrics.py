@@ -1,0 +1,320 @@
+"""Prometheus metrics and the ``/metrics`` + ``/healthz`` endpoint.
+
+The metric objects live at module level in ingestd's own ``REGISTRY`` (not the client's
+global one, so nothing else in the process leaks into our exposition and tests can read exact
+values). Every name is prefixed ``ingestd_``. ``MetricsServer`` serves them with uvicorn as a
+task inside the daemon's own event loop: no thread, no second loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable, Generator
+from types import TracebackType
+from typing import Any
+
+import orjson
+import structlog
+import uvicorn
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    make_asgi_app,
+)
+
+from ingestd import __version__
+
+log = structlog.get_logger()
+
+# No ``*_created`` series: they double the series count and Prometheus ignores them in text.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Database commits: 1 ms (SQLite, small batch) .. 10 s (a struggling PostgreSQL).
+COMMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Event time to commit: sub-second when live, minutes to hours while replaying after downtime.
+EVENT_TO_COMMIT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+# One downlink HTTP request: bounded by [downlinks] request_timeout_s (10 s by default).
+PUSH_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+EVENTS_RECEIVED = Counter(
+    "ingestd_events_received_total",
+    "Event frames parsed from the stream, by stream and TTS event name.",
+    ("stream", "name"),
+    registry=REGISTRY,
+)
+EVENTS_STORED = Counter(
+    "ingestd_events_stored_total",
+    "Events newly stored (not duplicates), by stream and TTS event name.",
+    ("stream", "name"),
+    registry=REGISTRY,
+)
+EVENTS_DUPLICATE = Counter(
+    "ingestd_events_duplicate_total",
+    "Events already stored (replays after a reconnect), by stream.",
+    ("stream",),
+    registry=REGISTRY,
+)
+EVENTS_REJECTED = Counter(
+    "ingestd_events_rejected_total",
+    "Events that could not be normalized (kept in rejected_events), by stream.",
+    ("stream",),
+    registry=REGISTRY,
+)
+BATCHES = Counter(
+    "ingestd_batches_total",
+    "Batches committed (rows and cursor in one transaction), by stream.",
+    ("stream",),
+    registry=REGISTRY,
+)
+COMMIT_SECONDS = Histogram(
+    "ingestd_commit_seconds",
+    "Time to commit one batch, by stream.",
+    ("stream",),
+    buckets=COMMIT_BUCKETS_S,
+    registry=REGISTRY,
+)
+EVENT_TO_COMMIT_SECONDS = Histogram(
+    "ingestd_event_commit_latency_seconds",
+    "From an event's TTS time to its commit, by stream.",
+    ("stream",),
+    buckets=EVENT_TO_COMMIT_BUCKETS_S,
+    registry=REGISTRY,
+)
+RECONNECTS = Counter(
+    "ingestd_reconnects_total",
+    "Stream reconnects, by stream and reason (transport, idle_timeout, server_error,"
+    " rate_limited, auth, stream_error, server_closed).",
+    ("stream", "reason"),
+    registry=REGISTRY,
+)
+GAPS = Counter(
+    "ingestd_gaps_total",
+    "Windows of events known to be missing (recorded in stream_gaps), by stream and reason.",
+    ("stream", "reason"),
+    registry=REGISTRY,
+)
+GAP_SECONDS = Counter(
+    "ingestd_gap_seconds_total",
+    "Total length of the windows known to be missing, by stream and reason.",
+    ("stream", "reason"),
+    registry=REGISTRY,
+)
+STREAM_CONNECTED = Gauge(
+    "ingestd_stream_connected",
+    "1 while the stream is connected and reading, else 0.",
+    ("stream",),
+    registry=REGISTRY,
+)
+CURSOR_LAG = Gauge(
+    "ingestd_cursor_lag_seconds",
+    "Wall-clock time minus the stream cursor's event time.",
+    ("stream",),
+    registry=REGISTRY,
+)
+OUTBOX_ROWS = Gauge(
+    "ingestd_outbox_rows",
+    "Rows in downlink_outbox, by status.",
+    ("status",),
+    registry=REGISTRY,
+)
+DOWNLINK_PUSHES = Counter(
+    "ingestd_downlink_pushes_total",
+    "Downlink push attempts, by outcome (queued, retry, failed, invalid, reconciled).",
+    ("outcome",),
+    registry=REGISTRY,
+)
+DOWNLINK_PUSH_SECONDS = Histogram(
+    "ingestd_downlink_push_seconds",
+    "Duration of one downlink push request.",
+    buckets=PUSH_BUCKETS_S,
+    registry=REGISTRY,
+)
+BUILD_INFO = Info(
+    "ingestd_build",
+    "The running ingestd version (exposed as ingestd_build_info).",
+    registry=REGISTRY,
+)
+BUILD_INFO.info({"version": __version__})
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP endpoint
+
+HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+"""Returns (healthy, details); details are shown on /healthz and must hold no secrets."""
+
+START_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 0.8  # a scrape in flight may finish this long, then it is cancelled
+HEALTH_TIMEOUT_S = 2.0  # a health check that hangs (e.g. the database) counts as unhealthy
+
+_JSON = [(b"content-type", b"application/json")]
+_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def _respond(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server without its signal handling: ingestd's own handlers stay in charge.
+
+    ``Server.serve`` would replace SIGTERM/SIGINT with ``signal.signal`` handlers of its own
+    and re-raise caught signals on exit, fighting ``ingestd.signals``.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.listening.set()
+
+
+def _bind(listen: str) -> socket.socket:
+    """A listening TCP socket for ``host:port`` (``[v6]:port`` too; port 0 picks one)."""
+    host, sep, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"metrics listen address must be host:port, got {listen!r}")
+    port = int(port_text)
+    family, *_ = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    dualstack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
+    return socket.create_server((host, port), family=family, dualstack_ipv6=dualstack)
+
+
+class MetricsServer:
+    """``GET /metrics`` (Prometheus text from ``REGISTRY``) and ``GET /healthz`` over HTTP.
+
+    ``/healthz`` answers 200 ``{"status": "ok", ...details}`` when ``health()`` says healthy,
+    else 503 ``{"status": "unavailable", ...details}``; anything else is 404. Runs as a task in
+    the current event loop between ``start()`` and ``stop()`` (or ``async with``).
+    """
+
+    def __init__(self, listen: str, health: HealthCheck) -> None:
+        self.listen = listen
+        self._health = health
+        self._metrics_app = make_asgi_app(registry=REGISTRY)
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0); only after ``start()``."""
+        if self._port is None:
+            raise RuntimeError("MetricsServer is not started")
+        return self._port
+
+    async def start(self) -> None:
+        """Bind ``listen`` and serve; raises ``OSError`` when the address cannot be bound."""
+        if self._task is not None:
+            raise RuntimeError("MetricsServer is already started")
+        sock = _bind(self.listen)
+        config = uvicorn.Config(
+            self._app,
+            http="h11",
+            ws="none",
+            interface="asgi3",  # a bound method defeats auto-detection
+            lifespan="off",
+            log_config=None,  # keep ingestd's logging setup (logs.py routes uvicorn's loggers)
+            access_log=False,
+            server_header=False,
+        )
+        server = _Server(config)
+        self._server = server
+        self._port = sock.getsockname()[1]
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="metrics")
+        self._task = task
+        listening = asyncio.create_task(server.listening.wait())
+        try:
+            # Whichever comes first: listening, or the server task ending (a startup failure).
+            await asyncio.wait(
+                [task, listening], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:  # cancelled while starting: leave nothing running
+            await self.stop()
+            sock.close()
+            raise
+        finally:
+            listening.cancel()
+        if not server.listening.is_set():
+            await self.stop()
+            sock.close()
+            exc = task.exception() if task.done() and not task.cancelled() else None
+            raise RuntimeError(f"metrics server did not start on {self.listen}") from exc
+        log.info("metrics_listening", listen=self.listen, port=self._port)
+
+    async def stop(self) -> None:
+        """Stop serving; returns within about a second even with scrapes in flight."""
+        task, server = self._task, self._server
+        self._task = None
+        if task is None or server is None:
+            return
+        server.should_exit = True
+        # asyncio.wait neither raises on timeout nor cancels; a slow shutdown is cut short below.
+        done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT_S)
+        if not done:
+            server.force_exit = True
+            for request in list(server.server_state.tasks):
+                request.cancel()  # e.g. a /healthz waiting on a hung database check
+            task.cancel()
+            await asyncio.wait([task], timeout=STOP_TIMEOUT_S)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.warning("metrics_server_failed", error=repr(task.exception()))
+
+    async def __aenter__(self) -> MetricsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app: routes on path, GET and HEAD only."""
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path not in ("/metrics", "/healthz"):
+            await _respond(send, 404, _TEXT, b"not found\n")
+        elif method not in ("GET", "HEAD"):
+            await _respond(send, 405, [*_TEXT, (b"allow", b"GET, HEAD")], b"method not allowed\n")
+        elif path == "/metrics":
+            await self._metrics_app(scope, receive, send)
+        else:
+            status, body = await self._healthz()
+            await _respond(send, status, _JSON, b"" if method == "HEAD" else body)
+
+    async def _healthz(self) -> tuple[int, bytes]:
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                healthy, details = await self._health()
+        except TimeoutError:
+            healthy, details = False, {"error": f"health check took over {HEALTH_TIMEOUT_S} s"}
+        except Exception as exc:  # the endpoint must answer, whatever the check does
+            log.warning("health_check_failed", error_type=type(exc).__name__)
+            healthy, details = False, {"error": type(exc).__name__}
+        body = {**details, "status": "ok" if healthy else "unavailable"}
+        return (200 if healthy else 503), orjson.dumps(body, default=str)
