@@ -47,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="serve a simulated TTS on loopback")
     try:
         from ingestd import simulator
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
+
         simulator.add_arguments(simulate)
+    except (ImportError, AttributeError):  # pragma: no cover - during development only
+        pass
 
     demo = sub.add_parser(
         "demo", help="simulator + daemon into a local SQLite file, then a summary"
