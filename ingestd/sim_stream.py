@@ -1,0 +1,298 @@
+"""``POST /api/v3/events`` of the simulated Things Stack (TTS_WIRE §1).
+
+Checks in TTS order (decode → validate → rate limit → identifiers → names → rights), then
+the start frame, history and live events framed exactly as grpc-gateway does: bare
+``{"result":…}`` objects followed by ``\\n\\n`` for ``Accept: text/event-stream``, else ``\\n``.
+No heartbeats. Stream faults (drop, stall, error frame, shuffle, fragmenting) apply here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ingestd import eventgen
+from ingestd.sim_store import (
+    ERROR_FOR_STATUS,
+    SimError,
+    Subscription,
+    entity_key,
+    error_details,
+    expand_names,
+)
+
+if TYPE_CHECKING:
+    from ingestd.simulator import Simulator
+
+CHUNK_FRAMES = 256  # frames joined into one write when a reader lags
+OUT_OF_ORDER_WAIT_S = 0.02  # how long to gather a window before shuffling it
+MIN_BUFFER, MAX_BUFFER = 8, 1024  # TTS: clamp(tail, 8, 1024)
+_ID_KINDS = ("application", "client", "device", "gateway", "organization", "user")
+_ID_PATTERN = r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamRequest:
+    """One recorded ``POST /api/v3/events`` and how the simulator answered it."""
+
+    time: float
+    request_id: str
+    headers: dict[str, str]
+    body: Any
+    identifiers: list[dict[str, Any]]
+    after: str | None
+    tail: int
+    names: list[str]
+    status: int
+    error_name: str | None = None
+
+    @property
+    def user_agent(self) -> str | None:
+        return self.headers.get("user-agent")
+
+    @property
+    def accept(self) -> str | None:
+        return self.headers.get("accept")
+
+    @property
+    def authorization_present(self) -> bool:
+        return "authorization" in self.headers
+
+
+class StreamConn:
+    """An open stream's handle: the server loop wakes it, ``close()`` ends it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.wake = asyncio.Event()
+        self.done = asyncio.Event()
+        self.closing = False
+        self._pending = False
+
+    def notify_threadsafe(self) -> None:
+        """Called under the store lock from any thread; coalesces wakeups."""
+        if not self._pending:
+            self._pending = True
+            self.loop.call_soon_threadsafe(self._set)
+
+    def _set(self) -> None:
+        self._pending = False
+        self.wake.set()
+
+    def close(self) -> None:
+        """End the stream (on the server loop)."""
+        self.closing = True
+        self.wake.set()
+
+
+def _parse(body: bytes) -> tuple[list[dict[str, Any]], int, int | None, str | None, list[str]]:
+    """Decode a ``StreamEventsRequest``; raise ValueError as grpc-gateway's decoder would."""
+    req = orjson.loads(body or b"{}")
+    if not isinstance(req, dict):
+        raise ValueError("proto: syntax error (line 1:1): unexpected token")
+    idents, tail, after, names = (req.get("identifiers") or [], req.get("tail") or 0,
+                                  req.get("after"), req.get("names") or [])
+    if not isinstance(idents, list) or not all(isinstance(i, dict) for i in idents):
+        raise ValueError("invalid value for identifiers")
+    if isinstance(tail, str) and tail.isdigit():
+        tail = int(tail)
+    if not isinstance(tail, int) or isinstance(tail, bool) or not 0 <= tail < 2**32:
+        raise ValueError(f"invalid value for uint32 field tail: {tail!r}")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError("invalid value for names")
+    after_ns = None
+    if after is not None:
+        after_ns = eventgen.parse_time_ns(str(after))
+    return idents, tail, after_ns, after, names
+
+
+def _validate_identifiers(idents: list[dict[str, Any]]) -> None:
+    for i, ids in enumerate(idents):
+        kinds = [k for k in _ID_KINDS if f"{k}_ids" in ids]
+        inner = ids.get(f"{kinds[0]}_ids") if kinds else None
+        values = [] if not isinstance(inner, dict) else (
+            [str(inner.get("device_id", "")),
+             str(inner.get("application_ids", {}).get("application_id", ""))]
+            if kinds[0] == "device" else [str(inner.get(f"{kinds[0]}_id", ""))])
+        bad = not values or any(not re.match(_ID_PATTERN, v) or len(v) > 36 for v in values)
+        if bad:
+            reason = f'value does not match regex pattern "{_ID_PATTERN}"'
+            cause = error_details("validation", {
+                "field": "ids", "name": "EntityIdentifiersValidationError", "reason": reason})
+            raise SimError("validation", {"field": f"identifiers[{i}]",
+                                          "name": "StreamEventsRequestValidationError",
+                                          "reason": "embedded message failed validation"},
+                           cause=cause)
+
+
+async def serve_stream(sim: Simulator, receive: Callable[[], Any],
+                       send: Callable[[dict[str, Any]], Any], *, headers: dict[str, str],
+                       accepts: list[str], body: bytes, base_headers: list[tuple[str, str]],
+                       recorded_headers: dict[str, str]) -> None:
+    """Answer one events stream request until it ends, the client leaves or the sim stops."""
+    sse = "text/event-stream" in accepts  # grpc-gateway: exact match of a whole value
+    delim = b"\n\n" if sse else b"\n"
+    ctype = (b"text/event-stream" if sse else b"application/json")
+    request_id = headers["x-request-id"]
+    extra: list[tuple[str, str]] = []
+    idents: list[dict[str, Any]] = []
+    tail, after_ns, after = 0, None, None
+    names: list[str] = []
+    parsed: Any = None
+
+    def record(status: int, error: str | None = None) -> None:
+        sim.stream_requests.append(StreamRequest(
+            time=time.time(), request_id=request_id, headers=recorded_headers, body=parsed,
+            identifiers=idents, after=after, tail=tail, names=names, status=status,
+            error_name=error))
+
+    async def start(status: int, hdrs: list[tuple[str, str]]) -> None:
+        raw = [(k.encode(), v.encode()) for k, v in base_headers + hdrs]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*raw, (b"content-type", ctype)]})
+
+    try:
+        if sim.fail_next_requests:  # an outage in front of the handler
+            status = sim.fail_next_requests.pop(0)
+            retry = [("x-rate-limit-retry", "1")] if status == 429 else []
+            raise SimError(ERROR_FOR_STATUS.get(status, "internal"), headers=retry)
+        parsed = orjson.loads(body) if body else {}
+        idents, tail, after_ns, after, names = _parse(body)
+        _validate_identifiers(idents)
+        if sim.stream_limiter is not None:
+            token = (headers.get("authorization") or "").rpartition(".")[0].partition(".")[2]
+            result = sim.stream_limiter.check(
+                f"grpc:stream:accept:/ttn.lorawan.v3.Events/Stream:token:{token}")
+            extra = result.headers
+            if not result.allowed:
+                raise SimError("rate_limit_exceeded", {
+                    "key": f"grpc:stream:accept:/ttn.lorawan.v3.Events/Stream:token:{token}",
+                    "rate": sim.stream_limiter.per_min})
+        if not idents:
+            raise SimError("no_identifiers")
+        expanded = expand_names(names)
+        keys = [entity_key(ids) for ids in idents]
+        sim.authorize(headers.get("authorization"), keys)
+    except (ValueError, orjson.JSONDecodeError) as exc:
+        record(400)
+        await start(400, extra)
+        await send({"type": "http.response.body",
+                    "body": orjson.dumps({"code": 3, "message": str(exc)})})
+        return
+    except SimError as exc:
+        record(exc.status, exc.name)
+        await start(exc.status, extra + exc.headers)
+        await send({"type": "http.response.body",
+                    "body": orjson.dumps({"error": exc.body}) + delim})
+        return
+
+    record(200)
+    conn = StreamConn(asyncio.get_running_loop())
+    sub = Subscription(keys, frozenset(expanded) if expanded else None,
+                       min(max(tail, MIN_BUFFER), MAX_BUFFER), wake=conn.notify_threadsafe)
+    if not sim.store and (tail or after is not None):
+        extra.append(("x-warning", "Events storage is not enabled"))
+    sim.conns.add(conn)
+    sim.event_store.subscribe(sub, after_ns=after_ns, tail=tail)
+    disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        now = datetime.now(UTC)
+        start_event: dict[str, Any] = {
+            "name": "events.stream.start", "time": eventgen.format_time(now),
+            "identifiers": idents}
+        if expanded:
+            start_event["data"] = {"@type": "type.googleapis.com/google.protobuf.Value",
+                                   "value": expanded}
+        start_event["correlation_ids"] = [f"rpc:/ttn.lorawan.v3.Events/Stream:{request_id}"]
+        start_event["origin"] = socket.gethostname()
+        start_event["unique_id"] = sim.ulids(now)
+        await start(200, extra)
+        await _write(sim, send, b'{"result":' + orjson.dumps(start_event) + b"}" + delim)
+        await _pump(sim, send, conn, sub, disconnect, delim)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        sim.event_store.unsubscribe(sub)
+        sim.conns.discard(conn)
+        disconnect.cancel()
+        conn.done.set()
+
+
+async def _pump(sim: Simulator, send: Callable[[dict[str, Any]], Any], conn: StreamConn,
+                sub: Subscription, disconnect: asyncio.Future[None], delim: bytes) -> None:
+    """Write buffered events until the stream must end; apply the stream faults."""
+    sent = 0
+    while not conn.closing and not disconnect.done():
+        fault = _fault_due(sim, sent)
+        if fault == "drop":
+            return
+        if fault == "error":
+            err = SimError(sim.error_frame_name)
+            await _write(sim, send, orjson.dumps({"error": err.body}) + delim)
+            return
+        if fault == "stall":
+            await _wait(conn, disconnect)
+            continue
+        batch = sim.event_store.take(sub, CHUNK_FRAMES)
+        if not batch:
+            conn.wake.clear()
+            if not sub.buffer:
+                await _wait(conn, disconnect)
+            continue
+        window = sim.out_of_order_window
+        if window > 1:
+            deadline = time.monotonic() + OUT_OF_ORDER_WAIT_S
+            while len(batch) < window and time.monotonic() < deadline and not conn.closing:
+                await asyncio.sleep(0.002)
+                batch += sim.event_store.take(sub, window - len(batch))
+            for i in range(0, len(batch), window):
+                part = batch[i:i + window]
+                sim.rng.shuffle(part)
+                batch[i:i + window] = part
+        chunk = bytearray()
+        for _uid, frame in batch:
+            if _fault_due(sim, sent):
+                break  # the rest of the batch is lost, as in a crash
+            chunk += b'{"result":' + frame + b"}" + delim
+            sent += 1
+        await _write(sim, send, bytes(chunk))
+
+
+def _fault_due(sim: Simulator, sent: int) -> str | None:
+    if sim.drop_every_n_frames and sent >= sim.drop_every_n_frames:
+        return "drop"
+    if sim.error_frame_after_n is not None and sent >= sim.error_frame_after_n:
+        return "error"
+    if sim.stall_after_n_frames is not None and sent >= sim.stall_after_n_frames:
+        return "stall"
+    return None
+
+
+async def _write(sim: Simulator, send: Callable[[dict[str, Any]], Any], data: bytes) -> None:
+    if not data:
+        return
+    if sim.fragment_frames and len(data) > 1:
+        cut = sim.rng.randrange(1, len(data))
+        await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
+        data = data[cut:]
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _wait(conn: StreamConn, disconnect: asyncio.Future[None]) -> None:
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(conn.wake.wait())
+    try:
+        await asyncio.wait([waiter, disconnect], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+async def _wait_disconnect(receive: Callable[[], Any]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,464 @@
+"""A simulated Things Stack on loopback, for tests, ``ingestd simulate``, the demo and benchmarks.
+
+A raw ASGI app served by uvicorn in a background thread (own event loop), like httpx's
+test server. It speaks TTS's wire formats (TTS_WIRE §1, §5, §7): ``POST /api/v3/events``
+with the start frame, no heartbeats, ``after``/``tail`` replay from a Redis-like store, and
+the downlink API with lifecycle events. Tests script it from their own thread (``publish``,
+``uplink``, ``restart``) and inject faults through plain attributes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import secrets
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import structlog
+import uvicorn
+
+from ingestd import eventgen
+from ingestd.sim_downlink import DownlinkApi, DownlinkRequest, SimDevice
+from ingestd.sim_store import EventStore, RateLimiter, SimError
+from ingestd.sim_stream import StreamConn, StreamRequest, serve_stream
+
+log = structlog.get_logger()
+
+DEFAULT_PORT = 18850
+START_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 1.0
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_ID_RE = re.compile(r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$")
+_DOWN_RE = re.compile(r"^/api/v3/as/applications/([^/]+)/devices/([^/]+)/down(/push|/replace)?$")
+_SECURITY_HEADERS = [("referrer-policy", "strict-origin-when-cross-origin"),
+                     ("x-content-type-options", "nosniff"), ("x-frame-options", "SAMEORIGIN"),
+                     ("x-xss-protection", "1; mode=block")]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+
+def fake_api_key(rng: random.Random | None = None) -> str:
+    """A realistic but fake TTS API key: ``NNSXS.<39 base32>.<52 base32>``."""
+    rng = rng or random.SystemRandom()
+    enc = "".join(rng.choice(_B32) for _ in range(91))
+    return f"NNSXS.{enc[:39]}.{enc[39:]}"
+
+
+@dataclass
+class Simulator:
+    """The simulated Things Stack. ``start()`` serves it; every public method is thread-safe."""
+
+    application_id: str = "sim-app"
+    devices: int = 10
+    api_key: str = ""
+    store: bool = True
+    store_entity_count: int = 100
+    payload_ttl_s: float = 600.0
+    gateways: int = 2
+    uplink_rate: float = 0.0  # uplinks/s over all devices; 0 = only scripted ones
+    rate_limit_per_min: int | None = None
+    downlink_ack_delay_s: float = 0.05
+    queue_capacity: int = 10000
+    seed: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Stream faults (set any time; they apply to frames written afterwards):
+    drop_every_n_frames: int | None = None  # end each stream after N event frames
+    out_of_order_window: int = 0  # shuffle event frames within windows of this size
+    stall_after_n_frames: int | None = None  # stop writing after N frames, keep the socket
+    error_frame_after_n: int | None = None  # end each stream with an error frame after N
+    error_frame_name: str = "api_key_expired"
+    fragment_frames: bool = False  # split every write in two chunks at a random byte
+    fail_next_requests: list[int] = field(default_factory=list)  # statuses for next streams
+    api_key_expired: bool = False  # every request then gets 401 api_key_expired
+    stream_requests: list[StreamRequest] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.api_key = self.api_key or fake_api_key(self.rng if self.seed is not None else None)
+        self.ulids = eventgen.UlidFactory(random.Random(self.seed) if self.seed is not None
+                                          else None)
+        self.event_store = EventStore(enabled=self.store, entity_count=self.store_entity_count,
+                                      payload_ttl_s=self.payload_ttl_s)
+        self.device_ids = [f"dev-{i + 1:04d}" for i in range(self.devices)]
+        self._devices = {
+            d: SimDevice(application_id=self.application_id, device_id=d,
+                         dev_eui=f"70B3D57ED005{i + 1:04X}", join_eui="70B3D57ED0000000",
+                         dev_addr=f"260B{self.rng.getrandbits(16):04X}",
+                         session_key_id=self.rng.randbytes(16))
+            for i, d in enumerate(self.device_ids)}
+        self._gateways = eventgen.default_gateways(self.gateways)
+        per_min = self.rate_limit_per_min
+        self.stream_limiter = RateLimiter(per_min) if per_min else None
+        self.downlinks = DownlinkApi(
+            store=self.event_store, devices=self._devices, application_id=self.application_id,
+            authorize=lambda auth, app: self.authorize(auth, [("application", app)]),
+            capacity=self.queue_capacity, ack_delay_s=self.downlink_ack_delay_s,
+            rate_limiter=RateLimiter(per_min) if per_min else None,
+            rng=random.Random(self.rng.random()))
+        self.downlink_requests: list[DownlinkRequest] = self.downlinks.requests
+        self.fail_next_pushes = self.downlinks.fail_next_pushes  # device → statuses
+        self.failing_devices = self.downlinks.failing_devices  # → as.down.data.failed.forward
+        self.nacking_devices = self.downlinks.nacking_devices  # confirmed → nack.forward
+        self.base_url = ""
+        self.conns: set[StreamConn] = set()
+        self._lock = threading.Lock()
+        self._last_time = datetime.now(UTC) - timedelta(seconds=1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> Simulator:
+        """Serve on ``host:port`` (0 = a free port) and return once accepting connections."""
+        config = uvicorn.Config(self._app, host=self.host, port=self.port, log_config=None,
+                                log_level="warning", lifespan="off", access_log=False,
+                                server_header=False, timeout_graceful_shutdown=1,
+                                interface="asgi3", proxy_headers=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="tts-simulator", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"simulator could not listen on {self.host}:{self.port}")
+            time.sleep(0.002)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.base_url = f"http://{self.host}:{port}"
+        log.info("simulator_started", base_url=self.base_url, application_id=self.application_id)
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = self.downlinks.loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        assert self._server is not None
+        gen = asyncio.create_task(self._generate()) if self.uplink_rate > 0 else None
+        try:
+            await self._server.serve()
+        finally:
+            if gen is not None:
+                gen.cancel()
+                await asyncio.gather(gen, return_exceptions=True)
+            self.downlinks.cancel_timers()
+
+    def stop(self) -> None:
+        """Close every stream and stop serving, within about a second."""
+        if self._server is None or self._thread is None:
+            return
+        if self._thread.is_alive():
+            self.restart()
+            self._server.should_exit = True
+            self._thread.join(STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(STOP_TIMEOUT_S)
+        self._server = self._thread = None
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def restart(self) -> None:
+        """Drop every open stream (the store survives), like a TTS restart."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not self.conns:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._close_conns(), loop)
+        future.result(timeout=STOP_TIMEOUT_S)
+
+    async def _close_conns(self) -> None:
+        conns = list(self.conns)
+        for conn in conns:
+            conn.close()
+        await asyncio.wait([asyncio.create_task(c.done.wait()) for c in conns],
+                           timeout=STOP_TIMEOUT_S / 2)
+
+    # --- scripting ---------------------------------------------------------------------
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """Store ``event`` and send it to every matching open stream."""
+        self.event_store.publish(event)
+
+    def next_time(self) -> datetime:
+        """Now, but strictly after the previous generated event (1 µs apart at least)."""
+        with self._lock:
+            now = max(datetime.now(UTC), self._last_time + timedelta(microseconds=1))
+            self._last_time = now
+            return now
+
+    def uplink(self, device_id: str, **fields: Any) -> dict[str, Any]:
+        """Build an ``as.up.data.forward`` for ``device_id`` (fields override), publish, return."""
+        dev = self._devices[device_id]
+        with self._lock:
+            dev.f_cnt_up += 1
+            f_cnt = fields.pop("f_cnt", dev.f_cnt_up)
+            volume = f_cnt * 37 + self.rng.randrange(30)
+            battery = 3600 - f_cnt // 50
+            payload = struct.pack(">IHBB", volume, battery, 0, 1)
+            decoded = {"volume_liters": volume, "battery_mv": battery, "leak_detected": False}
+            rng = random.Random(self.rng.getrandbits(64))
+        when = fields.pop("time", None) or self.next_time()
+        args: dict[str, Any] = {
+            "application_id": self.application_id, "device_id": device_id,
+            "dev_eui": dev.dev_eui, "join_eui": dev.join_eui, "dev_addr": dev.dev_addr,
+            "session_key_id": dev.session_key_id, "f_cnt": f_cnt, "f_port": 2,
+            "payload": payload, "decoded_payload": decoded, "gateways": self._gateways,
+            "time": when, "unique_id": self.ulids(when), "rng": rng,
+            "packet_error_rate": round(rng.random() * 0.05, 4),
+            "version_ids": {"brand_id": "acme-devices", "model_id": "wm100",
+                            "hardware_version": "1.0", "firmware_version": "2.1.0",
+                            "band_id": "EU_863_870"}}
+        args.update(fields)
+        event = eventgen.uplink_event(**args)
+        self.publish(event)
+        return event
+
+    def uplinks(self, n: int, *, devices: list[str] | None = None) -> list[dict[str, Any]]:
+        """``n`` uplinks round-robin over ``devices`` (default all), strictly increasing times."""
+        devs = devices or self.device_ids
+        return [self.uplink(devs[i % len(devs)]) for i in range(n)]
+
+    def join(self, device_id: str) -> dict[str, Any]:
+        """Publish an ``as.up.join.forward`` for ``device_id`` and return it."""
+        dev = self._devices[device_id]
+        when = self.next_time()
+        with self._lock:
+            rng = random.Random(self.rng.getrandbits(64))
+        event = eventgen.join_event(application_id=self.application_id, device_id=device_id,
+                                    dev_eui=dev.dev_eui, dev_addr=dev.dev_addr, time=when,
+                                    unique_id=self.ulids(when), rng=rng,
+                                    session_key_id=dev.session_key_id)
+        self.publish(event)
+        return event
+
+    def queue(self, device_id: str) -> list[dict[str, Any]]:
+        """The downlink queue of ``device_id`` as ``GET …/down`` lists it."""
+        return self.downlinks.queue(device_id)
+
+    def expire_payloads(self) -> None:
+        """Make all stored events replay sparse, as once the payload TTL has passed."""
+        self.event_store.expire_payloads()
+
+    @property
+    def dropped_events(self) -> int:
+        """Events dropped because a stream's buffer was full (TTS ``channel_dropped``)."""
+        return self.event_store.dropped_events
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every event published so far, in order."""
+        return self.event_store.events
+
+    async def _generate(self) -> None:
+        """Automatic uplinks at ``uplink_rate``/s, round-robin over the devices."""
+        started, sent = time.monotonic(), 0
+        while True:
+            due = int((time.monotonic() - started) * self.uplink_rate)
+            for _ in range(min(due - sent, 1000)):
+                self.uplink(self.device_ids[sent % len(self.device_ids)])
+                sent += 1
+            await asyncio.sleep(max(0.001, min(0.1, 1 / self.uplink_rate)))
+
+    # --- auth --------------------------------------------------------------------------
+
+    def _token_id(self, authorization: str | None) -> str | None:
+        if not authorization:
+            return None  # no credentials: no rights (403 below), not 401
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise SimError("unsupported_authorization")
+        parts = token.strip().split(".")
+        if len(parts) != 3 or parts[0] not in ("NNSXS", "MFRWG", "OJSWM", "MF2XI", "ONZW4"):
+            raise SimError("token")
+        prefix, key_id, secret = parts
+        _, want_id, want_secret = self.api_key.split(".")
+        if prefix != "NNSXS":
+            raise SimError("token_not_found")
+        if key_id != want_id:
+            raise SimError("api_key_not_found")
+        if not secrets.compare_digest(secret, want_secret):
+            raise SimError("invalid_authorization")
+        if self.api_key_expired:
+            raise SimError("api_key_expired")
+        return key_id
+
+    def authorize(self, authorization: str | None, entities: list[tuple[str, ...]]) -> str:
+        """The API key's id if it has rights on every entity, else the TTS auth error."""
+        token_id = self._token_id(authorization)
+        for key in entities:
+            kind = "application" if key[0] == "device" else key[0]
+            if token_id is None or kind != "application" or key[1] != self.application_id:
+                raise SimError(f"no_{kind}_rights" if kind in (
+                    "application", "gateway", "organization", "user", "client")
+                    else "no_application_rights", {"uid": key[1]})
+        assert token_id is not None
+        return token_id
+
+    # --- ASGI --------------------------------------------------------------------------
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers: dict[str, str] = {}
+        accepts: list[str] = []
+        for raw_key, raw_value in scope["headers"]:
+            key, value = raw_key.decode("latin-1").lower(), raw_value.decode("latin-1")
+            headers[key] = value
+            if key == "accept":
+                accepts.append(value)
+        request_id = headers.get("x-request-id") or self.ulids()
+        headers["x-request-id"] = request_id
+        # Records keep the scheme and key id, never the secret part.
+        recorded = {k: (v.rpartition(".")[0] + ".…" if k == "authorization" and "." in v else v)
+                    for k, v in headers.items()}
+        base = [("x-request-id", request_id), *_SECURITY_HEADERS]
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path, method = scope["path"], scope["method"]
+        if path == "/api/v3/events" and method == "POST":
+            await serve_stream(self, receive, send, headers=headers, accepts=accepts, body=body,
+                               base_headers=base, recorded_headers=recorded)
+            return
+        match = _DOWN_RE.match(path)
+        if match and method == ("GET" if match.group(3) is None else "POST"):
+            op = (match.group(3) or "/list")[1:]
+            status, extra, answer = self.downlinks.handle(
+                op=op, application_id=match.group(1), device_id=match.group(2), body=body,
+                headers=headers)
+            self.downlink_requests.append(DownlinkRequest(
+                time=time.time(), method=method, path=path, op=op,
+                application_id=match.group(1), device_id=match.group(2),
+                body=_json_or_none(body), headers=recorded, request_id=request_id, status=status,
+                error_name=_error_name(answer)))
+            await _respond(send, status, base + extra, answer)
+        elif path == "/api/v3/events/related" and method == "GET":
+            status, answer = self._related(scope, headers)
+            await _respond(send, status, base, answer)
+        elif path.startswith("/_sim/"):
+            await _respond(send, 200, base, self._control(path, body))
+        else:
+            await _respond(send, 404 if not match else 405, base,
+                           {"code": 5 if not match else 12,
+                            "message": "Not Found" if not match else "Method Not Allowed"})
+
+    def _related(self, scope: Scope, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        query = dict(p.partition("=")[::2] for p in scope["query_string"].decode().split("&"))
+        try:
+            self._token_id(headers.get("authorization"))
+            if not self.store:
+                raise SimError("storage_disabled")
+        except SimError as exc:
+            return exc.status, exc.body
+        return 200, {"events": self.event_store.find_related(query.get("correlation_id", ""))}
+
+    def _control(self, path: str, body: bytes) -> dict[str, Any]:
+        """The HTTP control API for an out-of-process simulator (``ingestd simulate``)."""
+        args = _json_or_none(body) or {}
+        if path == "/_sim/uplinks":
+            evs = self.uplinks(int(args.get("count", 1)), devices=args.get("device_ids"))
+            return {"unique_ids": [e["unique_id"] for e in evs]}
+        if path == "/_sim/restart":
+            for conn in list(self.conns):
+                conn.close()
+        elif path == "/_sim/faults":
+            for key, value in args.items():
+                if hasattr(self, key) and not key.startswith("_"):
+                    setattr(self, key, value)
+        return {"streams": len(self.conns), "events": len(self.events),
+                "dropped_events": self.dropped_events,
+                "queues": {d: len(q) for d, q in self.downlinks.queues.items()}}
+
+
+async def _respond(send: Send, status: int, headers: list[tuple[str, str]], body: Any) -> None:
+    data = orjson.dumps(body)
+    raw = [(k.encode(), v.encode()) for k, v in headers]
+    raw += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if status == 401:  # grpc-gateway copies the status message here
+        raw.append((b"www-authenticate", str(body.get("message", "")).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _error_name(answer: dict[str, Any]) -> str | None:
+    details = answer.get("details") or [{}]
+    return str(details[0].get("name")) if details[0].get("name") else None
+
+
+
+# --- `ingestd simulate` -----------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ingestd simulate``."""
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add("--port", type=int, default=DEFAULT_PORT, help="port, 0 = any free (default: %(default)s)")
+    add("--application-id", default="sim-app", help="application id (default: %(default)s)")
+    add("--devices", type=int, default=10, help="number of devices (default: %(default)s)")
+    add("--rate", type=float, default=1.0, help="uplinks per second in total, 0 = none")
+    add("--gateways", type=int, default=2, help="gateways receiving each uplink")
+    add("--api-key", default=None, help="API key to accept (default: generate and print one)")
+    add("--no-store", action="store_true", help="no event store: no after/tail replay")
+    add("--store-entity-count", type=int, default=100, help="events kept per entity")
+    add("--payload-ttl", type=float, default=600.0, help="seconds until replays turn sparse")
+    add("--drop-every", type=int, default=None, help="close each stream after N events")
+    add("--out-of-order", type=int, default=0, help="shuffle events within windows of N")
+    add("--rate-limit", type=int, default=None, help="requests per minute per key (429 beyond)")
+    add("--seed", type=int, default=None, help="seed for reproducible keys and events")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; print the base URL, application id and (fake) API key."""
+    sim = Simulator(
+        application_id=args.application_id, devices=args.devices, api_key=args.api_key or "",
+        store=not args.no_store, store_entity_count=args.store_entity_count,
+        payload_ttl_s=args.payload_ttl, gateways=args.gateways, uplink_rate=args.rate,
+        rate_limit_per_min=args.rate_limit, seed=args.seed, host=args.host, port=args.port,
+        drop_every_n_frames=args.drop_every, out_of_order_window=args.out_of_order)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sim.start()
+        # A local fake key: printing it is the point, so a user can configure the daemon.
+        print(f"base_url        {sim.base_url}\napplication_id  {sim.application_id}\n"
+              f"api_key         {sim.api_key}\ndevices         {', '.join(sim.device_ids[:3])}"
+              f"{' …' if len(sim.device_ids) > 3 else ''}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        sim.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
