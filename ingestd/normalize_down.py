@@ -1,0 +1,255 @@
+"""Downlink half of :mod:`ingestd.normalize`: lifecycle rows and the outbox correlation id.
+
+Pure like its parent: no clock, log or database. It also holds the small value readers
+that both halves share (it is the lower module, so :mod:`ingestd.normalize` imports from
+it and not the other way round).
+
+Every ``as.down.data.*`` lifecycle event becomes one ``downlink_events`` row. The outbox
+row an event belongs to is found through the correlation id ingestd sets when it pushes
+(``ingestd:outbox:<id>``). Where that id shows up differs per event (TTS_WIRE §4): for
+``receive``/``forward`` only in ``data.correlation_ids``, for ``sent``/``ack``/``nack``/
+``failed`` in both the event and the item, and never in ``drop`` (the AS publishes it with
+the request context's ids only).
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from ingestd.errors import MalformedEvent
+from ingestd.models import Row
+
+OUTBOX_CID_PREFIX = "ingestd:outbox:"
+_PREFIX_LEN = len(OUTBOX_CID_PREFIX)
+_BIGINT_MAX = 2**63 - 1  # downlink_outbox.id is a signed 64-bit integer
+_BIGINT_MAX_DIGITS = len(str(_BIGINT_MAX))
+_SHOW_MAX_CHARS = 60
+
+EMPTY: Mapping[str, Any] = {}
+"""Stands in for an omitted sub-object so that chained ``.get`` calls stay flat."""
+
+# Event name -> downlink_events.kind (DESIGN §4). These names exist from TTS v3.32.1 on.
+DOWNLINK_KINDS: dict[str, str] = {
+    "as.down.data.receive": "receive",
+    "as.down.data.forward": "forward",
+    "as.down.data.sent.forward": "sent",
+    "as.down.data.ack.forward": "ack",
+    "as.down.data.nack.forward": "nack",
+    "as.down.data.failed.forward": "failed",
+    "as.down.data.queue.invalidated.forward": "queue_invalidated",
+    "as.down.data.drop": "drop",
+}
+
+# TxSchedulePriority by number, for the rare sub-object rendered with enum numbers.
+_PRIORITY_MAX_CHARS = 16  # downlink_events.priority
+_PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
+
+
+def outbox_correlation_id(outbox_id: int) -> str:
+    """The correlation id ingestd attaches to a pushed downlink: ``ingestd:outbox:42``."""
+    if type(outbox_id) is not int or not 0 < outbox_id <= _BIGINT_MAX:
+        raise ValueError(f"outbox id must be a positive 64-bit integer, got {outbox_id!r}")
+    return f"{OUTBOX_CID_PREFIX}{outbox_id}"
+
+
+def outbox_id_from(correlation_ids: Iterable[str] | None) -> int | None:
+    """The outbox id in a list of correlation ids, or None.
+
+    Only the exact form :func:`outbox_correlation_id` writes counts: ASCII digits without
+    a leading zero, within 64 bits, so ``outbox_id_from([c]) == n`` implies
+    ``c == outbox_correlation_id(n)``. Other prefixes and non-strings are skipped. With
+    several outbox ids the first in the given order wins (ingestd pushes one id per item,
+    so several only appear when a client adds its own).
+    """
+    if not correlation_ids:
+        return None
+    for cid in correlation_ids:
+        if type(cid) is str and cid.startswith(OUTBOX_CID_PREFIX):
+            digits = cid[_PREFIX_LEN:]
+            if (
+                0 < len(digits) <= _BIGINT_MAX_DIGITS
+                and digits.isascii()
+                and digits.isdigit()
+                and digits[0] != "0"
+            ):
+                value = int(digits)
+                if value <= _BIGINT_MAX:
+                    return value
+    return None
+
+
+# --- value readers shared with ingestd.normalize -------------------------------------
+
+
+def show(value: Any) -> str:
+    """A short repr of a bad value for an error message (events can be large)."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_MAX_CHARS else text[: _SHOW_MAX_CHARS - 3] + "..."
+
+
+def bytes_of(value: Any, what: str) -> bytes:
+    """Decode a protobuf ``bytes`` field (standard base64 with padding); missing is b""."""
+    if value is None:
+        return b""
+    if type(value) is str:
+        try:
+            # strict_mode rejects junk characters and bad padding without the regex
+            # that base64.b64decode(validate=True) runs on every call.
+            return binascii.a2b_base64(value, strict_mode=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise MalformedEvent(f"{what} is not base64: {show(value)}")
+
+
+def uint_of(obj: Mapping[str, Any], key: str, what: str) -> int:
+    """A uint32 field; TTS omits 0, so a missing key reads as 0."""
+    value = obj.get(key, 0)
+    if type(value) is int and value >= 0:
+        return value
+    raise MalformedEvent(f"{what}.{key} is not a non-negative integer: {show(value)}")
+
+
+def device_ids_of(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``identifiers[0].device_ids`` of an event, or an empty mapping."""
+    identifiers = event.get("identifiers")
+    if not identifiers:
+        return EMPTY
+    if type(identifiers) is not list or type(identifiers[0]) is not dict:
+        raise MalformedEvent(f"identifiers is not a list of objects: {show(identifiers)}")
+    ids = identifiers[0].get("device_ids")
+    if ids is None:
+        return EMPTY
+    if type(ids) is not dict:
+        raise MalformedEvent(f"identifiers[0].device_ids is not an object: {show(ids)}")
+    return ids
+
+
+def app_device_of(ids: Mapping[str, Any], fallback: Mapping[str, Any]) -> tuple[str, str]:
+    """(application_id, device_id) from EndDeviceIdentifiers, else from ``fallback``."""
+    for source in (ids, fallback):
+        app = source.get("application_ids") or EMPTY
+        application_id = app.get("application_id")
+        device_id = source.get("device_id")
+        if type(application_id) is str and type(device_id) is str:
+            return application_id, device_id
+    raise MalformedEvent("no end device identifiers (application_id and device_id)")
+
+
+# --- downlink rows ---------------------------------------------------------------------
+
+
+def downlink_row(
+    event: Mapping[str, Any],
+    data: Mapping[str, Any],
+    *,
+    kind: str,
+    unique_id: str,
+    time: datetime,
+) -> Row:
+    """The ``downlink_events`` row of one lifecycle event (``data`` is the event's data)."""
+    item: Any = None  # the ApplicationDownlink the event is about, if it carries one
+    error: Any = None
+    item_cids: list[Any] = []
+    if kind == "receive" or kind == "forward":
+        item = data  # data *is* the ApplicationDownlink
+    elif kind == "drop":
+        error = data  # data is ErrorDetails (as received, with its "@type"); no payload
+    elif kind == "failed":
+        failed = _sub(data, "downlink_failed")
+        item = _sub(failed, "downlink", "downlink_failed.downlink")
+        error = failed.get("error")
+    elif kind == "queue_invalidated":
+        invalidated = _sub(data, "downlink_queue_invalidated")
+        downlinks = invalidated.get("downlinks") or []
+        if type(downlinks) is not list:
+            raise MalformedEvent(f"downlink_queue_invalidated.downlinks is not a list: "
+                                 f"{show(downlinks)}")
+        # One row per event, keyed by its unique_id: the payload columns describe the
+        # first invalidated item, while correlation_ids collects every item's ids so that
+        # each invalidated outbox row can still be found from this one row.
+        if downlinks:
+            item = downlinks[0]
+            for other in downlinks[1:]:
+                if type(other) is not dict:
+                    raise MalformedEvent(f"invalidated downlink is not an object: {show(other)}")
+                item_cids.extend(_cids_of(other, "invalidated downlink"))
+    else:  # sent | ack | nack
+        item = _sub(data, "downlink_" + kind)
+    if item is not None and type(item) is not dict:
+        raise MalformedEvent(f"{kind} downlink is not an object: {show(item)}")
+
+    event_cids = _cids_of(event, "event")
+    if item is not None:
+        item_cids.extend(_cids_of(item, "downlink"))
+    # The client's ids are only on the item for receive/forward (TTS_WIRE §4), so take the
+    # union; sorted, because TTS sorts its own lists too and it makes rows comparable.
+    try:
+        cids = sorted(set(event_cids).union(item_cids))
+    except TypeError as exc:  # unhashable or mixed types
+        raise MalformedEvent(f"correlation_ids are not strings: {exc}") from exc
+
+    application_id, device_id = app_device_of(
+        device_ids_of(event), data.get("end_device_ids") or EMPTY
+    )
+    values: dict[str, Any] = {
+        "event_unique_id": unique_id,
+        "kind": kind,
+        "application_id": application_id,
+        "device_id": device_id,
+        "f_port": None,
+        "f_cnt": None,
+        "frm_payload": None,
+        "decoded_payload": None,
+        "confirmed": None,
+        "priority": None,
+        "correlation_ids": cids,
+        "outbox_id": outbox_id_from(cids),
+        "error": error,
+        "time": time,
+    }
+    if item is not None:
+        values["f_port"] = uint_of(item, "f_port", "downlink")
+        # receive is published before the AS assigns the session's FCntDown, so a missing
+        # f_cnt there means "not assigned yet" (None). Once the item is queued (forward and
+        # later), a missing f_cnt is TTS omitting a real 0: AFCntDown starts at 0.
+        if kind == "receive":
+            f_cnt = item.get("f_cnt")
+            values["f_cnt"] = None if f_cnt is None else uint_of(item, "f_cnt", "downlink")
+        else:
+            values["f_cnt"] = uint_of(item, "f_cnt", "downlink")
+        values["frm_payload"] = bytes_of(item.get("frm_payload"), "downlink.frm_payload")
+        values["decoded_payload"] = item.get("decoded_payload")
+        confirmed = item.get("confirmed", False)
+        if type(confirmed) is not bool:
+            raise MalformedEvent(f"downlink.confirmed is not a boolean: {show(confirmed)}")
+        values["confirmed"] = confirmed
+        values["priority"] = _priority(item.get("priority", "LOWEST"))
+    return Row("downlink_events", values)
+
+
+def _sub(obj: Mapping[str, Any], key: str, what: str | None = None) -> Mapping[str, Any]:
+    value = obj.get(key)
+    if type(value) is not dict:
+        raise MalformedEvent(f"data has no {what or key} object" if value is None
+                             else f"{what or key} is not an object: {show(value)}")
+    return value
+
+
+def _cids_of(obj: Mapping[str, Any], what: str) -> list[Any]:
+    cids = obj.get("correlation_ids")
+    if cids is None:
+        return []
+    if type(cids) is not list:
+        raise MalformedEvent(f"{what} correlation_ids is not a list: {show(cids)}")
+    return cids
+
+
+def _priority(value: Any) -> str:
+    if type(value) is str and len(value) <= _PRIORITY_MAX_CHARS:
+        return value
+    if type(value) is int and 0 <= value < len(_PRIORITIES):
+        return _PRIORITIES[value]
+    raise MalformedEvent(f"downlink.priority is not a TxSchedulePriority: {show(value)}")
