@@ -3,10 +3,11 @@
 The handlers run through ``loop.add_signal_handler``, so they execute as ordinary loop
 callbacks (never in the middle of other code) and only call ``stop()``: no logging, no
 awaiting, nothing that could block or fail in a signal path. Two stages, like dlt: once the
-first signal is seen, both signals are reset to their default disposition, so a second
-SIGTERM or Ctrl-C is acted on by the kernel itself and kills the process even when shutdown
-hangs. The process then dies *by* the signal (a shell shows 143/130, systemd counts it as a
-clean stop), which is the convention for programs interrupted on purpose.
+first signal is seen, both signals get a plain ``signal.signal`` handler that ends the process
+straight away, so a second SIGTERM or Ctrl-C works even when shutdown hangs. The process then
+dies *by* that signal (a shell shows 143/130, systemd counts it as a clean stop), the
+convention for programs interrupted on purpose. As PID 1 in a container the kernel ignores
+default-action signals, so there it exits with status 128 + signal number instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable
+from types import FrameType
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -23,8 +25,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def _die_by(signum: int) -> None:
     """Exit now, the way an unhandled ``signum`` would."""
     signal.signal(signum, signal.SIG_DFL)
-    signal.raise_signal(signum)  # delivered to this thread before returning
-    os._exit(128 + signum)  # pragma: no cover - only if the signal is blocked
+    signal.raise_signal(signum)  # delivered to this thread before returning ...
+    os._exit(128 + signum)  # ... unless we are PID 1, which ignores default-action signals
+
+
+def _exit_at_once(signum: int, _frame: FrameType | None) -> None:
+    _die_by(signum)
 
 
 def install_stop_handlers(
@@ -46,7 +52,8 @@ def install_stop_handlers(
             _die_by(signum)
             return
         for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)  # the next one kills, even if the loop is stuck
+            # Runs from the interpreter's own signal check, not the loop: works if the loop hangs.
+            signal.signal(sig, _exit_at_once)
         stop()
 
     for sig in STOP_SIGNALS:
