@@ -7,6 +7,7 @@ Per event the work is parse → normalize → append; all I/O happens per batch 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import IO, Any
@@ -220,30 +221,40 @@ def import_stream(
     builder = BatchBuilder(stream, store.load_cursor(stream))
     decoder = FrameDecoder()
     summary = ImportSummary()
+    # Commit batch N in a worker thread while batch N+1 is parsed: a pipeline of depth one
+    # keeps commits in order (so the cursor only moves forward) and uses the second core.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-commit") as pool:
+        pending: Future[CommitResult] | None = None
 
-    def flush() -> None:
-        summary.result.add(store.commit_batch(builder.take()))
-        if progress is not None:
-            progress(summary)
+        def flush() -> None:
+            nonlocal pending
+            batch = builder.take()
+            if pending is not None:
+                summary.result.add(pending.result())
+                if progress is not None:
+                    progress(summary)
+            pending = pool.submit(store.commit_batch, batch)
 
-    def consume(frames: Iterable[bytes]) -> bool:
-        for payload in frames:
-            summary.frames += 1
-            error = builder.add_frame(payload)
-            if error is not None:
-                summary.error = error
-                return False
-            if len(builder) >= batch_max_events:
-                flush()
-        return True
+        def consume(frames: Iterable[bytes]) -> bool:
+            for payload in frames:
+                summary.frames += 1
+                error = builder.add_frame(payload)
+                if error is not None:
+                    summary.error = error
+                    return False
+                if len(builder) >= batch_max_events:
+                    flush()
+            return True
 
-    going = True
-    while going:
-        chunk = source.read(IMPORT_READ_BYTES)
-        if not chunk:
-            consume(decoder.flush())
-            break
-        summary.bytes_read += len(chunk)
-        going = consume(decoder.feed(chunk))
-    flush()
+        going = True
+        while going:
+            chunk = source.read(IMPORT_READ_BYTES)
+            if not chunk:
+                consume(decoder.flush())
+                break
+            summary.bytes_read += len(chunk)
+            going = consume(decoder.feed(chunk))
+        flush()
+        assert pending is not None
+        summary.result.add(pending.result())
     return summary

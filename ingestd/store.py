@@ -56,6 +56,63 @@ def _insert_ignore(conn: Connection, table: sa.Table) -> Any:
     return sqlite.insert(table).on_conflict_do_nothing()
 
 
+class _BulkInsert:
+    """``INSERT … ON CONFLICT DO NOTHING`` for one table, executed at driver level.
+
+    SQLAlchemy's per-row parameter processing costs more than the insert itself on this
+    path (PERF_NOTES: driver executemany is 1.45x SQLAlchemy Core on SQLite, 1.4x on
+    PostgreSQL), so the hot tables are written with a statement compiled once and rows
+    converted by one small function per column: times to what the dialect stores, JSON
+    to text with orjson, everything else as is.
+    """
+
+    def __init__(self, table: sa.Table, dialect: str) -> None:
+        columns = [c.name for c in table.columns]
+        marker = "?" if dialect == "sqlite" else "%s"
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join(marker for _ in columns)
+        self.sql = f'INSERT INTO "{table.name}" ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING'
+        # One generated function per table turns a row dict into the driver's tuple, like
+        # dataclasses generate __init__: no per-column loop or generator on the hot path.
+        namespace: dict[str, Any] = {}
+        parts = []
+        for i, col in enumerate(table.columns):
+            conv = _converter(col.type, dialect)
+            if conv is None:
+                parts.append(f"get({col.name!r})")
+            else:
+                namespace[f"_c{i}"] = conv
+                parts.append(f"_c{i}(get({col.name!r}))")
+        source = f"def to_tuple(row):\n    get = row.get\n    return ({', '.join(parts)},)\n"
+        exec(source, namespace)
+        self._to_tuple: Callable[[dict[str, Any]], tuple[Any, ...]] = namespace["to_tuple"]
+
+    def rows(self, values: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """The driver parameters for ``values``."""
+        return list(map(self._to_tuple, values))
+
+
+def _converter(type_: Any, dialect: str) -> Callable[[Any], Any] | None:
+    if isinstance(type_, schema.UtcDateTime):
+        return _sqlite_time if dialect == "sqlite" else None
+    if isinstance(type_, sa.JSON):
+        return _json_text
+    return None
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    # The exact text SQLAlchemy's SQLite DateTime writes, so stored times sort and read alike.
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
 def _upsert_cursor(conn: Connection, stream: str, cursor: Cursor, now: datetime) -> None:
     values = {
         "stream": stream,
@@ -77,6 +134,10 @@ class Store:
     def __init__(self, engine: Engine, *, downlink_hook: DownlinkHook | None = None) -> None:
         self.engine = engine
         self._downlink_hook = downlink_hook
+        dialect = engine.dialect.name
+        self._bulk = {
+            name: _BulkInsert(_TABLES[name], dialect) for name in ("events", *_DERIVED_ORDER)
+        }
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -184,7 +245,7 @@ class Store:
             by_name[ev["name"]] = by_name.get(ev["name"], 0) + 1
             for table, values in rows:
                 per_table[table].append(values)
-        inserted = conn.execute(_insert_ignore(conn, schema.events), events_rows).rowcount
+        inserted = self._execute_bulk(conn, "events", events_rows)
         # rowcount is exact for executemany on both drivers; a concurrent writer's rows
         # count as duplicates here.
         if inserted is not None and inserted >= 0:
@@ -195,10 +256,14 @@ class Store:
         for name in _DERIVED_ORDER:
             table_rows = per_table[name]
             if table_rows:
-                conn.execute(_insert_ignore(conn, _TABLES[name]), table_rows)
+                self._execute_bulk(conn, name, table_rows)
                 result.rows[name] = result.rows.get(name, 0) + len(table_rows)
         if self._downlink_hook is not None and per_table["downlink_events"]:
             self._downlink_hook(conn, per_table["downlink_events"])
+
+    def _execute_bulk(self, conn: Connection, table: str, rows: list[dict[str, Any]]) -> int:
+        bulk = self._bulk[table]
+        return conn.exec_driver_sql(bulk.sql, bulk.rows(rows)).rowcount
 
     def _keep_insertable(
         self,
