@@ -250,6 +250,8 @@ downlink_outbox = sa.Table(
     sa.Column("acked_at", UtcDateTime()),
     sa.Column("finished_at", UtcDateTime()),
     sa.Column("request_id", sa.String(64)),  # X-Request-ID of the push TTS accepted
+    # An earlier push got no answer (timeout, crash): TTS is checked before pushing again.
+    sa.Column("verify_before_push", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index(None, "status", "next_attempt_at"),
     sa.Index(None, "application_id", "device_id", "id"),
     # The claim's per-device order check only looks at rows not yet accepted by TTS; a

@@ -1,0 +1,407 @@
+"""The downlink worker: claims due outbox rows, pushes them to TTS, records each outcome.
+
+One :class:`DownlinkWorker` per process (several processes may share a database: claims
+never overlap, see :mod:`ingestd.outbox`). It wakes on its poll timer, at once on a
+PostgreSQL ``NOTIFY ingestd_outbox`` (sent by an insert trigger), and right after a claim
+that found work. Each claimed row (at most one per device per claim, so pushes in flight
+never reorder a device's rows) goes through: validate → stream gate → reconcile (only if
+an earlier attempt may have reached TTS) → push → mark.
+
+Never twice: push is not idempotent in TTS (TTS_WIRE 5.3). A row that was claimed before
+(a crash between push and mark, a timeout, any retry) is first looked up in the stored
+lifecycle events and in the device's queue (``GET …/down``) by its correlation id; only
+when both say no is it pushed again, and when TTS cannot be asked it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import httpx
+import psycopg
+import structlog
+from sqlalchemy.engine import Engine
+from structlog.contextvars import bound_contextvars
+
+from ingestd import __version__, outbox
+from ingestd.aio import sleep_or_stop, wait_any
+from ingestd.config import DownlinkSettings, Secret
+from ingestd.db import is_postgres
+from ingestd.downlink_push import (
+    Outcome,
+    classify_response,
+    list_request,
+    push_request,
+    queue_has,
+    request_id,
+    transport_outcome,
+    validate,
+)
+from ingestd.retry import Backoff
+
+log = structlog.get_logger()
+
+NOTIFY_CHANNEL = "ingestd_outbox"
+STREAM_WAIT_RECHECK_S = 2.0  # a row held back by the stream gate is looked at again after this
+VERIFY_RECHECK_S = 5.0  # a row whose earlier push may still turn up in events waits this long
+QUEUE_FULL_MIN_RETRY_S = 30.0  # downlink_queue_capacity: the device's queue drains slowly
+LISTEN_RETRY_MAX_S = 30.0
+LOOP_ERROR_RETRY_MAX_S = 30.0
+
+_R = TypeVar("_R")
+StreamReady = Callable[[str, str], bool]
+
+
+class DownlinkConfig(Protocol):
+    """What the worker reads from :class:`ingestd.config.Settings`."""
+
+    @property
+    def downlinks(self) -> DownlinkSettings: ...
+
+    def credentials_for(self, application_id: str) -> tuple[str, Secret | None]: ...
+
+
+class DownlinkWorker:
+    """Drains ``downlink_outbox`` into TTS ``down/push`` / ``down/replace``.
+
+    ``stream_ready(application_id, device_id)`` says whether an event stream that receives
+    the device's lifecycle events is connected; pushes wait for it (``require_stream``) so
+    no ``sent``/``ack`` is missed. ``None`` disables the gate. ``concurrency`` is the number
+    of rows claimed and pushed at once (always for different devices); ``worker_id`` names
+    the claims, and a restart with the same id frees its own claims sooner.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: DownlinkConfig,
+        *,
+        client: httpx.AsyncClient | None = None,
+        stream_ready: StreamReady | None = None,
+        worker_id: str,
+        concurrency: int = 1,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._cfg = settings.downlinks
+        self._worker_id = worker_id
+        self._stream_ready = stream_ready if self._cfg.require_stream else None
+        self._own_client = client is None
+        self._timeout = httpx.Timeout(self._cfg.request_timeout_s)
+        self._client = client or httpx.AsyncClient(timeout=self._timeout)
+        self._backoff = Backoff(
+            base_s=self._cfg.retry_base_s,
+            factor=2.0,
+            max_s=self._cfg.retry_max_s,
+            max_attempts=self._cfg.max_attempts,
+        )
+        self._concurrency = max(1, concurrency)
+        self._wakeup = asyncio.Event()
+        self._paused_until: dict[str, float] = {}  # application_id -> monotonic deadline
+        self._warnings_seen: set[str] = set()
+        self._auth_rejected: set[str] = set()
+        self._waiting_for_stream: set[tuple[str, str]] = set()
+        self.pushes = 0  # HTTP push requests sent (for tests, metrics)
+        if self._cfg.stale_claim_s < 3 * self._cfg.request_timeout_s:
+            log.warning(
+                "downlink_stale_claim_too_short",
+                stale_claim_s=self._cfg.stale_claim_s,
+                request_timeout_s=self._cfg.request_timeout_s,
+            )
+
+    # -- main loop ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set; an in-flight push gets ``shutdown_grace_s`` to finish."""
+        listener = None
+        if is_postgres(self._engine):
+            listener = asyncio.create_task(self._listen(stop), name="downlink:listen")
+        log.info("downlink_worker_started", worker_id=self._worker_id,
+                 concurrency=self._concurrency)
+        try:
+            await self._release_stale(startup=True)
+            next_stale_check = time.monotonic() + self._stale_check_interval_s
+            errors = 0
+            while not stop.is_set():
+                try:
+                    if time.monotonic() >= next_stale_check:
+                        await self._release_stale(startup=False)
+                        next_stale_check = time.monotonic() + self._stale_check_interval_s
+                    found = await self._claim_and_push(stop)
+                    errors = 0
+                except Exception as exc:  # the loop's top: log, back off, go on
+                    errors += 1
+                    delay = min(LOOP_ERROR_RETRY_MAX_S, self._cfg.poll_interval_s * 2**errors)
+                    log.exception("downlink_loop_failed", error=str(exc), retry_in_s=delay)
+                    await sleep_or_stop(delay, stop)
+                    continue
+                if not found:
+                    await wait_any(stop.wait(), self._wakeup.wait(),
+                                   timeout_s=self._cfg.poll_interval_s)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+            if self._own_client:
+                await self._client.aclose()
+            log.info("downlink_worker_stopped", worker_id=self._worker_id)
+
+    @property
+    def _stale_check_interval_s(self) -> float:
+        return max(self._cfg.stale_claim_s / 4, self._cfg.poll_interval_s)
+
+    async def _claim_and_push(self, stop: asyncio.Event) -> bool:
+        # Clear before claiming: a NOTIFY arriving during the claim sets it again, so no
+        # insert is missed between this claim and the next wait.
+        self._wakeup.clear()
+        items = await self._db(
+            outbox.claim_due, self._engine, worker_id=self._worker_id,
+            limit=self._concurrency, now=_now(),
+        )
+        if not items:
+            return False
+        tasks = [asyncio.create_task(self._handle(item, stop)) for item in items]
+        await self._finish(tasks, stop)
+        return True
+
+    async def _finish(self, tasks: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
+        """Wait for ``tasks``; once ``stop`` is set, give them ``shutdown_grace_s``, then cancel.
+
+        A push cancelled mid-flight leaves its row ``pushing``; it is reconciled after the
+        claim expires (``stale_claim_s``), never pushed blindly.
+        """
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            pending: set[asyncio.Future[Any]] = set(tasks)
+            while pending and not stop.is_set():
+                _, pending = await asyncio.wait(
+                    pending | {stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(stopper)
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=self._cfg.shutdown_grace_s)
+            if pending:
+                log.warning("downlink_push_abandoned", count=len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            stopper.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)
+
+    # -- one row ------------------------------------------------------------------------
+
+    async def _handle(self, item: outbox.OutboxItem, stop: asyncio.Event) -> None:
+        with bound_contextvars(
+            application_id=item.application_id, device_id=item.device_id, outbox_id=item.id
+        ):
+            try:
+                await self._handle_row(item, stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the row stays `pushing` and is reconciled later
+                log.exception("downlink_row_failed", error=str(exc))
+
+    async def _handle_row(self, item: outbox.OutboxItem, stop: asyncio.Event) -> None:
+        problem = validate(item)
+        if problem is not None:
+            await self._fail(item, f"invalid row: {problem}", reason="invalid")
+            return
+        if stop.is_set():
+            await self._release(item, 0.0, None)
+            return
+        if not self._gate_open(item):
+            note = (f"waiting for a connected event stream of {item.application_id} "
+                    "(downlinks.require_stream)")
+            await self._release(item, STREAM_WAIT_RECHECK_S, note)
+            return
+        paused_s = self._paused_until.get(item.application_id, 0.0) - time.monotonic()
+        if paused_s > 0:
+            await self._release(item, paused_s, None)
+            return
+        base_url, key = self._settings.credentials_for(item.application_id)
+        if key is None:
+            await self._fail(item, f"no API key configured for {item.application_id}",
+                             reason="no_api_key")
+            return
+        if item.verify_before_push:  # an earlier push got no answer: did TTS take it?
+            verdict = await self._reconcile(item, base_url, key)
+            if verdict != "absent":
+                return
+        outcome = await self._push(item, base_url, key)
+        await self._record(item, outcome)
+
+    def _gate_open(self, item: outbox.OutboxItem) -> bool:
+        if self._stream_ready is None:
+            return True
+        key = (item.application_id, item.device_id)
+        if self._stream_ready(*key):
+            self._waiting_for_stream.discard(key)
+            return True
+        if key not in self._waiting_for_stream:
+            self._waiting_for_stream.add(key)
+            log.info("downlink_waiting_for_stream", recheck_s=STREAM_WAIT_RECHECK_S)
+        return False
+
+    async def _reconcile(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> str:
+        """Look for an unanswered earlier push in the stored events and TTS's device queue.
+
+        ``accepted`` (marked queued), ``absent`` (safe to push) or ``wait`` (TTS could not
+        be asked, or a recent ``receive`` may still turn into ``sent``: the row waits,
+        keeping ``verify_before_push``).
+        """
+        accepted = await self._db(outbox.accepted_per_events, self._engine, item.id, now=_now())
+        if accepted:
+            return await self._reconciled(item, "events")
+        url, headers = list_request(item, base_url, key, user_agent=_USER_AGENT)
+        error: str | None = None
+        try:
+            async with asyncio.timeout(self._cfg.request_timeout_s):
+                response = await self._client.get(url, headers=headers, timeout=self._timeout)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            error = transport_outcome(exc).error
+        else:
+            self._log_warnings(response)
+            found = queue_has(response.content, item) if response.status_code == 200 else None
+            if found:
+                return await self._reconciled(item, "device_queue")
+            if found is None:
+                error = classify_response(response).error or "unreadable device queue listing"
+        if error is not None:
+            await self._retry(item, f"could not check the device queue before re-pushing: "
+                              f"{error}", self._backoff.delay_s(item.attempts), unknown=True)
+            return "wait"
+        if accepted is None:
+            log.info("downlink_verify_waiting", recheck_s=VERIFY_RECHECK_S)
+            await self._release(item, VERIFY_RECHECK_S, None)
+            return "wait"
+        log.info("downlink_reconciled", found=False, attempts=item.attempts)
+        return "absent"
+
+    async def _reconciled(self, item: outbox.OutboxItem, source: str) -> str:
+        await self._db(outbox.mark_queued, self._engine, item.id,
+                       request_id=request_id(item), now=_now())
+        log.info("downlink_reconciled", found=True, source=source, attempts=item.attempts)
+        return "accepted"
+
+    async def _push(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> Outcome:
+        url, headers, body = push_request(item, base_url, key, user_agent=_USER_AGENT)
+        self.pushes += 1
+        try:
+            async with asyncio.timeout(self._cfg.request_timeout_s):
+                response = await self._client.post(url, content=body, headers=headers,
+                                                   timeout=self._timeout)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            return transport_outcome(exc)
+        self._log_warnings(response)
+        return classify_response(response)
+
+    async def _record(self, item: outbox.OutboxItem, outcome: Outcome) -> None:
+        if outcome.kind == "queued":
+            await self._db(outbox.mark_queued, self._engine, item.id,
+                           request_id=request_id(item), now=_now())
+            log.info("downlink_queued", attempts=item.attempts)
+            return
+        error = outcome.error or "unknown error"
+        if outcome.kind == "failed":
+            if outcome.auth_rejected and item.application_id not in self._auth_rejected:
+                self._auth_rejected.add(item.application_id)
+                log.error("downlink_auth_rejected", error=error)
+            await self._fail(item, error, reason="rejected")
+            return
+        delay = self._backoff.delay_s(item.attempts)
+        if outcome.retry_after_s is not None:  # rate limited: pause the whole application
+            delay = outcome.retry_after_s
+            self._paused_until[item.application_id] = time.monotonic() + delay
+        elif outcome.queue_full:
+            delay = min(self._cfg.retry_max_s, max(QUEUE_FULL_MIN_RETRY_S, delay))
+        await self._retry(item, error, delay, unknown=outcome.outcome_unknown)
+
+    async def _retry(
+        self, item: outbox.OutboxItem, error: str, delay_s: float, *, unknown: bool = False
+    ) -> None:
+        if self._backoff.gives_up(item.attempts + 1):
+            await self._fail(item, f"{error} (gave up after {item.attempts} attempts)",
+                             reason="attempts_exhausted")
+            return
+        now = _now()
+        await self._db(outbox.mark_retry, self._engine, item.id, error=error,
+                       next_attempt_at=now + timedelta(seconds=delay_s), now=now,
+                       outcome_unknown=unknown)
+        log.warning("downlink_retry", error=error, attempts=item.attempts,
+                    retry_in_s=round(delay_s, 3))
+
+    async def _fail(self, item: outbox.OutboxItem, error: str, *, reason: str) -> None:
+        await self._db(outbox.mark_failed, self._engine, item.id, error=error, now=_now())
+        log.warning("downlink_failed", reason=reason, error=error, attempts=item.attempts)
+
+    async def _release(self, item: outbox.OutboxItem, delay_s: float, note: str | None) -> None:
+        now = _now()
+        await self._db(outbox.release_claim, self._engine, item.id,
+                       next_attempt_at=now + timedelta(seconds=delay_s), now=now, note=note)
+
+    def _log_warnings(self, response: httpx.Response | None) -> None:
+        if response is None:
+            return
+        for warning in response.headers.get_list("x-warning"):
+            if warning not in self._warnings_seen:
+                self._warnings_seen.add(warning)
+                log.warning("tts_warning", warning=warning)
+
+    # -- wakeups, stale claims, database calls ------------------------------------------
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """LISTEN on PostgreSQL and set the wakeup on every NOTIFY; reconnect on failure."""
+        conninfo = self._engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        backoff = Backoff(base_s=0.5, max_s=LISTEN_RETRY_MAX_S)
+        failures = 0
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    failures = 0
+                    self._wakeup.set()  # rows may have arrived while we were not listening
+                    async for _ in conn.notifies():
+                        self._wakeup.set()
+            except (psycopg.Error, OSError) as exc:
+                failures += 1
+                delay = backoff.delay_s(failures)
+                log.warning("outbox_listen_failed", error=type(exc).__name__,
+                            retry_in_s=round(delay, 3))
+                await sleep_or_stop(delay, stop)
+
+    async def _release_stale(self, *, startup: bool) -> None:
+        now = _now()
+        released = await self._db(
+            outbox.release_stale_claims, self._engine,
+            older_than=now - timedelta(seconds=self._cfg.stale_claim_s), now=now,
+        )
+        if startup:
+            # Our own earlier incarnation (same worker_id) cannot still be pushing once a
+            # whole request timeout has passed.
+            released += await self._db(
+                outbox.release_stale_claims, self._engine,
+                older_than=now - timedelta(seconds=self._cfg.request_timeout_s), now=now,
+                claimed_by=self._worker_id,
+            )
+        for item in released:
+            log.warning("downlink_claim_expired", outbox_id=item.id,
+                        application_id=item.application_id, device_id=item.device_id)
+
+    async def _db(self, fn: Callable[..., _R], /, *args: Any, **kwargs: Any) -> _R:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+_USER_AGENT = f"ingestd/{__version__}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,196 @@
+"""Pure helpers of the downlink worker: row validation, TTS requests, response verdicts.
+
+No I/O here (the worker in :mod:`ingestd.downlink` does it), so every rule is unit-testable:
+what a valid row is (TTS_WIRE 5.3, 6), what a push looks like (5.1, 5.2, 7), and what each
+TTS answer means for the row (5.4, 7).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+import orjson
+
+from ingestd.framing import parse_tts_error
+from ingestd.normalize import outbox_correlation_id
+from ingestd.schema import OUTBOX_OPERATIONS, TX_PRIORITIES
+
+if TYPE_CHECKING:
+    from ingestd.config import Secret
+    from ingestd.outbox import OutboxItem
+
+F_PORT_MIN = 1
+F_PORT_MAX = 223  # TTS accepts 1-255 except 224; the docs say up to 223 (TTS_WIRE 5.3)
+FRM_PAYLOAD_MAX_BYTES = 242  # EU868: 250 - 8 (TTS_WIRE 5.3); lower data rates allow less
+TTS_ID_MAX_CHARS = 36
+RATE_LIMIT_EXTRA_S = 1.0  # X-Rate-Limit-Retry is truncated to whole seconds (TTS_WIRE 7)
+_TTS_ID_RE = re.compile(r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$")
+_PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409, 412, 413, 422})
+
+PUSH_PATH = "/api/v3/as/applications/{app}/devices/{dev}/down/{operation}"
+LIST_PATH = "/api/v3/as/applications/{app}/devices/{dev}/down"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a TTS answer means for the row."""
+
+    kind: Literal["queued", "failed", "retry"]
+    error: str | None = None
+    retry_after_s: float | None = None  # rate limited: wait this long (application-wide)
+    queue_full: bool = False  # downlink_queue_capacity: retry with a long backoff
+    auth_rejected: bool = False  # 401: the API key itself is refused
+    outcome_unknown: bool = False  # TTS may have accepted it: verify before pushing again
+
+
+def validate(item: OutboxItem) -> str | None:
+    """Why TTS would refuse this row, checked before any HTTP call; None when it is fine."""
+    for what, value in (("application_id", item.application_id), ("device_id", item.device_id)):
+        if not (
+            isinstance(value, str)
+            and len(value) <= TTS_ID_MAX_CHARS
+            and _TTS_ID_RE.match(value)
+        ):
+            return (f"{what} {value!r} is not a TTS id (lowercase letters, digits and single "
+                    f"dashes, 3-{TTS_ID_MAX_CHARS} characters)")
+    if item.f_port is None or not F_PORT_MIN <= item.f_port <= F_PORT_MAX:
+        return f"f_port {item.f_port!r} is outside {F_PORT_MIN}-{F_PORT_MAX}"
+    has_frm = bool(item.frm_payload)
+    has_decoded = item.decoded_payload is not None
+    if has_frm == has_decoded:
+        return ("set exactly one of frm_payload and decoded_payload"
+                if has_frm else "no payload: set frm_payload (non-empty) or decoded_payload")
+    if has_frm and len(item.frm_payload or b"") > FRM_PAYLOAD_MAX_BYTES:
+        return (f"frm_payload is {len(item.frm_payload or b'')} bytes; at most "
+                f"{FRM_PAYLOAD_MAX_BYTES} fit a LoRaWAN downlink")
+    if has_decoded and not isinstance(item.decoded_payload, Mapping):
+        return "decoded_payload must be a JSON object (the input of the downlink formatter)"
+    if item.priority not in TX_PRIORITIES:
+        return f"priority {item.priority!r} is not one of {', '.join(TX_PRIORITIES)}"
+    if item.operation not in OUTBOX_OPERATIONS:
+        return f"operation {item.operation!r} is not one of {', '.join(OUTBOX_OPERATIONS)}"
+    return None
+
+
+def request_id(item: OutboxItem) -> str:
+    """``X-Request-ID`` of this attempt: ≤ 55 chars, so TTS's ``rpc:…:<id>`` stays ≤ 100."""
+    return f"ingestd-outbox-{item.id}-{item.attempts}"
+
+
+def _headers(key: Secret, user_agent: str) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {key.reveal()}",
+        "User-Agent": user_agent,
+        "Accept": "application/json",
+    }
+
+
+def push_request(
+    item: OutboxItem, base_url: str, key: Secret, *, user_agent: str
+) -> tuple[str, dict[str, str], bytes]:
+    """(url, headers, body) of the ``down/push`` or ``down/replace`` call for ``item``."""
+    downlink: dict[str, Any] = {
+        "f_port": item.f_port,
+        "confirmed": item.confirmed,
+        "priority": item.priority,
+        "correlation_ids": [outbox_correlation_id(item.id)],
+    }
+    if item.frm_payload:
+        downlink["frm_payload"] = base64.b64encode(item.frm_payload).decode()
+    else:
+        downlink["decoded_payload"] = item.decoded_payload
+    path = PUSH_PATH.format(app=item.application_id, dev=item.device_id,
+                            operation=item.operation)
+    headers = _headers(key, user_agent) | {
+        "Content-Type": "application/json",
+        "X-Request-ID": request_id(item),
+    }
+    return base_url.rstrip("/") + path, headers, orjson.dumps({"downlinks": [downlink]})
+
+
+def list_request(
+    item: OutboxItem, base_url: str, key: Secret, *, user_agent: str
+) -> tuple[str, dict[str, str]]:
+    """(url, headers) of the device queue listing (``GET …/down``)."""
+    path = LIST_PATH.format(app=item.application_id, dev=item.device_id)
+    return base_url.rstrip("/") + path, _headers(key, user_agent)
+
+
+def queue_has(content: bytes, item: OutboxItem) -> bool | None:
+    """Whether a ``GET …/down`` body lists ``item`` (by correlation id); None if unreadable."""
+    try:
+        doc = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    downlinks = doc.get("downlinks") or []  # TTS omits the empty list
+    if not isinstance(downlinks, list):
+        return None
+    cid = outbox_correlation_id(item.id)
+    return any(
+        isinstance(d, dict) and cid in (d.get("correlation_ids") or ()) for d in downlinks
+    )
+
+
+def classify_response(response: httpx.Response) -> Outcome:
+    """The verdict on a push answer (TTS error name first in ``error``)."""
+    status = response.status_code
+    if status == 200:
+        return Outcome("queued")
+    error = _error_text(response)
+    if status == 429:
+        info = parse_tts_error(_json(response.content))
+        if info.name == "downlink_queue_capacity":
+            return Outcome("retry", error, queue_full=True)
+        return Outcome("retry", error, retry_after_s=rate_limit_retry_s(response.headers))
+    if status == 401:
+        return Outcome("failed", error, auth_rejected=True)
+    if status in _PERMANENT_STATUSES or (400 <= status < 500 and status not in (408, 425)):
+        return Outcome("failed", error)
+    # 5xx, 408 and anything unexpected. A 5xx may come after the AS accepted the item
+    # (e.g. a proxy's 504 while TTS went on), so the next attempt verifies first.
+    return Outcome("retry", error, outcome_unknown=status >= 500)
+
+
+def transport_outcome(exc: Exception) -> Outcome:
+    """The verdict on a push that got no HTTP answer.
+
+    A connect failure never reached TTS (a plain retry); anything later (timeouts while
+    waiting for the answer, a dropped connection) may have been accepted: verify first.
+    """
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    return Outcome("retry", f"transport: {text}", outcome_unknown=sent)
+
+
+def rate_limit_retry_s(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from ``X-Rate-Limit-Retry`` (or ``X-Ratelimit-Retry``), plus 1 s."""
+    for name in ("x-rate-limit-retry", "x-ratelimit-retry"):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(float(value), 0.0) + RATE_LIMIT_EXTRA_S
+            except ValueError:
+                return None
+    return None
+
+
+def _error_text(response: httpx.Response) -> str:
+    info = parse_tts_error(_json(response.content))
+    if info.name:
+        return info.describe()
+    snippet = response.text[:200].strip() if response.content else ""
+    return f"HTTP {response.status_code}" + (f": {snippet}" if snippet else "")
+
+
+def _json(content: bytes) -> Any:
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
