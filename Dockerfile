@@ -53,6 +53,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels ingestd \
  && ingestd --version
 
+# No INGESTD_DATABASE__URL here on purpose: it would silently beat the url in a mounted config.
 ENV INGESTD_CONFIG=/etc/ingestd/ingestd.toml \
     INGESTD_LOGGING__FORMAT=json \
     INGESTD_METRICS__LISTEN=0.0.0.0:9464
@@ -62,7 +63,8 @@ VOLUME ["/var/lib/ingestd", "/etc/ingestd"]
 EXPOSE 9464
 
 # slim has no curl: ask /healthz with the stdlib (any non-2xx raises, so exit status 1), on the
-# port from INGESTD_METRICS__LISTEN.
+# port from INGESTD_METRICS__LISTEN. With the endpoint disabled (INGESTD_METRICS__LISTEN=""),
+# run with --no-healthcheck, or the container reports unhealthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('INGESTD_METRICS__LISTEN', ':9464').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
 
