@@ -369,7 +369,7 @@ def _outbox_ids(row: Mapping[str, Any]) -> list[int]:
 
 
 def _transition_stmt(tr: _Transition) -> sa.Update:
-    moves = _T.c.status.in_(tr.sources)
+    moves = _literal_in(_T.c.status, tr.sources)  # executemany cannot expand IN lists
     b_time = sa.bindparam("b_time", type_=schema.UtcDateTime())
     # SET expressions all read the row as it was before this UPDATE, so `moves` is
     # evaluated once against the old status for every column.
