@@ -94,9 +94,9 @@ class UlidFactory:
     def __call__(self, time: datetime | None = None) -> str:
         ms = int((time or datetime.now(UTC)).timestamp() * 1000)
         with self._lock:
-            if ms <= self._last_ms:
-                ms, rand = self._last_ms, self._last_rand + 1
-                if rand >> 80:
+            if ms == self._last_ms:
+                rand = self._last_rand + 1
+                if rand >> 80:  # 2**80 ids in one ms: borrow the next ms
                     ms, rand = ms + 1, self._rng.getrandbits(79)
             else:
                 rand = self._rng.getrandbits(80)

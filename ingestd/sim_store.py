@@ -101,6 +101,7 @@ TTS_ERRORS: dict[str, tuple[str, str, int]] = {
     "transmission": (_NS, "downlink transmission failed with result `{result}`", 2),
     "peer_unavailable": ("pkg/cluster", "{cluster_role} cluster peer unavailable", 14),
     "internal": ("pkg/redis", "internal error", 13),
+    "storage_disabled": ("pkg/events/grpc", "events storage is not not enabled", 9),
 }
 # HTTP status → the error the simulator answers with when told to fail with that status.
 ERROR_FOR_STATUS = {400: "validation", 401: "api_key_not_found", 403: "no_application_rights",

@@ -188,11 +188,14 @@ class Simulator:
         future.result(timeout=STOP_TIMEOUT_S)
 
     async def _close_conns(self) -> None:
-        conns = list(self.conns)
+        conns = list(self.conns)  # may have emptied since restart() looked
         for conn in conns:
             conn.close()
-        await asyncio.wait([asyncio.create_task(c.done.wait()) for c in conns],
-                           timeout=STOP_TIMEOUT_S / 2)
+        if conns:
+            waiters = [asyncio.create_task(c.done.wait()) for c in conns]
+            await asyncio.wait(waiters, timeout=STOP_TIMEOUT_S / 2)
+            for waiter in waiters:
+                waiter.cancel()
 
     # --- scripting ---------------------------------------------------------------------
 
