@@ -1,4 +1,4 @@
-"""The simulated Things Stack behaves like TTS on the wire (TTS_WIRE §1-§7), over real loopback HTTP."""
+"""The simulated Things Stack behaves like TTS on the wire (TTS_WIRE §1-§7), over loopback."""
 
 from __future__ import annotations
 
