@@ -31,18 +31,21 @@ GATEWAY_TO_AS_DELAY_S = 0.26  # gateway reception → AS event, as in the §2.1 
 
 # --- times and ids ------------------------------------------------------------------------
 
-def format_time(dt: datetime, extra_ns: int = 0) -> str:
-    """RFC 3339 UTC with 0/3/6/9 fractional digits, like TTS (``extra_ns`` adds sub-µs ns)."""
-    dt = dt.astimezone(UTC)
-    ns = dt.microsecond * 1000 + extra_ns
-    base = dt.strftime("%Y-%m-%dT%H:%M:%S")
+def _fraction(ns: int) -> str:
+    """Fractional seconds with 0, 3, 6 or 9 digits, as protojson and TTS write them."""
     if ns == 0:
-        return base + "Z"
+        return ""
     if ns % 1_000_000 == 0:
-        return f"{base}.{ns // 1_000_000:03d}Z"
+        return f".{ns // 1_000_000:03d}"
     if ns % 1000 == 0:
-        return f"{base}.{ns // 1000:06d}Z"
-    return f"{base}.{ns:09d}Z"
+        return f".{ns // 1000:06d}"
+    return f".{ns:09d}"
+
+
+def format_time(dt: datetime, extra_ns: int = 0) -> str:
+    """RFC 3339 UTC like TTS (``2024-10-30T09:15:40.349611524Z``); ``extra_ns`` adds sub-µs ns."""
+    dt = dt.astimezone(UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + _fraction(dt.microsecond * 1000 + extra_ns) + "Z"
 
 
 _TIME_RE = re.compile(
@@ -65,16 +68,9 @@ def parse_time_ns(text: str) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    """A protobuf Duration in JSON: ``"0.061696s"`` (0/3/6/9 fractional digits)."""
-    ns = round(seconds * 1e9)
-    whole, frac = divmod(ns, 1_000_000_000)
-    if frac == 0:
-        return f"{whole}s"
-    if frac % 1_000_000 == 0:
-        return f"{whole}.{frac // 1_000_000:03d}s"
-    if frac % 1000 == 0:
-        return f"{whole}.{frac // 1000:06d}s"
-    return f"{whole}.{frac:09d}s"
+    """A protobuf Duration in JSON: ``"0.061696s"``."""
+    whole, frac = divmod(round(seconds * 1e9), 1_000_000_000)
+    return f"{whole}{_fraction(frac)}s"
 
 
 def _encode_ulid(ms: int, rand: int) -> str:
@@ -196,12 +192,13 @@ def default_gateways(count: int) -> list[Gateway]:
     return out
 
 
+def _nz(**fields: Any) -> dict[str, Any]:
+    """Fields in the given order without zero values, as TTS omits them (``f_port: 0``...)."""
+    return {k: v for k, v in fields.items() if v not in (None, 0, "", False, [], {})}
+
+
 def _location(lat: float, lon: float, alt: int, source: str = "SOURCE_REGISTRY") -> dict[str, Any]:
-    loc: dict[str, Any] = {"latitude": lat, "longitude": lon}
-    if alt:
-        loc["altitude"] = alt
-    loc["source"] = source
-    return loc
+    return _nz(latitude=lat, longitude=lon, altitude=alt, source=source)
 
 
 def _number_struct(value: Any) -> Any:
@@ -294,50 +291,32 @@ def uplink_event(
         ts = first_ts if i == 0 else rng.getrandbits(32)
         t_rx = gw_time + timedelta(microseconds=4 * i)
         rssi = -60 - rng.randrange(20) - 15 * i
-        md: dict[str, Any] = {"gateway_ids": {"gateway_id": gw.gateway_id, "eui": gw.eui},
-                              "time": format_time(t_rx),
-                              "timestamp": ts, "rssi": rssi, "channel_rssi": rssi}
-        if not fsk:
-            md["snr"] = _number_struct(rng.randrange(-60, 48) / 4)  # float32: 10, not 10.0
-        if i > 0:
-            md["frequency_offset"] = str(rng.randrange(-5000, 5000))
-        if gw.latitude is not None and gw.longitude is not None:
-            md["location"] = _location(gw.latitude, gw.longitude, gw.altitude)
-        md["uplink_token"] = uplink_token(gw.gateway_id, gw.eui, ts, t_rx)
-        if channel:
-            md["channel_index"] = channel
-        md["received_at"] = format_time(t_rx + timedelta(milliseconds=13 + 12 * i),
-                                        rng.randrange(1000))
-        rx.append(md)
+        snr = None if fsk else _number_struct(rng.randrange(-60, 48) / 4)  # float32: 10, not 10.0
+        offset = rng.randrange(-5000, 5000) if i else 0  # int64: quoted, omitted when 0
+        rx.append(_nz(
+            gateway_ids={"gateway_id": gw.gateway_id, "eui": gw.eui}, time=format_time(t_rx),
+            timestamp=ts, rssi=rssi, channel_rssi=rssi, snr=snr,
+            frequency_offset=str(offset) if offset else None,
+            location=(_location(gw.latitude, gw.longitude, gw.altitude)
+                      if gw.latitude is not None and gw.longitude is not None else None),
+            uplink_token=uplink_token(gw.gateway_id, gw.eui, ts, t_rx), channel_index=channel,
+            received_at=format_time(t_rx + timedelta(milliseconds=13 + 12 * i),
+                                    rng.randrange(1000))))
     data_rate: dict[str, Any] = (
         {"fsk": {"bit_rate": 50000}} if fsk else
         {"lora": {"bandwidth": 125000, "spreading_factor": spreading_factor, "coding_rate": "4/5"}}
     )
     settings = {"data_rate": data_rate, "frequency": str(freq), "timestamp": first_ts,
                 "time": rx[0]["time"] if rx else format_time(gw_time)}
-    up: dict[str, Any] = {"session_key_id": b64(session_key_id), "f_port": f_port,
-                          "f_cnt": f_cnt, "frm_payload": b64(payload)}
-    if f_port == 0:
-        del up["f_port"]
-    if f_cnt == 0:
-        del up["f_cnt"]
-    if not payload:
-        del up["frm_payload"]
-    if decoded_payload is not None:
-        up["decoded_payload"] = _number_struct(decoded_payload)
-    up["rx_metadata"] = rx
-    up["settings"] = settings
-    up["received_at"] = format_time(gw_time + timedelta(milliseconds=27), rng.randrange(1000))
-    if confirmed:
-        up["confirmed"] = True
-    up["consumed_airtime"] = format_duration(airtime)
-    if packet_error_rate:
-        up["packet_error_rate"] = packet_error_rate
-    if location is not None:
-        up["locations"] = {"user": _location(*location)}
-    if version_ids:
-        up["version_ids"] = dict(version_ids)
-    up["network_ids"] = network_ids()
+    up = _nz(
+        session_key_id=b64(session_key_id), f_port=f_port, f_cnt=f_cnt, frm_payload=b64(payload),
+        decoded_payload=None if decoded_payload is None else _number_struct(decoded_payload),
+        rx_metadata=rx, settings=settings,
+        received_at=format_time(gw_time + timedelta(milliseconds=27), rng.randrange(1000)),
+        confirmed=confirmed, consumed_airtime=format_duration(airtime),
+        packet_error_rate=packet_error_rate,
+        locations=None if location is None else {"user": _location(*location)},
+        version_ids=dict(version_ids or {}), network_ids=network_ids())
     data = {"@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationUp", "end_device_ids": ids,
             "correlation_ids": cids,
             "received_at": format_time(time - timedelta(milliseconds=18), rng.randrange(1000)),
@@ -399,40 +378,27 @@ def merge_correlation_ids(*groups: Iterable[str]) -> list[str]:
     return sorted({cid for group in groups for cid in group})
 
 
-def downlink_receive_event(
-    *, application_id: str, device_id: str, item: Mapping[str, Any],
-    context_ids: Sequence[str], time: datetime, unique_id: str, token_id: str | None = None,
+def downlink_as_event(
+    kind: str, *, ids: Mapping[str, Any], item: Mapping[str, Any], context_ids: Sequence[str],
+    time: datetime, unique_id: str, token_id: str | None = None,
     remote_ip: str | None = "127.0.0.1", user_agent: str | None = None,
     origin: str = DEFAULT_ORIGIN, context: Mapping[str, str] | None = TTN_CONTEXT,
 ) -> dict[str, Any]:
-    """``as.down.data.receive``: the plaintext item; event-level ids are the context ids only."""
+    """``as.down.data.receive`` (plaintext item, as pushed) or ``as.down.data.forward``.
+
+    ``forward`` is device-only and carries the encrypted item with ``f_cnt`` and session key,
+    without ``decoded_payload``. Event-level ``correlation_ids`` are the request context ids
+    only; the client's ids are in ``data.correlation_ids`` (TTS_WIRE §4.4).
+    """
     auth = ({"type": "Bearer", "token_type": "APIKey", "token_id": token_id}
             if token_id else None)
-    data = {"@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationDownlink",
-            **downlink_item(item)}
-    return event(name="as.down.data.receive", time=format_time(time),
-                 identifiers=[{"device_ids": device_ids(application_id, device_id)}], data=data,
+    body = downlink_item(item if kind == "receive" else {**item, "decoded_payload": None})
+    data = {"@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationDownlink", **body}
+    return event(name=f"as.down.data.{kind}", time=format_time(time),
+                 identifiers=[{"device_ids": dict(ids)}], data=data,
                  correlation_ids=sorted(context_ids), origin=origin, context=context,
                  authentication=auth, remote_ip=remote_ip, user_agent=user_agent,
                  unique_id=unique_id)
-
-
-def downlink_forward_event(
-    *, ids: Mapping[str, Any], item: Mapping[str, Any], context_ids: Sequence[str],
-    time: datetime, unique_id: str, origin: str = DEFAULT_ORIGIN,
-    context: Mapping[str, str] | None = TTN_CONTEXT, token_id: str | None = None,
-    remote_ip: str | None = "127.0.0.1", user_agent: str | None = None,
-) -> dict[str, Any]:
-    """``as.down.data.forward`` (device-only): the encrypted item with f_cnt and session key."""
-    auth = ({"type": "Bearer", "token_type": "APIKey", "token_id": token_id}
-            if token_id else None)
-    data = {"@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationDownlink",
-            **downlink_item({**item, "decoded_payload": None})}
-    return event(name="as.down.data.forward", time=format_time(time),
-                 identifiers=[{"device_ids": dict(ids)}], data=data,
-                 correlation_ids=sorted(context_ids), origin=origin, context=context,
-                 authentication=auth, remote_ip=remote_ip,
-                 user_agent=user_agent, unique_id=unique_id)
 
 
 def downlink_up_event(

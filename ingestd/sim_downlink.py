@@ -227,6 +227,7 @@ class DownlinkApi:
         method = "DownlinkQueuePush" if op == "push" else "DownlinkQueueReplace"
         rpc_id = f"rpc:/ttn.lorawan.v3.AppAs/{method}:{headers.get('x-request-id', '')}"
         now = datetime.now(UTC)
+        path_ids = eventgen.device_ids(dev.application_id, dev.device_id)  # as in the request
         ctx_ids: list[list[str]] = []
         for item in items:
             client = [str(c) for c in item.get("correlation_ids") or []]
@@ -234,9 +235,9 @@ class DownlinkApi:
             ids = [rpc_id] + ([] if own else [f"as:downlink:{eventgen.new_ulid(now)}"])
             ctx_ids.append(ids)
             item["correlation_ids"] = eventgen.merge_correlation_ids(ids, client)
-            self.store.publish(eventgen.downlink_receive_event(
-                application_id=dev.application_id, device_id=dev.device_id, item=_wire(item),
-                context_ids=ids, time=now, unique_id=eventgen.new_ulid(now), token_id=token_id,
+            self.store.publish(eventgen.downlink_as_event(
+                "receive", ids=path_ids, item=_wire(item), context_ids=ids, time=now,
+                unique_id=eventgen.new_ulid(now), token_id=token_id,
                 user_agent=headers.get("user-agent")))
         with self.store.lock:
             queue = self.queues.setdefault(dev.device_id, [])
@@ -263,15 +264,14 @@ class DownlinkApi:
             if error is not None:
                 self.store.publish(eventgen.event(
                     name="as.down.data.drop", time=eventgen.format_time(now),
-                    identifiers=[{"device_ids": eventgen.device_ids(dev.application_id,
-                                                                    dev.device_id)}],
+                    identifiers=[{"device_ids": path_ids}],
                     data=dict(error.body["details"][0]),
                     correlation_ids=sorted(ids), unique_id=eventgen.new_ulid(now)))
                 continue
             encrypted = _wire({**item, "frm_payload": _encrypt(item["frm_payload"], item["f_cnt"])})
-            self.store.publish(eventgen.downlink_forward_event(
-                ids=eventgen.device_ids(dev.application_id, dev.device_id), item=encrypted,
-                context_ids=ids, time=now, unique_id=eventgen.new_ulid(now), token_id=token_id,
+            self.store.publish(eventgen.downlink_as_event(
+                "forward", ids=path_ids, item=encrypted, context_ids=ids, time=now,
+                unique_id=eventgen.new_ulid(now), token_id=token_id,
                 user_agent=headers.get("user-agent")))
         if error is not None:
             raise error

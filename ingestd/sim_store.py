@@ -230,7 +230,8 @@ class EventStore:
     """Per-entity capped event streams plus live fan-out, shared by all connections."""
 
     def __init__(self, *, enabled: bool, entity_count: int, payload_ttl_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_recorded: int | None = None) -> None:
         self.enabled = enabled
         self.entity_count = entity_count
         self.payload_ttl_s = payload_ttl_s
@@ -240,6 +241,7 @@ class EventStore:
         self.subscriptions: list[Subscription] = []
         self.dropped_events = 0
         self.events: list[dict[str, Any]] = []  # everything published, for test assertions
+        self.max_recorded = max_recorded  # keep memory flat in long `ingestd simulate` runs
         self._last_entry_ms = 0
 
     def publish(self, event: dict[str, Any]) -> None:
@@ -250,6 +252,8 @@ class EventStore:
         time_ms = _time_ms(event)
         with self.lock:
             self.events.append(event)
+            if self.max_recorded is not None and len(self.events) > self.max_recorded:
+                del self.events[: len(self.events) - self.max_recorded // 2]
             entry_ms = max(int(time.time() * 1000), self._last_entry_ms)
             self._last_entry_ms = entry_ms
             targets: list[EntityKey] = []

@@ -12,25 +12,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import secrets
 import signal
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 import structlog
 import uvicorn
 
-from ingestd import eventgen
+from ingestd import eventgen, sim_http
 from ingestd.sim_downlink import DownlinkApi, DownlinkRequest, SimDevice
+from ingestd.sim_http import StreamConn, StreamRequest
 from ingestd.sim_store import EventStore, RateLimiter, SimError
-from ingestd.sim_stream import StreamConn, StreamRequest, serve_stream
 
 log = structlog.get_logger()
 
@@ -38,15 +35,6 @@ DEFAULT_PORT = 18850
 START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 1.0
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
-_ID_RE = re.compile(r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$")
-_DOWN_RE = re.compile(r"^/api/v3/as/applications/([^/]+)/devices/([^/]+)/down(/push|/replace)?$")
-_SECURITY_HEADERS = [("referrer-policy", "strict-origin-when-cross-origin"),
-                     ("x-content-type-options", "nosniff"), ("x-frame-options", "SAMEORIGIN"),
-                     ("x-xss-protection", "1; mode=block")]
-
-Scope = dict[str, Any]
-Receive = Callable[[], Any]
-Send = Callable[[dict[str, Any]], Any]
 
 
 def fake_api_key(rng: random.Random | None = None) -> str:
@@ -72,6 +60,7 @@ class Simulator:
     downlink_ack_delay_s: float = 0.05
     queue_capacity: int = 10000
     seed: int | None = None
+    max_recorded_events: int | None = None  # cap on ``events`` (None: keep all, for tests)
     host: str = "127.0.0.1"
     port: int = 0
     # Stream faults (set any time; they apply to frames written afterwards):
@@ -91,7 +80,8 @@ class Simulator:
         self.ulids = eventgen.UlidFactory(random.Random(self.seed) if self.seed is not None
                                           else None)
         self.event_store = EventStore(enabled=self.store, entity_count=self.store_entity_count,
-                                      payload_ttl_s=self.payload_ttl_s)
+                                      payload_ttl_s=self.payload_ttl_s,
+                                      max_recorded=self.max_recorded_events)
         self.device_ids = [f"dev-{i + 1:04d}" for i in range(self.devices)]
         self._devices = {
             d: SimDevice(application_id=self.application_id, device_id=d,
@@ -318,106 +308,8 @@ class Simulator:
         assert token_id is not None
         return token_id
 
-    # --- ASGI --------------------------------------------------------------------------
-
-    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        headers: dict[str, str] = {}
-        accepts: list[str] = []
-        for raw_key, raw_value in scope["headers"]:
-            key, value = raw_key.decode("latin-1").lower(), raw_value.decode("latin-1")
-            headers[key] = value
-            if key == "accept":
-                accepts.append(value)
-        request_id = headers.get("x-request-id") or self.ulids()
-        headers["x-request-id"] = request_id
-        # Records keep the scheme and key id, never the secret part.
-        recorded = {k: (v.rpartition(".")[0] + ".…" if k == "authorization" and "." in v else v)
-                    for k, v in headers.items()}
-        base = [("x-request-id", request_id), *_SECURITY_HEADERS]
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        path, method = scope["path"], scope["method"]
-        if path == "/api/v3/events" and method == "POST":
-            await serve_stream(self, receive, send, headers=headers, accepts=accepts, body=body,
-                               base_headers=base, recorded_headers=recorded)
-            return
-        match = _DOWN_RE.match(path)
-        if match and method == ("GET" if match.group(3) is None else "POST"):
-            op = (match.group(3) or "/list")[1:]
-            status, extra, answer = self.downlinks.handle(
-                op=op, application_id=match.group(1), device_id=match.group(2), body=body,
-                headers=headers)
-            self.downlink_requests.append(DownlinkRequest(
-                time=time.time(), method=method, path=path, op=op,
-                application_id=match.group(1), device_id=match.group(2),
-                body=_json_or_none(body), headers=recorded, request_id=request_id, status=status,
-                error_name=_error_name(answer)))
-            await _respond(send, status, base + extra, answer)
-        elif path == "/api/v3/events/related" and method == "GET":
-            status, answer = self._related(scope, headers)
-            await _respond(send, status, base, answer)
-        elif path.startswith("/_sim/"):
-            await _respond(send, 200, base, self._control(path, body))
-        else:
-            await _respond(send, 404 if not match else 405, base,
-                           {"code": 5 if not match else 12,
-                            "message": "Not Found" if not match else "Method Not Allowed"})
-
-    def _related(self, scope: Scope, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        query = dict(p.partition("=")[::2] for p in scope["query_string"].decode().split("&"))
-        try:
-            self._token_id(headers.get("authorization"))
-            if not self.store:
-                raise SimError("storage_disabled")
-        except SimError as exc:
-            return exc.status, exc.body
-        return 200, {"events": self.event_store.find_related(query.get("correlation_id", ""))}
-
-    def _control(self, path: str, body: bytes) -> dict[str, Any]:
-        """The HTTP control API for an out-of-process simulator (``ingestd simulate``)."""
-        args = _json_or_none(body) or {}
-        if path == "/_sim/uplinks":
-            evs = self.uplinks(int(args.get("count", 1)), devices=args.get("device_ids"))
-            return {"unique_ids": [e["unique_id"] for e in evs]}
-        if path == "/_sim/restart":
-            for conn in list(self.conns):
-                conn.close()
-        elif path == "/_sim/faults":
-            for key, value in args.items():
-                if hasattr(self, key) and not key.startswith("_"):
-                    setattr(self, key, value)
-        return {"streams": len(self.conns), "events": len(self.events),
-                "dropped_events": self.dropped_events,
-                "queues": {d: len(q) for d, q in self.downlinks.queues.items()}}
-
-
-async def _respond(send: Send, status: int, headers: list[tuple[str, str]], body: Any) -> None:
-    data = orjson.dumps(body)
-    raw = [(k.encode(), v.encode()) for k, v in headers]
-    raw += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    if status == 401:  # grpc-gateway copies the status message here
-        raw.append((b"www-authenticate", str(body.get("message", "")).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
-
-
-def _json_or_none(body: bytes) -> Any:
-    try:
-        return orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _error_name(answer: dict[str, Any]) -> str | None:
-    details = answer.get("details") or [{}]
-    return str(details[0].get("name")) if details[0].get("name") else None
-
+    async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await sim_http.app(self, scope, receive, send)
 
 
 # --- `ingestd simulate` -----------------------------------------------------------------------
@@ -448,7 +340,8 @@ def run(args: argparse.Namespace) -> int:
         store=not args.no_store, store_entity_count=args.store_entity_count,
         payload_ttl_s=args.payload_ttl, gateways=args.gateways, uplink_rate=args.rate,
         rate_limit_per_min=args.rate_limit, seed=args.seed, host=args.host, port=args.port,
-        drop_every_n_frames=args.drop_every, out_of_order_window=args.out_of_order)
+        drop_every_n_frames=args.drop_every, out_of_order_window=args.out_of_order,
+        max_recorded_events=10_000)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}

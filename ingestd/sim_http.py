@@ -1,9 +1,10 @@
-"""``POST /api/v3/events`` of the simulated Things Stack (TTS_WIRE §1).
+"""The HTTP side of the simulated Things Stack: routing, the events stream, small endpoints.
 
-Checks in TTS order (decode → validate → rate limit → identifiers → names → rights), then
-the start frame, history and live events framed exactly as grpc-gateway does: bare
-``{"result":…}`` objects followed by ``\\n\\n`` for ``Accept: text/event-stream``, else ``\\n``.
-No heartbeats. Stream faults (drop, stall, error frame, shuffle, fragmenting) apply here.
+``POST /api/v3/events`` (TTS_WIRE §1) checks in TTS order (decode → validate → rate limit →
+identifiers → names → rights), then writes the start frame, history and live events framed
+as grpc-gateway does: bare ``{"result":…}`` objects followed by ``\\n\\n`` for an exact
+``Accept: text/event-stream``, else ``\\n``. No heartbeats. Stream faults (drop, stall,
+error frame, shuffle, fragmenting) apply here. Downlink requests go to ``sim_downlink``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ingestd import eventgen
+from ingestd.sim_downlink import DownlinkRequest
 from ingestd.sim_store import (
     ERROR_FOR_STATUS,
     SimError,
@@ -37,6 +39,11 @@ OUT_OF_ORDER_WAIT_S = 0.02  # how long to gather a window before shuffling it
 MIN_BUFFER, MAX_BUFFER = 8, 1024  # TTS: clamp(tail, 8, 1024)
 _ID_KINDS = ("application", "client", "device", "gateway", "organization", "user")
 _ID_PATTERN = r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$"
+_DOWN_RE = re.compile(r"^/api/v3/as/applications/([^/]+)/devices/([^/]+)/down(/push|/replace)?$")
+_SECURITY_HEADERS = [("referrer-policy", "strict-origin-when-cross-origin"),
+                     ("x-content-type-options", "nosniff"), ("x-frame-options", "SAMEORIGIN"),
+                     ("x-xss-protection", "1; mode=block")]
+Send = Callable[[dict[str, Any]], Any]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,3 +303,105 @@ async def _wait(conn: StreamConn, disconnect: asyncio.Future[None]) -> None:
 async def _wait_disconnect(receive: Callable[[], Any]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
+              send: Send) -> None:
+    """The ASGI entry point: one HTTP request."""
+    if scope["type"] != "http":
+        return
+    headers: dict[str, str] = {}
+    accepts: list[str] = []
+    for raw_key, raw_value in scope["headers"]:
+        key, value = raw_key.decode("latin-1").lower(), raw_value.decode("latin-1")
+        headers[key] = value
+        if key == "accept":
+            accepts.append(value)
+    request_id = headers.get("x-request-id") or sim.ulids()
+    headers["x-request-id"] = request_id
+    # Records keep the scheme and key id, never the secret part.
+    recorded = {k: (v.rpartition(".")[0] + ".…" if k == "authorization" and "." in v else v)
+                for k, v in headers.items()}
+    base = [("x-request-id", request_id), *_SECURITY_HEADERS]
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    path, method = scope["path"], scope["method"]
+    if path == "/api/v3/events" and method == "POST":
+        await serve_stream(sim, receive, send, headers=headers, accepts=accepts, body=body,
+                           base_headers=base, recorded_headers=recorded)
+        return
+    match = _DOWN_RE.match(path)
+    if match and method == ("GET" if match.group(3) is None else "POST"):
+        op = (match.group(3) or "/list")[1:]
+        status, extra, answer = sim.downlinks.handle(
+            op=op, application_id=match.group(1), device_id=match.group(2), body=body,
+            headers=headers)
+        sim.downlink_requests.append(DownlinkRequest(
+            time=time.time(), method=method, path=path, op=op,
+            application_id=match.group(1), device_id=match.group(2),
+            body=_json_or_none(body), headers=recorded, request_id=request_id, status=status,
+            error_name=_error_name(answer)))
+        await _respond(send, status, base + extra, answer)
+    elif path == "/api/v3/events/related" and method == "GET":
+        status, answer = _related(sim, scope, headers)
+        await _respond(send, status, base, answer)
+    elif path.startswith("/_sim/"):
+        await _respond(send, 200, base, _control(sim, path, body))
+    else:
+        await _respond(send, 404 if not match else 405, base,
+                       {"code": 5 if not match else 12,
+                        "message": "Not Found" if not match else "Method Not Allowed"})
+
+def _related(sim: Simulator, scope: dict[str, Any],
+             headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    query = dict(p.partition("=")[::2] for p in scope["query_string"].decode().split("&"))
+    try:
+        sim._token_id(headers.get("authorization"))
+        if not sim.store:
+            raise SimError("storage_disabled")
+    except SimError as exc:
+        return exc.status, exc.body
+    return 200, {"events": sim.event_store.find_related(query.get("correlation_id", ""))}
+
+def _control(sim: Simulator, path: str, body: bytes) -> dict[str, Any]:
+    """The HTTP control API for an out-of-process simulator (``ingestd simulate``)."""
+    args = _json_or_none(body) or {}
+    if path == "/_sim/uplinks":
+        evs = sim.uplinks(int(args.get("count", 1)), devices=args.get("device_ids"))
+        return {"unique_ids": [e["unique_id"] for e in evs]}
+    if path == "/_sim/restart":
+        for conn in list(sim.conns):
+            conn.close()
+    elif path == "/_sim/faults":
+        for key, value in args.items():
+            if hasattr(sim, key) and not key.startswith("_"):
+                setattr(sim, key, value)
+    return {"streams": len(sim.conns), "events": len(sim.events),
+            "dropped_events": sim.dropped_events,
+            "queues": {d: len(q) for d, q in sim.downlinks.queues.items()}}
+
+
+async def _respond(send: Send, status: int, headers: list[tuple[str, str]], body: Any) -> None:
+    data = orjson.dumps(body)
+    raw = [(k.encode(), v.encode()) for k, v in headers]
+    raw += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if status == 401:  # grpc-gateway copies the status message here
+        raw.append((b"www-authenticate", str(body.get("message", "")).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _error_name(answer: dict[str, Any]) -> str | None:
+    details = answer.get("details") or [{}]
+    return str(details[0].get("name")) if details[0].get("name") else None
