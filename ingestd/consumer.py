@@ -38,6 +38,11 @@ from ingestd.stream import EventStream, OpenStream
 log = structlog.get_logger()
 
 STORE_RETRY = Backoff(base_s=0.5, factor=2.0, max_s=30.0)
+# After a connection that brought nothing past the cursor, the next one asks for a quarter
+# of the overlap (down to this floor): a replay window holding more events than the
+# connection survives would otherwise be asked for again and again.
+MIN_OVERLAP_S = 0.001
+OVERLAP_SHRINK = 4.0
 SHUTDOWN_COMMIT_ATTEMPTS = 3
 AUTH_ERROR_CODES = {7, 16}  # PermissionDenied, Unauthenticated: an error frame about the key
 
@@ -89,6 +94,7 @@ class StreamConsumer:
         self._flush_task: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         self._stopping = False
+        self._overlap_s = settings.overlap_s
         self.connected_event = asyncio.Event()  # set on every successful (re)connect
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -117,9 +123,14 @@ class StreamConsumer:
     async def _connect_forever(self, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set():
+            opened_at = self._builder_or_fail().cursor.last_time
+            was_open = False
             try:
-                async with self._stream.open(self._builder_or_fail().cursor) as conn:
+                async with self._stream.open(
+                    self._builder_or_fail().cursor, overlap_s=self._overlap_s
+                ) as conn:
                     attempt = 0
+                    was_open = True
                     self._on_connected(conn)
                     reader = asyncio.create_task(self._read(conn))
                     await wait_any(reader, stop.wait())
@@ -130,12 +141,21 @@ class StreamConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the loop's top: classify, log, back off
+                if was_open:
+                    self._adapt_overlap(opened_at)
                 attempt += 1
                 delay, reason = self._delay_for(exc, attempt)
                 metrics.RECONNECTS.labels(self.settings.name, reason).inc()
                 self._set_disconnected(_describe(exc))
                 if await sleep_or_stop(delay, stop):
                     return
+
+    def _adapt_overlap(self, opened_at: datetime | None) -> None:
+        now_at = self._builder_or_fail().cursor.last_time
+        if opened_at is None or (now_at is not None and now_at > opened_at):
+            self._overlap_s = self.settings.overlap_s  # progress: back to the full overlap
+        else:
+            self._overlap_s = max(self._overlap_s / OVERLAP_SHRINK, MIN_OVERLAP_S)
 
     def _delay_for(self, exc: Exception, attempt: int) -> tuple[float, str]:
         s = self.settings
@@ -148,6 +168,7 @@ class StreamConsumer:
             # One clear line naming the stream and the TTS error; then wait long, not a hot loop.
             log.error(
                 "stream_auth_rejected",
+                stream=s.name,
                 error_name=exc.error_name,
                 error=str(exc),
                 retry_in_s=s.auth_retry_s,
@@ -157,6 +178,7 @@ class StreamConsumer:
         if isinstance(exc, RequestRejected):
             log.error(
                 "stream_request_rejected",
+                stream=s.name,
                 error_name=exc.error_name,
                 error=str(exc),
                 retry_in_s=s.auth_retry_s,

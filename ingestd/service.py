@@ -194,7 +194,6 @@ class Service:
         server = metrics.MetricsServer(listen, self.health)
         await server.start()
         self.metrics_port = server.port
-        log.info("metrics_listening", listen=listen, port=server.port)
         return server
 
     async def _notify_ready(self, stop: asyncio.Event) -> None:

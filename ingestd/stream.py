@@ -53,25 +53,35 @@ class EventStream:
             pool=STREAM_POOL_TIMEOUT_S,
         )
 
-    def request_body(self, cursor: Cursor) -> dict[str, object]:
-        """Resume from ``cursor - overlap`` with a large ``tail``; a new stream starts live."""
+    def request_body(self, cursor: Cursor, *, overlap_s: float | None = None) -> dict[str, object]:
+        """Resume from ``cursor - overlap``, always with a large ``tail``.
+
+        ``tail`` does two jobs (TTS_WIRE §1.6): it bounds the replay (the last ``tail``
+        events after ``after``), and it sizes the server's per-stream buffer,
+        ``clamp(tail, 8, 1024)``, which silently drops events for a reader that falls
+        behind. So a new stream sends it too: it then starts with the history the
+        server's store still holds, and with a buffer that survives bursts.
+        """
         s = self.settings
-        after = tts.before(cursor.last_time, s.overlap_s) if cursor.last_time else None
+        overlap = s.overlap_s if overlap_s is None else overlap_s
+        after = tts.before(cursor.last_time, overlap) if cursor.last_time else None
         return tts.stream_body(
             application_id=s.application_id,
             device_ids=s.device_ids,
             names=s.names,
             after=after,
-            tail=s.tail if after is not None else None,
+            tail=s.tail,
         )
 
     @contextlib.asynccontextmanager
-    async def open(self, cursor: Cursor) -> AsyncIterator[OpenStream]:
+    async def open(
+        self, cursor: Cursor, *, overlap_s: float | None = None
+    ) -> AsyncIterator[OpenStream]:
         """Open the stream; raise a mapped error for anything but a 200."""
         s = self.settings
         if s.api_key is None:
             raise AuthRejected(f"stream {s.name!r} has no API key configured")
-        body = self.request_body(cursor)
+        body = self.request_body(cursor, overlap_s=overlap_s)
         request = self._client.build_request(
             "POST",
             s.base_url.rstrip("/") + "/api/v3/events",
