@@ -46,7 +46,7 @@ from ingestd.retry import Backoff
 log = structlog.get_logger()
 
 NOTIFY_CHANNEL = "ingestd_outbox"
-STREAM_WAIT_RECHECK_S = 2.0  # a row held back by the stream gate is looked at again after this
+STREAM_WAIT_RECHECK_MAX_S = 2.0  # a row held back by the stream gate: look again after a poll
 VERIFY_RECHECK_S = 5.0  # a row whose earlier push may still turn up in events waits this long
 QUEUE_FULL_MIN_RETRY_S = 30.0  # downlink_queue_capacity: the device's queue drains slowly
 LISTEN_RETRY_MAX_S = 30.0
@@ -100,6 +100,7 @@ class DownlinkWorker:
             max_attempts=self._cfg.max_attempts,
         )
         self._concurrency = max(1, concurrency)
+        self._stream_recheck_s = min(STREAM_WAIT_RECHECK_MAX_S, self._cfg.poll_interval_s)
         self._wakeup = asyncio.Event()
         self._paused_until: dict[str, float] = {}  # application_id -> monotonic deadline
         self._warnings_seen: set[str] = set()
@@ -217,7 +218,7 @@ class DownlinkWorker:
         if not self._gate_open(item):
             note = (f"waiting for a connected event stream of {item.application_id} "
                     "(downlinks.require_stream)")
-            await self._release(item, STREAM_WAIT_RECHECK_S, note)
+            await self._release(item, self._stream_recheck_s, note)
             return
         paused_s = self._paused_until.get(item.application_id, 0.0) - time.monotonic()
         if paused_s > 0:
@@ -244,7 +245,7 @@ class DownlinkWorker:
             return True
         if key not in self._waiting_for_stream:
             self._waiting_for_stream.add(key)
-            log.info("downlink_waiting_for_stream", recheck_s=STREAM_WAIT_RECHECK_S)
+            log.info("downlink_waiting_for_stream", recheck_s=self._stream_recheck_s)
         return False
 
     async def _reconcile(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> str:

@@ -230,30 +230,31 @@ FAILED = {"namespace": "pkg/networkserver", "name": "transmission",
           "attributes": {"result": "TOO_LATE"}}
 
 
-@pytest.mark.parametrize(
-    ("start", "kinds", "expected"),
-    [
-        pytest.param("pushing", ["receive"], "pushing", id="receive-is-no-acceptance"),
-        pytest.param("pushing", ["forward"], "queued", id="forward"),
-        pytest.param("queued", ["sent", "ack"], "acked", id="sent-then-ack"),
-        pytest.param("queued", ["ack", "sent", "forward"], "acked", id="late-events-stay-behind"),
-        pytest.param("sent", ["nack"], "sent", id="nack-waits-for-retry"),
-        pytest.param("queued", ["nack", "failed"], "failed", id="failed-after-nack"),
-        pytest.param("acked", ["failed", "drop"], "acked", id="acked-is-final"),
-        pytest.param("failed", ["sent"], "failed", id="failed-stays"),
-        pytest.param("failed", ["ack"], "acked", id="ack-wins-over-failed"),
-        pytest.param("pushing", ["drop"], "pushing", id="push-time-drop-is-the-http-answer"),
-        pytest.param("queued", ["drop"], "dropped", id="later-drop"),
-        pytest.param("sent", ["queue_invalidated"], "invalidated", id="invalidated"),
-    ],
-)
-def test_events_only_move_statuses_forward(
-    engine: Engine, start: str, kinds: list[str], expected: str
-) -> None:
-    (row,) = _insert(engine, status=start)
-    for i, kind in enumerate(kinds):
-        _apply(engine, _event(kind, row, error=FAILED, seconds=i))
-    assert _row(engine, row).status == expected
+TRANSITIONS = [  # (status before, events in order, status after, why)
+    ("pushing", ["receive"], "pushing", "a receive is no acceptance (also sent for refusals)"),
+    ("pushing", ["forward"], "queued", "forward: the NS accepted it"),
+    ("pending", ["forward"], "queued", "accepted although the push timed out"),
+    ("queued", ["sent", "ack"], "acked", "the normal confirmed path"),
+    ("queued", ["ack", "sent", "forward"], "acked", "late events stay behind"),
+    ("sent", ["nack"], "sent", "TTS re-queues a nacked item for another attempt"),
+    ("queued", ["nack", "failed"], "failed", "the NS may fail a later retry"),
+    ("acked", ["failed", "drop"], "acked", "acked is final"),
+    ("failed", ["sent"], "failed", "failed stays"),
+    ("failed", ["ack"], "acked", "an ack wins: the device has it"),
+    ("pushing", ["drop"], "pushing", "a push-time drop is the HTTP answer's business"),
+    ("queued", ["drop"], "dropped", "a later drop"),
+    ("sent", ["queue_invalidated"], "invalidated", "invalidated"),
+]
+
+
+def test_events_only_move_statuses_forward(engine: Engine) -> None:
+    rows = [_insert(engine, f"dev-{i}", status=start)[0]
+            for i, (start, _, _, _) in enumerate(TRANSITIONS)]
+    for outbox_id, (_, kinds, _, _) in zip(rows, TRANSITIONS, strict=True):
+        for i, kind in enumerate(kinds):
+            _apply(engine, _event(kind, outbox_id, error=FAILED, seconds=i))
+    got = [(why, _row(engine, i).status) for i, (*_, why) in zip(rows, TRANSITIONS, strict=True)]
+    assert got == [(why, expected) for _, _, expected, why in TRANSITIONS]
 
 
 def test_one_batch_with_several_events_ends_in_the_latest_status(engine: Engine) -> None:
