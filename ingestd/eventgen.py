@@ -48,6 +48,12 @@ def format_time(dt: datetime, extra_ns: int = 0) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S") + _fraction(dt.microsecond * 1000 + extra_ns) + "Z"
 
 
+def format_time_ns(unix_ns: int) -> str:
+    """RFC 3339 UTC of a Unix time in nanoseconds (e.g. ``time.time_ns()``)."""
+    secs, ns = divmod(unix_ns, 1_000_000_000)
+    return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S") + _fraction(ns) + "Z"
+
+
 _TIME_RE = re.compile(
     r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)$"
 )

@@ -83,6 +83,7 @@ class StreamConn:
         self.done = asyncio.Event()
         self.closing = False
         self._pending = False
+        self.transport: Any = None  # uvicorn's, when reachable; only used by abort()
 
     def notify_threadsafe(self) -> None:
         """Called under the store lock from any thread; coalesces wakeups."""
@@ -98,6 +99,11 @@ class StreamConn:
         """End the stream (on the server loop)."""
         self.closing = True
         self.wake.set()
+
+    def abort(self) -> None:
+        """Drop the connection: for a client that stopped reading (``send`` is blocked)."""
+        if self.transport is not None:
+            self.transport.abort()
 
 
 def _parse(body: bytes) -> tuple[list[dict[str, Any]], int, int | None, str | None, list[str]]:
@@ -203,6 +209,7 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
 
     record(200)
     conn = StreamConn(asyncio.get_running_loop())
+    conn.transport = getattr(getattr(send, "__self__", None), "transport", None)
     sub = Subscription(keys, frozenset(expanded) if expanded else None,
                        min(max(tail, MIN_BUFFER), MAX_BUFFER), wake=conn.notify_threadsafe)
     if not sim.store and (tail or after is not None):
@@ -211,16 +218,16 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
     sim.event_store.subscribe(sub, after_ns=after_ns, tail=tail)
     disconnect = asyncio.ensure_future(_wait_disconnect(receive))
     try:
-        now = datetime.now(UTC)
+        now_ns = time.time_ns()
         start_event: dict[str, Any] = {
-            "name": "events.stream.start", "time": eventgen.format_time(now),
+            "name": "events.stream.start", "time": eventgen.format_time_ns(now_ns),
             "identifiers": idents}
         if expanded:
             start_event["data"] = {"@type": "type.googleapis.com/google.protobuf.Value",
                                    "value": expanded}
         start_event["correlation_ids"] = [f"rpc:/ttn.lorawan.v3.Events/Stream:{request_id}"]
         start_event["origin"] = socket.gethostname()
-        start_event["unique_id"] = sim.ulids(now)
+        start_event["unique_id"] = sim.ulids(datetime.fromtimestamp(now_ns / 1e9, UTC))
         await start(200, extra)
         await _write(sim, send, b'{"result":' + orjson.dumps(start_event) + b"}" + delim)
         await _pump(sim, send, conn, sub, disconnect, delim)

@@ -34,6 +34,7 @@ log = structlog.get_logger()
 DEFAULT_PORT = 18850
 START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 1.0
+CLOSE_GRACE_S = 0.2  # a stream gets this long to end cleanly before its socket is dropped
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 
@@ -44,7 +45,7 @@ def fake_api_key(rng: random.Random | None = None) -> str:
     return f"NNSXS.{enc[:39]}.{enc[39:]}"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Simulator:
     """The simulated Things Stack. ``start()`` serves it; every public method is thread-safe."""
 
@@ -181,11 +182,16 @@ class Simulator:
         conns = list(self.conns)  # may have emptied since restart() looked
         for conn in conns:
             conn.close()
-        if conns:
-            waiters = [asyncio.create_task(c.done.wait()) for c in conns]
-            await asyncio.wait(waiters, timeout=STOP_TIMEOUT_S / 2)
+        for grace_s in (CLOSE_GRACE_S, CLOSE_GRACE_S):
+            waiters = [asyncio.create_task(c.done.wait()) for c in conns if not c.done.is_set()]
+            if not waiters:
+                return
+            await asyncio.wait(waiters, timeout=grace_s)
             for waiter in waiters:
                 waiter.cancel()
+            for conn in conns:  # still writing into a full socket: the client stopped reading
+                if not conn.done.is_set():
+                    conn.abort()
 
     # --- scripting ---------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -145,6 +146,7 @@ def test_exact_event_stream_accept_gets_blank_line_framing_and_start_frame(sim: 
     assert start["identifiers"] == [APP_IDS]
     assert start["correlation_ids"] == ["rpc:/ttn.lorawan.v3.Events/Stream:req-abc"]
     assert len(start["unique_id"]) == 26
+    assert abs(eventgen.parse_time_ns(start["time"]) - time.time_ns()) < 5 * 10**9
     assert sim.stream_requests[-1].authorization_present
 
 
@@ -368,6 +370,17 @@ def test_device_only_events_are_not_on_the_application_stream(sim: Simulator) ->
         assert [e["name"] for e in app.events(2)] == ["as.down.data.receive", "as.up.data.forward"]
 
 
+def test_app_and_device_subscription_with_a_store_sends_duplicates_like_tts(
+        sim: Simulator) -> None:
+    (old,) = sim.uplinks(1, devices=["dev-0001"])
+    with Stream(sim, {"identifiers": [APP_IDS, dev_ids("dev-0001")], "tail": 10}) as s:
+        replayed = [e["unique_id"] for e in s.events(3)[1:]]
+        new = sim.uplink("dev-0001")
+        live = [e["unique_id"] for e in s.events(2)]
+    assert replayed == [old["unique_id"]] * 2
+    assert live == [new["unique_id"]] * 2
+
+
 # --- stream faults ------------------------------------------------------------------------
 
 
@@ -424,6 +437,24 @@ def test_stop_returns_within_a_second_with_a_stream_open() -> None:
         sim.stop()
         assert time.monotonic() - started < 1.0
         assert s.rest() == []
+
+
+def test_stop_returns_within_a_second_when_the_client_stopped_reading() -> None:
+    sim = Simulator(seed=6, devices=5).start()
+    host, port = sim.base_url.removeprefix("http://").split(":")
+    body = orjson.dumps({"identifiers": [APP_IDS], "tail": 1024})
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect((host, int(port)))
+        client.sendall(b"POST /api/v3/events HTTP/1.1\r\nHost: sim\r\nAuthorization: Bearer "
+                       + sim.api_key.encode() + b"\r\nContent-Length: "
+                       + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_for(lambda: len(sim.conns) == 1)
+        sim.uplinks(1500)  # far more than the socket buffers hold: the writer blocks
+        wait_for(lambda: any(s.buffer for s in sim.event_store.subscriptions))
+        started = time.monotonic()
+        sim.stop()
+        assert time.monotonic() - started < 1.0
 
 
 # --- downlink API -------------------------------------------------------------------------
