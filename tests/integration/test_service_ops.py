@@ -1,0 +1,82 @@
+"""What an operator sees of a running daemon: /metrics values and /healthz."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import replace
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from support import Db, connected, make_settings, running, wait_for
+
+from ingestd.config import MetricsSettings
+from ingestd.simulator import Simulator
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_metrics_count_what_was_stored_and_healthz_flips_when_tts_goes_away(
+    db_url: str, db: Db
+) -> None:
+    stream = f"m-{uuid.uuid4().hex[:8]}"  # metrics are process-wide: a fresh label per test
+    sim = Simulator(devices=4, seed=21).start()
+    try:
+        settings = make_settings(
+            sim, db_url, streams=[{"name": stream, "application_id": sim.application_id}]
+        )
+        settings = replace(
+            settings, metrics=MetricsSettings(listen="127.0.0.1:0", health_grace_s=0.5)
+        )
+        async with running(settings) as service:
+            await connected(service)
+            sim.uplinks(25)
+            sim.join(sim.device_ids[0])
+            bad = dict(sim.uplinks(1)[0])
+            bad["unique_id"] = "01ZZZZZZZZZZZZZZZZZZZZZZZZ"
+            bad["data"] = {"uplink_message": {"settings": {"frequency": "?"}}}
+            sim.publish(bad)
+            await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 26)
+            await wait_for(lambda: db.scalar("SELECT count(*) FROM rejected_events") == 1)
+            base = f"http://127.0.0.1:{service.metrics_port}"
+            async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+                await asyncio.sleep(0.2)
+                text = (await client.get("/metrics")).text
+                m = _samples(text)
+                lbl = (("name", "as.up.data.forward"), ("stream", stream))
+                assert m[("ingestd_events_stored_total", lbl)] == 26
+                assert m[("ingestd_events_received_total", lbl)] == 26
+                join = (("name", "as.up.join.forward"), ("stream", stream))
+                assert m[("ingestd_events_stored_total", join)] == 1
+                assert m[("ingestd_events_rejected_total", (("stream", stream),))] == 1
+                assert m[("ingestd_stream_connected", (("stream", stream),))] == 1
+                assert m[("ingestd_batches_total", (("stream", stream),))] >= 1
+                assert m[("ingestd_commit_seconds_count", (("stream", stream),))] >= 1
+
+                health = await client.get("/healthz")
+                assert health.status_code == 200
+                assert health.json()["streams"][stream] == "connected"
+
+                sim.stop()  # TTS goes away: the stream retries, then exceeds its grace
+                await wait_for(lambda: not service.consumers[0].state.connected, timeout_s=5)
+                await asyncio.sleep(0.8)
+                health = await client.get("/healthz")
+                assert health.status_code == 503
+                assert health.json()["streams"][stream].startswith("down")
+                text = (await client.get("/metrics")).text
+                m = _samples(text)
+                assert m[("ingestd_stream_connected", (("stream", stream),))] == 0
+                reconnects = [
+                    v
+                    for (n, labels), v in m.items()
+                    if n == "ingestd_reconnects_total" and ("stream", stream) in labels
+                ]
+                assert sum(reconnects) >= 1
+    finally:
+        sim.stop()
