@@ -44,13 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("file", metavar="FILE|-")
     imp.add_argument("--stream", default="import", help="cursor key for this import")
 
-    simulate = sub.add_parser("simulate", help="serve a simulated TTS on loopback")
-    try:
-        from ingestd import simulator
+    from ingestd import simulator
 
-        simulator.add_arguments(simulate)
-    except (ImportError, AttributeError):  # pragma: no cover - during development only
-        pass
+    simulator.add_arguments(sub.add_parser("simulate", help="serve a simulated TTS on loopback"))
 
     demo = sub.add_parser(
         "demo", help="simulator + daemon into a local SQLite file, then a summary"

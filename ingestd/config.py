@@ -19,7 +19,13 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError
 
-from ingestd.config_parse import RawConfig, apply_env_overrides, load_toml, raw_from_toml
+from ingestd.config_parse import (
+    RawConfig,
+    apply_env_overrides,
+    load_toml,
+    raw_from_toml,
+    report_unresolved,
+)
 from ingestd.config_values import (
     Parser,
     Problems,
@@ -263,6 +269,7 @@ def load_settings(
                 problems=problems,
             )
     apply_env_overrides(raw, env, exclusive=_KEY_FIELDS, problems=problems)
+    report_unresolved(raw, problems)
     credential = _systemd_credential(raw, env)
     settings = _build(raw, problems)
     if problems:

@@ -98,9 +98,19 @@ def _wrap_table(
     entries: dict[str, Raw] = {}
     for key, value in table.items():
         where = f"{prefix}.{key}"
-        expanded, text = _expand(value, where, environ, problems)
-        entries[key] = Raw(expanded, where, text=text, base_dir=base_dir)
+        pending = Problems()
+        expanded, text = _expand(value, where, environ, pending)
+        entries[key] = Raw(
+            expanded, where, text=text, base_dir=base_dir, unresolved=tuple(pending.lines)
+        )
     return entries
+
+
+def report_unresolved(raw: RawConfig, problems: Problems) -> None:
+    """Report ``${VAR}`` problems of the entries that no override replaced."""
+    for entries in [*raw.sections.values(), *raw.streams]:
+        for entry in entries.values():
+            problems.lines.extend(entry.unresolved)
 
 
 def _expand(

@@ -50,6 +50,9 @@ class Raw:
     where: str
     text: bool = False
     base_dir: Path | None = None
+    # Problems expanding ${VAR}s, reported only if nothing overrides this entry (so an
+    # INGESTD_TTS__API_KEY_FILE can stand in for an unset ${TTS_API_KEY}).
+    unresolved: tuple[str, ...] = ()
 
 
 class Problems:

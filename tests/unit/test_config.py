@@ -576,3 +576,17 @@ def test_example_config_is_valid_and_documents_every_field_with_its_default() ->
 def test_example_config_without_the_key_variable_says_which_variable() -> None:
     with pytest.raises(ConfigError, match=r"tts\.api_key: environment variable TTS_API_KEY"):
         load_settings(EXAMPLE, environ={})
+
+
+def test_an_env_key_file_stands_in_for_an_unset_var_in_the_file(tmp_path: Path) -> None:
+    """The example config says api_key = "${TTS_API_KEY}"; a container that passes
+    INGESTD_TTS__API_KEY_FILE instead must not fail on the unset variable."""
+    key = "NNSXS." + "C" * 39 + "." + "D" * 52
+    (tmp_path / "key").write_text(key + "\n")
+    cfg = tmp_path / "ingestd.toml"
+    cfg.write_text('[tts]\napi_key = "${TTS_API_KEY}"\n')
+    settings = load_settings(cfg, environ={"INGESTD_TTS__API_KEY_FILE": str(tmp_path / "key")})
+    assert settings.tts.api_key is not None
+    assert settings.tts.api_key.reveal() == key
+    with pytest.raises(ConfigError, match="TTS_API_KEY is not set"):
+        load_settings(cfg, environ={})
