@@ -71,11 +71,23 @@ def test_import_stores_every_family_and_reimport_stores_nothing_twice(engine: En
     assert _count(engine, schema.downlink_events) == 8  # one per lifecycle kind
     with engine.connect() as conn:
         kinds = set(conn.execute(sa.select(schema.downlink_events.c.kind)).scalars())
-        sparse = conn.execute(
-            sa.select(schema.events.c.data).where(schema.events.c.name == "as.up.data.forward")
-        ).scalars().all()
-    assert kinds == {"receive", "forward", "sent", "ack", "nack", "failed", "queue_invalidated",
-                     "drop"}
+        sparse = (
+            conn.execute(
+                sa.select(schema.events.c.data).where(schema.events.c.name == "as.up.data.forward")
+            )
+            .scalars()
+            .all()
+        )
+    assert kinds == {
+        "receive",
+        "forward",
+        "sent",
+        "ack",
+        "nack",
+        "failed",
+        "queue_invalidated",
+        "drop",
+    }
     assert None in sparse  # the sparse replay is kept in events, not counted as an uplink
     assert _count(engine, schema.uplink_receptions) == first.result.rows["uplink_receptions"]
 
@@ -125,11 +137,14 @@ def test_bad_frames_go_to_rejected_events_and_the_rest_is_stored(engine: Engine)
     broken["unique_id"] = "01HBROKENBROKENBROKENBROKE"
     broken["data"] = {**broken["data"], "uplink_message": {"settings": {"frequency": "lots"}}}  # type: ignore[dict-item]
     body = (
-        orjson.dumps({"result": good[0]}) + b"\n\n"
+        orjson.dumps({"result": good[0]})
+        + b"\n\n"
         + b"this is not json\n\n"
-        + orjson.dumps({"result": broken}) + b"\n\n"
+        + orjson.dumps({"result": broken})
+        + b"\n\n"
         + b'{"result": 42}\n\n'
-        + orjson.dumps({"result": good[2]}) + b"\n\n"
+        + orjson.dumps({"result": good[2]})
+        + b"\n\n"
     )
     summary = import_stream(Store(engine), io.BytesIO(body), stream="bad")
 
@@ -137,8 +152,9 @@ def test_bad_frames_go_to_rejected_events_and_the_rest_is_stored(engine: Engine)
     assert summary.result.rejected == 3
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(schema.rejected_events.c.raw, schema.rejected_events.c.error)
-            .order_by(schema.rejected_events.c.id)
+            sa.select(schema.rejected_events.c.raw, schema.rejected_events.c.error).order_by(
+                schema.rejected_events.c.id
+            )
         ).all()
     assert rows[0].raw == "this is not json"
     assert "not valid JSON" in rows[0].error
