@@ -66,19 +66,42 @@ def outbox_id_from(correlation_ids: Iterable[str] | None) -> int | None:
     """
     if not correlation_ids:
         return None
+    from_request_id = None
     for cid in correlation_ids:
-        if type(cid) is str and cid.startswith(OUTBOX_CID_PREFIX):
-            digits = cid[_PREFIX_LEN:]
-            if (
-                0 < len(digits) <= _BIGINT_MAX_DIGITS
-                and digits.isascii()
-                and digits.isdigit()
-                and digits[0] != "0"
-            ):
-                value = int(digits)
-                if value <= _BIGINT_MAX:
-                    return value
+        if type(cid) is not str:
+            continue
+        if cid.startswith(OUTBOX_CID_PREFIX):
+            value = _outbox_number(cid[_PREFIX_LEN:])
+            if value is not None:
+                return value
+        elif from_request_id is None and cid.startswith(_PUSH_RPC_PREFIXES):
+            # ``as.down.data.drop`` carries only the request's context ids; the push's
+            # X-Request-ID (ingestd-outbox-<id>-<attempt>) is in its rpc: id (TTS_WIRE §4).
+            request_id = cid.partition(":")[2].partition(":")[2]
+            if request_id.startswith(_REQUEST_ID_PREFIX):
+                number = request_id[len(_REQUEST_ID_PREFIX) :].partition("-")[0]
+                from_request_id = _outbox_number(number)
+    return from_request_id
+
+
+def _outbox_number(digits: str) -> int | None:
+    if (
+        0 < len(digits) <= _BIGINT_MAX_DIGITS
+        and digits.isascii()
+        and digits.isdigit()
+        and digits[0] != "0"
+    ):
+        value = int(digits)
+        if value <= _BIGINT_MAX:
+            return value
     return None
+
+
+_PUSH_RPC_PREFIXES = (
+    "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:",
+    "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueueReplace:",
+)
+_REQUEST_ID_PREFIX = "ingestd-outbox-"  # the X-Request-ID the downlink worker sends
 
 
 # --- value readers shared with ingestd.normalize -------------------------------------

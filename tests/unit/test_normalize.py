@@ -64,275 +64,582 @@ SET_INTERVAL = {"command": "set_interval", "interval_minutes": 15}
 # --- expected derived rows, one param per recorded event --------------------------------
 
 NORMALIZED = [
-    pytest.param("uplink_lora_2gw", [
-        Row("uplinks", {
-            "event_unique_id": "01JBEBB4XXR5XFFNF94PCHW6BX", "application_id": APP,
-            "device_id": "wm-0001", "dev_eui": "70B3D57ED005A1F2",
-            "join_eui": "70B3D57ED0000000", "dev_addr": "260B4A7C",
-            "session_key_id": "AZLcO108b/O8hX5J9kmkOg==", "f_port": 2, "f_cnt": 1842,
-            "frm_payload": b"\x01\x00\x01\xe2\x40\x0e\x10",
-            "decoded_payload": {"battery_mv": 3600, "leak_detected": False,
-                                "volume_liters": 123456},
-            "confirmed": False, "received_at": t(9, 15, 40, 118402),  # NS time, ns cut
-            "rssi": -87, "snr": 9.25, "gateway_count": 2, "frequency": 868_500_000,
-            "modulation": "lora", "spreading_factor": 7, "bandwidth": 125_000,
-            "coding_rate": "4/5", "bit_rate": None, "consumed_airtime_s": 0.061696,
-            "packet_error_rate": 0.0123,
-        }),
-        Row("uplink_receptions", {
-            "uplink_id": "01JBEBB4XXR5XFFNF94PCHW6BX", "reception_index": 0,
-            "gateway_id": "acme-gw-rooftop-01", "gateway_eui": "B827EBFFFE61A2C3",
-            "rssi": -87, "channel_rssi": -87, "snr": 9.25, "time": t(9, 15, 40, 91337),
-            "channel_index": 2, "latitude": 52.37403, "longitude": 4.88969, "altitude": 32,
-        }),
-        Row("uplink_receptions", {
-            "uplink_id": "01JBEBB4XXR5XFFNF94PCHW6BX", "reception_index": 1,
-            "gateway_id": "acme-gw-depot-02", "gateway_eui": "7276FF00390301AB",
-            "rssi": -112, "channel_rssi": -112, "snr": -3.5, "time": t(9, 15, 40, 91341),
-            "channel_index": 2, "latitude": None, "longitude": None, "altitude": None,
-        }),
-    ], id="uplink_lora_2gw"),
-    pytest.param("uplink_fsk", [
-        Row("uplinks", {
-            "event_unique_id": "01JBECF2TZ0M3G7K9Q2R4S6T8V", "application_id": APP,
-            "device_id": "fsk-logger-07", "dev_eui": "0004A30B001C9A3E",
-            "join_eui": "0004A30B00000001", "dev_addr": "260B91D0",
-            "session_key_id": "AZLdSg4aT2m1j3o9P0ZzKw==", "f_port": 5, "f_cnt": 311,
-            "frm_payload": b"\x0b\x0f\x00\x00\x02\x76\x11", "decoded_payload": None,
-            "confirmed": False, "received_at": t(9, 31, 2, 631072),
-            "rssi": -95, "snr": None,  # FSK has no SNR: absent means unknown, not 0
-            "gateway_count": 1, "frequency": 868_800_000, "modulation": "fsk",
-            "spreading_factor": None, "bandwidth": None, "coding_rate": None,
-            "bit_rate": 50_000, "consumed_airtime_s": 0.00496, "packet_error_rate": None,
-        }),
-        Row("uplink_receptions", {
-            "uplink_id": "01JBECF2TZ0M3G7K9Q2R4S6T8V", "reception_index": 0,
-            "gateway_id": "acme-gw-rooftop-01", "gateway_eui": "B827EBFFFE61A2C3",
-            "rssi": -95, "channel_rssi": -95, "snr": None, "time": t(9, 31, 2, 604118),
-            "channel_index": 8, "latitude": 52.37403, "longitude": 4.88969, "altitude": 32,
-        }),
-    ], id="uplink_fsk"),
-    pytest.param("uplink_omitted_zeros", [
-        Row("uplinks", {
-            "event_unique_id": "01JBED0VBN6P8Q0R2S4T6V8W0X", "application_id": APP,
-            "device_id": "wm-0003", "dev_eui": "70B3D57ED005A1F4",
-            "join_eui": "70B3D57ED0000000", "dev_addr": "260B6E21",
-            "session_key_id": "AZLd3qQ2Rk6wQzY8lE1b9g==",
-            "f_port": 1, "f_cnt": 0,  # absent f_cnt = 0
-            "frm_payload": b"\x00\x00\x00\x00", "decoded_payload": None,
-            "confirmed": False,  # absent
-            "received_at": t(9, 40, 17, 541893),
-            # Best rssi comes from depot-02 (-104), best snr from harbour-03 (1.5):
-            # each is the maximum over all gateways, taken independently.
-            "rssi": -104, "snr": 1.5,
-            "gateway_count": 2, "frequency": 868_100_000, "modulation": "lora",
-            "spreading_factor": 9, "bandwidth": 125_000, "coding_rate": "4/5",
-            "bit_rate": None, "consumed_airtime_s": 0.185344, "packet_error_rate": None,
-        }),
-        Row("uplink_receptions", {
-            "uplink_id": "01JBED0VBN6P8Q0R2S4T6V8W0X", "reception_index": 0,
-            "gateway_id": "acme-gw-depot-02", "gateway_eui": "7276FF00390301AB",
-            "rssi": -104, "channel_rssi": -104,
-            "snr": 0.0,  # LoRa gateway without "snr": TTS omitted a 0 dB SNR
-            "time": t(9, 40, 17, 512004),
-            "channel_index": 0,  # absent: channel 0
-            "latitude": None, "longitude": None, "altitude": None,
-        }),
-        Row("uplink_receptions", {
-            "uplink_id": "01JBED0VBN6P8Q0R2S4T6V8W0X", "reception_index": 1,
-            "gateway_id": "acme-gw-harbour-03", "gateway_eui": "A840411D4E1C4150",
-            "rssi": -118, "channel_rssi": -119, "snr": 1.5, "time": t(9, 40, 17, 512011),
-            "channel_index": 0, "latitude": None, "longitude": None, "altitude": None,
-        }),
-    ], id="uplink_omitted_zeros"),
-    pytest.param("uplink_confirmed_1gw", [
-        Row("uplinks", {
-            "event_unique_id": "01JBEDA3N7B9C1D3E5F7G9H1J3", "application_id": APP,
-            "device_id": "wm-abp-0009", "dev_eui": "70B3D57ED005A1F9",
-            "join_eui": None,  # ABP device: no JoinEUI anywhere
-            "dev_addr": "260B11AA", "session_key_id": "AZLeB5n0QF2Cq1x8Jm7R3A==",
-            "f_port": 3, "f_cnt": 77, "frm_payload": b"\x01\x12\x00\x00",
-            "decoded_payload": {"alarm": "tamper", "code": 18}, "confirmed": True,
-            "received_at": t(9, 50, 21, 34112), "rssi": -71, "snr": 11, "gateway_count": 1,
-            "frequency": 867_500_000, "modulation": "lora", "spreading_factor": 7,
-            "bandwidth": 125_000, "coding_rate": "4/5", "bit_rate": None,
-            "consumed_airtime_s": 0.056576, "packet_error_rate": None,
-        }),
-        Row("uplink_receptions", {
-            "uplink_id": "01JBEDA3N7B9C1D3E5F7G9H1J3", "reception_index": 0,
-            "gateway_id": "acme-gw-depot-02", "gateway_eui": "7276FF00390301AB",
-            "rssi": -71, "channel_rssi": -71, "snr": 11, "time": t(9, 50, 21, 4000),
-            "channel_index": 5, "latitude": None, "longitude": None, "altitude": None,
-        }),
-    ], id="uplink_confirmed_1gw"),
-    pytest.param("uplink_lrfhss", [
-        Row("uplinks", {
-            "event_unique_id": "01JBEDK2WJ4K6M8N0P2Q4R6S8T", "application_id": APP,
-            "device_id": "lr-tracker-02", "dev_eui": "70B3D57ED006C0DE",
-            "join_eui": "70B3D57ED0000000", "dev_addr": "260BA0F2",
-            "session_key_id": "AZLeR1uVQ3iZ8c2K6tq0Hw==", "f_port": 4, "f_cnt": 9,
-            "frm_payload": b"\x12\x34\x56\x78", "decoded_payload": None, "confirmed": False,
-            "received_at": t(9, 59, 58, 330274), "rssi": -121, "snr": -8.5,
-            "gateway_count": 1, "frequency": 868_130_000, "modulation": "lrfhss",
-            "spreading_factor": None,
-            "bandwidth": 137_000,  # the operating channel width
-            "coding_rate": "1/3", "bit_rate": None, "consumed_airtime_s": 2.113536,
-            "packet_error_rate": None,
-        }),
-        Row("uplink_receptions", {
-            "uplink_id": "01JBEDK2WJ4K6M8N0P2Q4R6S8T", "reception_index": 0,
-            "gateway_id": "acme-gw-rooftop-01", "gateway_eui": "B827EBFFFE61A2C3",
-            "rssi": -121, "channel_rssi": -121, "snr": -8.5, "time": t(9, 59, 58, 300126),
-            "channel_index": 0, "latitude": 52.37403, "longitude": 4.88969, "altitude": 32,
-        }),
-    ], id="uplink_lrfhss"),
-    pytest.param("join_forward", [
-        Row("joins", {
-            "event_unique_id": "01JBEE1AGS3T5V7W9X1Y3Z5A7B", "application_id": APP,
-            "device_id": "wm-0004", "dev_eui": "70B3D57ED005A1F5",
-            "join_eui": "70B3D57ED0000000", "dev_addr": "260B3C9D",
-            "session_key_id": "AZLfE2hUQWe4zv9kGm6b1A==",
-            "received_at": t(10, 8, 44, 202617),  # join_accept.received_at (NS)
-        }),
-    ], id="join_forward"),
-    pytest.param("down_receive", [
-        Row("downlink_events", {
-            "event_unique_id": "01JBEF3Q3B5C7D9E1F3G5H7J9K", "kind": "receive",
-            "application_id": APP, "device_id": "wm-0001", "f_port": 10,
-            "f_cnt": None,  # not assigned yet when the AS receives the push
-            "frm_payload": b"\x01\x0f", "decoded_payload": SET_INTERVAL, "confirmed": True,
-            "priority": "NORMAL",
-            # ingestd:outbox:7 is only in data.correlation_ids for receive
-            "correlation_ids": OUTBOX_7_CIDS, "outbox_id": 7, "error": None,
-            "time": t(10, 20, 3, 118532),
-        }),
-    ], id="down_receive"),
-    pytest.param("down_forward", [
-        Row("downlink_events", {
-            "event_unique_id": "01JBEF3Q4M6N8P0Q2R4S6T8V0W", "kind": "forward",
-            "application_id": APP, "device_id": "wm-0001", "f_port": 10, "f_cnt": 42,
-            "frm_payload": b"\xc7\x75", "decoded_payload": None,  # encrypted, not decoded
-            "confirmed": True, "priority": "NORMAL", "correlation_ids": OUTBOX_7_CIDS,
-            "outbox_id": 7, "error": None, "time": t(10, 20, 3, 164019),
-        }),
-    ], id="down_forward"),
-    pytest.param("down_sent", [
-        Row("downlink_events", {
-            "event_unique_id": "01JBEF5DC8M0N2P4Q6R8S0T2V4", "kind": "sent",
-            "application_id": APP, "device_id": "wm-0001", "f_port": 10, "f_cnt": 42,
-            "frm_payload": b"\x01\x0f", "decoded_payload": SET_INTERVAL, "confirmed": True,
-            "priority": "NORMAL",
-            "correlation_ids": [
-                "as:downlink:01JBEF3Q2R4S6T8V0W2X4Y6Z8A",
-                "gs:tx_ack:01JBEF5D8E0F2G4H6J8K0M2N4P",
-                "gs:uplink:01JBEF5B0C2D4E6F8G0H2J4K6M",
-                "ingestd:outbox:7",
-                "ns:transmission:01JBEF5B7N9P1Q3R5S7T9V1W3X",
-                "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEF3Q1N9P1Q3R5S7T9V1W3X",
-                "rpc:/ttn.lorawan.v3.GsNs/HandleUplink:01JBEF5B0DX2Y4Z6A8B0C2D4E6",
-                "rpc:/ttn.lorawan.v3.GsNs/ReportTxAcknowledgment:01JBEF5D8FQ2R4S6T8V0W2X4Y6",
-                "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEF5DB1A3B5C7D9E1F3G5H7",
-                "rpc:/ttn.lorawan.v3.NsGs/ScheduleDownlink:01JBEF5B7PG8H0J2K4M6N8P0Q2",
-            ],
-            "outbox_id": 7, "error": None, "time": t(10, 21, 40, 287003),
-        }),
-    ], id="down_sent"),
-    pytest.param("down_ack", [
-        Row("downlink_events", {
-            "event_unique_id": "01JBEF9WA4B6C8D0E2F4G6H8J0", "kind": "ack",
-            "application_id": APP, "device_id": "wm-0001", "f_port": 10, "f_cnt": 42,
-            "frm_payload": b"\x01\x0f", "decoded_payload": SET_INTERVAL, "confirmed": True,
-            "priority": "NORMAL",
-            "correlation_ids": [
-                "as:downlink:01JBEF3Q2R4S6T8V0W2X4Y6Z8A",
-                "gs:uplink:01JBEF9W2X4Y6Z8A0B2C4D6E8F",
-                "ingestd:outbox:7",
-                "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEF3Q1N9P1Q3R5S7T9V1W3X",
-                "rpc:/ttn.lorawan.v3.GsNs/HandleUplink:01JBEF9W2YG0H2J4K6M8N0P2Q4",
-                "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEF9W8RZ1A3B5C7D9E1F3G5",
-            ],
-            "outbox_id": 7, "error": None, "time": t(10, 24, 9, 551874),
-        }),
-    ], id="down_ack"),
-    pytest.param("down_nack", [
-        Row("downlink_events", {
-            "event_unique_id": "01JBEFD7M8H0J2K4M6N8P0Q2R4", "kind": "nack",
-            "application_id": APP, "device_id": "wm-0001", "f_port": 11, "f_cnt": 43,
-            "frm_payload": b"\x02", "decoded_payload": {"command": "reset_counter"},
-            "confirmed": True, "priority": "HIGH",
-            "correlation_ids": [
-                "as:downlink:01JBEFC1T3V5W7X9Y1Z3A5B7C9",
-                "gs:uplink:01JBEFD7E9F1G3H5J7K9M1N3P5",
-                "ingestd:outbox:8",
-                "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFC1S8R0S2T4V6W8X0Y2Z4",
-                "rpc:/ttn.lorawan.v3.GsNs/HandleUplink:01JBEFD7EAQ7R9S1T3V5W7X9Y1",
-                "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEFD7K2Z4A6B8C0D2E4F6G8",
-            ],
-            "outbox_id": 8, "error": None, "time": t(10, 27, 31, 740558),
-        }),
-    ], id="down_nack"),
-    pytest.param("down_failed", [
-        Row("downlink_events", {
-            "event_unique_id": "01JBEFJ6R6S8T0V2W4X6Y8Z0A2", "kind": "failed",
-            "application_id": APP, "device_id": "wm-0001", "f_port": 12, "f_cnt": 44,
-            "frm_payload": bytes(60), "decoded_payload": None,
-            "confirmed": False,  # absent
-            "priority": "NORMAL",
-            "correlation_ids": [
-                "as:downlink:01JBEFH2A4B6C8D0E2F4G6H8J0",
-                "ingestd:outbox:9",
-                "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFH29X1Y3Z5A7B9C1D3E5F",
-                "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEFJ6P8Q0R2S4T6V8W0X2Y4",
-            ],
-            "outbox_id": 9,
-            "error": {
-                "namespace": "pkg/networkserver", "name": "application_downlink_too_long",
-                "message_format":
-                    "application downlink payload length `{length}` exceeds maximum `{max}`",
-                "attributes": {"length": 60, "max": 51},
-                "correlation_id": "7c7a2b3a0e5f4bd6a3f0c6c1e8d2b9a4", "code": 3,
-            },
-            "time": t(10, 31, 12, 406331),
-        }),
-    ], id="down_failed"),
-    pytest.param("down_queue_invalidated", [
-        Row("downlink_events", {
-            "event_unique_id": "01JBEFT0D9E1F3G5H7J9K1M3N5", "kind": "queue_invalidated",
-            "application_id": APP, "device_id": "wm-0001",
-            # payload of the first invalidated item ...
-            "f_port": 10, "f_cnt": 45, "frm_payload": b"\xf1\x95", "decoded_payload": None,
-            "confirmed": True, "priority": "NORMAL",
-            # ... correlation ids of both, so outbox rows 10 and 11 can be found
-            "correlation_ids": [
-                "as:downlink:01JBEFP4B6C8D0E2F4G6H8J0K2",
-                "as:downlink:01JBEFP4B7W9X1Y3Z5A7B9C1D3",
-                "ingestd:outbox:10",
-                "ingestd:outbox:11",
-                "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFP4A1M3N5P7Q9R1S3T5V7",
-                "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEFT0C2D4E6F8G0H2J4K6M8",
-            ],
-            "outbox_id": 10, "error": None, "time": t(10, 35, 50, 9841),
-        }),
-    ], id="down_queue_invalidated"),
-    pytest.param("down_drop", [
-        Row("downlink_events", {
-            "event_unique_id": "01JBEFX8Z3A5B7C9D1E3F5G7H9", "kind": "drop",
-            "application_id": APP, "device_id": "wm-0002", "f_port": None, "f_cnt": None,
-            "frm_payload": None, "decoded_payload": None, "confirmed": None, "priority": None,
-            "correlation_ids": [
-                "as:downlink:01JBEFX8Y0Z2A4B6C8D0E2F4G6",
-                "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFX8X5H7J9K1M3N5P7Q9R1",
-            ],
-            "outbox_id": None,  # TTS puts no client ids on drop events
-            "error": {
-                "@type": "type.googleapis.com/ttn.lorawan.v3.ErrorDetails",
-                "namespace": "pkg/applicationserver", "name": "no_device_session",
-                "message_format": "no device session",
-                "correlation_id": "0d4b9e1f7a2c4e8b9f3a6c5d2e1b7a90", "code": 9,
-            },
-            "time": t(10, 38, 26, 772095),
-        }),
-    ], id="down_drop"),
+    pytest.param(
+        "uplink_lora_2gw",
+        [
+            Row(
+                "uplinks",
+                {
+                    "event_unique_id": "01JBEBB4XXR5XFFNF94PCHW6BX",
+                    "application_id": APP,
+                    "device_id": "wm-0001",
+                    "dev_eui": "70B3D57ED005A1F2",
+                    "join_eui": "70B3D57ED0000000",
+                    "dev_addr": "260B4A7C",
+                    "session_key_id": "AZLcO108b/O8hX5J9kmkOg==",
+                    "f_port": 2,
+                    "f_cnt": 1842,
+                    "frm_payload": b"\x01\x00\x01\xe2\x40\x0e\x10",
+                    "decoded_payload": {
+                        "battery_mv": 3600,
+                        "leak_detected": False,
+                        "volume_liters": 123456,
+                    },
+                    "confirmed": False,
+                    "received_at": t(9, 15, 40, 118402),  # NS time, ns cut
+                    "rssi": -87,
+                    "snr": 9.25,
+                    "gateway_count": 2,
+                    "frequency": 868_500_000,
+                    "modulation": "lora",
+                    "spreading_factor": 7,
+                    "bandwidth": 125_000,
+                    "coding_rate": "4/5",
+                    "bit_rate": None,
+                    "consumed_airtime_s": 0.061696,
+                    "packet_error_rate": 0.0123,
+                },
+            ),
+            Row(
+                "uplink_receptions",
+                {
+                    "uplink_id": "01JBEBB4XXR5XFFNF94PCHW6BX",
+                    "reception_index": 0,
+                    "gateway_id": "acme-gw-rooftop-01",
+                    "gateway_eui": "B827EBFFFE61A2C3",
+                    "rssi": -87,
+                    "channel_rssi": -87,
+                    "snr": 9.25,
+                    "time": t(9, 15, 40, 91337),
+                    "channel_index": 2,
+                    "latitude": 52.37403,
+                    "longitude": 4.88969,
+                    "altitude": 32,
+                },
+            ),
+            Row(
+                "uplink_receptions",
+                {
+                    "uplink_id": "01JBEBB4XXR5XFFNF94PCHW6BX",
+                    "reception_index": 1,
+                    "gateway_id": "acme-gw-depot-02",
+                    "gateway_eui": "7276FF00390301AB",
+                    "rssi": -112,
+                    "channel_rssi": -112,
+                    "snr": -3.5,
+                    "time": t(9, 15, 40, 91341),
+                    "channel_index": 2,
+                    "latitude": None,
+                    "longitude": None,
+                    "altitude": None,
+                },
+            ),
+        ],
+        id="uplink_lora_2gw",
+    ),
+    pytest.param(
+        "uplink_fsk",
+        [
+            Row(
+                "uplinks",
+                {
+                    "event_unique_id": "01JBECF2TZ0M3G7K9Q2R4S6T8V",
+                    "application_id": APP,
+                    "device_id": "fsk-logger-07",
+                    "dev_eui": "0004A30B001C9A3E",
+                    "join_eui": "0004A30B00000001",
+                    "dev_addr": "260B91D0",
+                    "session_key_id": "AZLdSg4aT2m1j3o9P0ZzKw==",
+                    "f_port": 5,
+                    "f_cnt": 311,
+                    "frm_payload": b"\x0b\x0f\x00\x00\x02\x76\x11",
+                    "decoded_payload": None,
+                    "confirmed": False,
+                    "received_at": t(9, 31, 2, 631072),
+                    "rssi": -95,
+                    "snr": None,  # FSK has no SNR: absent means unknown, not 0
+                    "gateway_count": 1,
+                    "frequency": 868_800_000,
+                    "modulation": "fsk",
+                    "spreading_factor": None,
+                    "bandwidth": None,
+                    "coding_rate": None,
+                    "bit_rate": 50_000,
+                    "consumed_airtime_s": 0.00496,
+                    "packet_error_rate": None,
+                },
+            ),
+            Row(
+                "uplink_receptions",
+                {
+                    "uplink_id": "01JBECF2TZ0M3G7K9Q2R4S6T8V",
+                    "reception_index": 0,
+                    "gateway_id": "acme-gw-rooftop-01",
+                    "gateway_eui": "B827EBFFFE61A2C3",
+                    "rssi": -95,
+                    "channel_rssi": -95,
+                    "snr": None,
+                    "time": t(9, 31, 2, 604118),
+                    "channel_index": 8,
+                    "latitude": 52.37403,
+                    "longitude": 4.88969,
+                    "altitude": 32,
+                },
+            ),
+        ],
+        id="uplink_fsk",
+    ),
+    pytest.param(
+        "uplink_omitted_zeros",
+        [
+            Row(
+                "uplinks",
+                {
+                    "event_unique_id": "01JBED0VBN6P8Q0R2S4T6V8W0X",
+                    "application_id": APP,
+                    "device_id": "wm-0003",
+                    "dev_eui": "70B3D57ED005A1F4",
+                    "join_eui": "70B3D57ED0000000",
+                    "dev_addr": "260B6E21",
+                    "session_key_id": "AZLd3qQ2Rk6wQzY8lE1b9g==",
+                    "f_port": 1,
+                    "f_cnt": 0,  # absent f_cnt = 0
+                    "frm_payload": b"\x00\x00\x00\x00",
+                    "decoded_payload": None,
+                    "confirmed": False,  # absent
+                    "received_at": t(9, 40, 17, 541893),
+                    # Best rssi comes from depot-02 (-104), best snr from harbour-03 (1.5):
+                    # each is the maximum over all gateways, taken independently.
+                    "rssi": -104,
+                    "snr": 1.5,
+                    "gateway_count": 2,
+                    "frequency": 868_100_000,
+                    "modulation": "lora",
+                    "spreading_factor": 9,
+                    "bandwidth": 125_000,
+                    "coding_rate": "4/5",
+                    "bit_rate": None,
+                    "consumed_airtime_s": 0.185344,
+                    "packet_error_rate": None,
+                },
+            ),
+            Row(
+                "uplink_receptions",
+                {
+                    "uplink_id": "01JBED0VBN6P8Q0R2S4T6V8W0X",
+                    "reception_index": 0,
+                    "gateway_id": "acme-gw-depot-02",
+                    "gateway_eui": "7276FF00390301AB",
+                    "rssi": -104,
+                    "channel_rssi": -104,
+                    "snr": 0.0,  # LoRa gateway without "snr": TTS omitted a 0 dB SNR
+                    "time": t(9, 40, 17, 512004),
+                    "channel_index": 0,  # absent: channel 0
+                    "latitude": None,
+                    "longitude": None,
+                    "altitude": None,
+                },
+            ),
+            Row(
+                "uplink_receptions",
+                {
+                    "uplink_id": "01JBED0VBN6P8Q0R2S4T6V8W0X",
+                    "reception_index": 1,
+                    "gateway_id": "acme-gw-harbour-03",
+                    "gateway_eui": "A840411D4E1C4150",
+                    "rssi": -118,
+                    "channel_rssi": -119,
+                    "snr": 1.5,
+                    "time": t(9, 40, 17, 512011),
+                    "channel_index": 0,
+                    "latitude": None,
+                    "longitude": None,
+                    "altitude": None,
+                },
+            ),
+        ],
+        id="uplink_omitted_zeros",
+    ),
+    pytest.param(
+        "uplink_confirmed_1gw",
+        [
+            Row(
+                "uplinks",
+                {
+                    "event_unique_id": "01JBEDA3N7B9C1D3E5F7G9H1J3",
+                    "application_id": APP,
+                    "device_id": "wm-abp-0009",
+                    "dev_eui": "70B3D57ED005A1F9",
+                    "join_eui": None,  # ABP device: no JoinEUI anywhere
+                    "dev_addr": "260B11AA",
+                    "session_key_id": "AZLeB5n0QF2Cq1x8Jm7R3A==",
+                    "f_port": 3,
+                    "f_cnt": 77,
+                    "frm_payload": b"\x01\x12\x00\x00",
+                    "decoded_payload": {"alarm": "tamper", "code": 18},
+                    "confirmed": True,
+                    "received_at": t(9, 50, 21, 34112),
+                    "rssi": -71,
+                    "snr": 11,
+                    "gateway_count": 1,
+                    "frequency": 867_500_000,
+                    "modulation": "lora",
+                    "spreading_factor": 7,
+                    "bandwidth": 125_000,
+                    "coding_rate": "4/5",
+                    "bit_rate": None,
+                    "consumed_airtime_s": 0.056576,
+                    "packet_error_rate": None,
+                },
+            ),
+            Row(
+                "uplink_receptions",
+                {
+                    "uplink_id": "01JBEDA3N7B9C1D3E5F7G9H1J3",
+                    "reception_index": 0,
+                    "gateway_id": "acme-gw-depot-02",
+                    "gateway_eui": "7276FF00390301AB",
+                    "rssi": -71,
+                    "channel_rssi": -71,
+                    "snr": 11,
+                    "time": t(9, 50, 21, 4000),
+                    "channel_index": 5,
+                    "latitude": None,
+                    "longitude": None,
+                    "altitude": None,
+                },
+            ),
+        ],
+        id="uplink_confirmed_1gw",
+    ),
+    pytest.param(
+        "uplink_lrfhss",
+        [
+            Row(
+                "uplinks",
+                {
+                    "event_unique_id": "01JBEDK2WJ4K6M8N0P2Q4R6S8T",
+                    "application_id": APP,
+                    "device_id": "lr-tracker-02",
+                    "dev_eui": "70B3D57ED006C0DE",
+                    "join_eui": "70B3D57ED0000000",
+                    "dev_addr": "260BA0F2",
+                    "session_key_id": "AZLeR1uVQ3iZ8c2K6tq0Hw==",
+                    "f_port": 4,
+                    "f_cnt": 9,
+                    "frm_payload": b"\x12\x34\x56\x78",
+                    "decoded_payload": None,
+                    "confirmed": False,
+                    "received_at": t(9, 59, 58, 330274),
+                    "rssi": -121,
+                    "snr": -8.5,
+                    "gateway_count": 1,
+                    "frequency": 868_130_000,
+                    "modulation": "lrfhss",
+                    "spreading_factor": None,
+                    "bandwidth": 137_000,  # the operating channel width
+                    "coding_rate": "1/3",
+                    "bit_rate": None,
+                    "consumed_airtime_s": 2.113536,
+                    "packet_error_rate": None,
+                },
+            ),
+            Row(
+                "uplink_receptions",
+                {
+                    "uplink_id": "01JBEDK2WJ4K6M8N0P2Q4R6S8T",
+                    "reception_index": 0,
+                    "gateway_id": "acme-gw-rooftop-01",
+                    "gateway_eui": "B827EBFFFE61A2C3",
+                    "rssi": -121,
+                    "channel_rssi": -121,
+                    "snr": -8.5,
+                    "time": t(9, 59, 58, 300126),
+                    "channel_index": 0,
+                    "latitude": 52.37403,
+                    "longitude": 4.88969,
+                    "altitude": 32,
+                },
+            ),
+        ],
+        id="uplink_lrfhss",
+    ),
+    pytest.param(
+        "join_forward",
+        [
+            Row(
+                "joins",
+                {
+                    "event_unique_id": "01JBEE1AGS3T5V7W9X1Y3Z5A7B",
+                    "application_id": APP,
+                    "device_id": "wm-0004",
+                    "dev_eui": "70B3D57ED005A1F5",
+                    "join_eui": "70B3D57ED0000000",
+                    "dev_addr": "260B3C9D",
+                    "session_key_id": "AZLfE2hUQWe4zv9kGm6b1A==",
+                    "received_at": t(10, 8, 44, 202617),  # join_accept.received_at (NS)
+                },
+            ),
+        ],
+        id="join_forward",
+    ),
+    pytest.param(
+        "down_receive",
+        [
+            Row(
+                "downlink_events",
+                {
+                    "event_unique_id": "01JBEF3Q3B5C7D9E1F3G5H7J9K",
+                    "kind": "receive",
+                    "application_id": APP,
+                    "device_id": "wm-0001",
+                    "f_port": 10,
+                    "f_cnt": None,  # not assigned yet when the AS receives the push
+                    "frm_payload": b"\x01\x0f",
+                    "decoded_payload": SET_INTERVAL,
+                    "confirmed": True,
+                    "priority": "NORMAL",
+                    # ingestd:outbox:7 is only in data.correlation_ids for receive
+                    "correlation_ids": OUTBOX_7_CIDS,
+                    "outbox_id": 7,
+                    "error": None,
+                    "time": t(10, 20, 3, 118532),
+                },
+            ),
+        ],
+        id="down_receive",
+    ),
+    pytest.param(
+        "down_forward",
+        [
+            Row(
+                "downlink_events",
+                {
+                    "event_unique_id": "01JBEF3Q4M6N8P0Q2R4S6T8V0W",
+                    "kind": "forward",
+                    "application_id": APP,
+                    "device_id": "wm-0001",
+                    "f_port": 10,
+                    "f_cnt": 42,
+                    "frm_payload": b"\xc7\x75",
+                    "decoded_payload": None,  # encrypted, not decoded
+                    "confirmed": True,
+                    "priority": "NORMAL",
+                    "correlation_ids": OUTBOX_7_CIDS,
+                    "outbox_id": 7,
+                    "error": None,
+                    "time": t(10, 20, 3, 164019),
+                },
+            ),
+        ],
+        id="down_forward",
+    ),
+    pytest.param(
+        "down_sent",
+        [
+            Row(
+                "downlink_events",
+                {
+                    "event_unique_id": "01JBEF5DC8M0N2P4Q6R8S0T2V4",
+                    "kind": "sent",
+                    "application_id": APP,
+                    "device_id": "wm-0001",
+                    "f_port": 10,
+                    "f_cnt": 42,
+                    "frm_payload": b"\x01\x0f",
+                    "decoded_payload": SET_INTERVAL,
+                    "confirmed": True,
+                    "priority": "NORMAL",
+                    "correlation_ids": [
+                        "as:downlink:01JBEF3Q2R4S6T8V0W2X4Y6Z8A",
+                        "gs:tx_ack:01JBEF5D8E0F2G4H6J8K0M2N4P",
+                        "gs:uplink:01JBEF5B0C2D4E6F8G0H2J4K6M",
+                        "ingestd:outbox:7",
+                        "ns:transmission:01JBEF5B7N9P1Q3R5S7T9V1W3X",
+                        "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEF3Q1N9P1Q3R5S7T9V1W3X",
+                        "rpc:/ttn.lorawan.v3.GsNs/HandleUplink:01JBEF5B0DX2Y4Z6A8B0C2D4E6",
+                        "rpc:/ttn.lorawan.v3.GsNs/ReportTxAcknowledgment:01JBEF5D8FQ2R4S6T8V0W2X4Y6",
+                        "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEF5DB1A3B5C7D9E1F3G5H7",
+                        "rpc:/ttn.lorawan.v3.NsGs/ScheduleDownlink:01JBEF5B7PG8H0J2K4M6N8P0Q2",
+                    ],
+                    "outbox_id": 7,
+                    "error": None,
+                    "time": t(10, 21, 40, 287003),
+                },
+            ),
+        ],
+        id="down_sent",
+    ),
+    pytest.param(
+        "down_ack",
+        [
+            Row(
+                "downlink_events",
+                {
+                    "event_unique_id": "01JBEF9WA4B6C8D0E2F4G6H8J0",
+                    "kind": "ack",
+                    "application_id": APP,
+                    "device_id": "wm-0001",
+                    "f_port": 10,
+                    "f_cnt": 42,
+                    "frm_payload": b"\x01\x0f",
+                    "decoded_payload": SET_INTERVAL,
+                    "confirmed": True,
+                    "priority": "NORMAL",
+                    "correlation_ids": [
+                        "as:downlink:01JBEF3Q2R4S6T8V0W2X4Y6Z8A",
+                        "gs:uplink:01JBEF9W2X4Y6Z8A0B2C4D6E8F",
+                        "ingestd:outbox:7",
+                        "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEF3Q1N9P1Q3R5S7T9V1W3X",
+                        "rpc:/ttn.lorawan.v3.GsNs/HandleUplink:01JBEF9W2YG0H2J4K6M8N0P2Q4",
+                        "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEF9W8RZ1A3B5C7D9E1F3G5",
+                    ],
+                    "outbox_id": 7,
+                    "error": None,
+                    "time": t(10, 24, 9, 551874),
+                },
+            ),
+        ],
+        id="down_ack",
+    ),
+    pytest.param(
+        "down_nack",
+        [
+            Row(
+                "downlink_events",
+                {
+                    "event_unique_id": "01JBEFD7M8H0J2K4M6N8P0Q2R4",
+                    "kind": "nack",
+                    "application_id": APP,
+                    "device_id": "wm-0001",
+                    "f_port": 11,
+                    "f_cnt": 43,
+                    "frm_payload": b"\x02",
+                    "decoded_payload": {"command": "reset_counter"},
+                    "confirmed": True,
+                    "priority": "HIGH",
+                    "correlation_ids": [
+                        "as:downlink:01JBEFC1T3V5W7X9Y1Z3A5B7C9",
+                        "gs:uplink:01JBEFD7E9F1G3H5J7K9M1N3P5",
+                        "ingestd:outbox:8",
+                        "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFC1S8R0S2T4V6W8X0Y2Z4",
+                        "rpc:/ttn.lorawan.v3.GsNs/HandleUplink:01JBEFD7EAQ7R9S1T3V5W7X9Y1",
+                        "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEFD7K2Z4A6B8C0D2E4F6G8",
+                    ],
+                    "outbox_id": 8,
+                    "error": None,
+                    "time": t(10, 27, 31, 740558),
+                },
+            ),
+        ],
+        id="down_nack",
+    ),
+    pytest.param(
+        "down_failed",
+        [
+            Row(
+                "downlink_events",
+                {
+                    "event_unique_id": "01JBEFJ6R6S8T0V2W4X6Y8Z0A2",
+                    "kind": "failed",
+                    "application_id": APP,
+                    "device_id": "wm-0001",
+                    "f_port": 12,
+                    "f_cnt": 44,
+                    "frm_payload": bytes(60),
+                    "decoded_payload": None,
+                    "confirmed": False,  # absent
+                    "priority": "NORMAL",
+                    "correlation_ids": [
+                        "as:downlink:01JBEFH2A4B6C8D0E2F4G6H8J0",
+                        "ingestd:outbox:9",
+                        "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFH29X1Y3Z5A7B9C1D3E5F",
+                        "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEFJ6P8Q0R2S4T6V8W0X2Y4",
+                    ],
+                    "outbox_id": 9,
+                    "error": {
+                        "namespace": "pkg/networkserver",
+                        "name": "application_downlink_too_long",
+                        "message_format": "application downlink payload length `{length}` exceeds maximum `{max}`",
+                        "attributes": {"length": 60, "max": 51},
+                        "correlation_id": "7c7a2b3a0e5f4bd6a3f0c6c1e8d2b9a4",
+                        "code": 3,
+                    },
+                    "time": t(10, 31, 12, 406331),
+                },
+            ),
+        ],
+        id="down_failed",
+    ),
+    pytest.param(
+        "down_queue_invalidated",
+        [
+            Row(
+                "downlink_events",
+                {
+                    "event_unique_id": "01JBEFT0D9E1F3G5H7J9K1M3N5",
+                    "kind": "queue_invalidated",
+                    "application_id": APP,
+                    "device_id": "wm-0001",
+                    # payload of the first invalidated item ...
+                    "f_port": 10,
+                    "f_cnt": 45,
+                    "frm_payload": b"\xf1\x95",
+                    "decoded_payload": None,
+                    "confirmed": True,
+                    "priority": "NORMAL",
+                    # ... correlation ids of both, so outbox rows 10 and 11 can be found
+                    "correlation_ids": [
+                        "as:downlink:01JBEFP4B6C8D0E2F4G6H8J0K2",
+                        "as:downlink:01JBEFP4B7W9X1Y3Z5A7B9C1D3",
+                        "ingestd:outbox:10",
+                        "ingestd:outbox:11",
+                        "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFP4A1M3N5P7Q9R1S3T5V7",
+                        "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEFT0C2D4E6F8G0H2J4K6M8",
+                    ],
+                    "outbox_id": 10,
+                    "error": None,
+                    "time": t(10, 35, 50, 9841),
+                },
+            ),
+        ],
+        id="down_queue_invalidated",
+    ),
+    pytest.param(
+        "down_drop",
+        [
+            Row(
+                "downlink_events",
+                {
+                    "event_unique_id": "01JBEFX8Z3A5B7C9D1E3F5G7H9",
+                    "kind": "drop",
+                    "application_id": APP,
+                    "device_id": "wm-0002",
+                    "f_port": None,
+                    "f_cnt": None,
+                    "frm_payload": None,
+                    "decoded_payload": None,
+                    "confirmed": None,
+                    "priority": None,
+                    "correlation_ids": [
+                        "as:downlink:01JBEFX8Y0Z2A4B6C8D0E2F4G6",
+                        "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFX8X5H7J9K1M3N5P7Q9R1",
+                    ],
+                    "outbox_id": None,  # TTS puts no client ids on drop events
+                    "error": {
+                        "@type": "type.googleapis.com/ttn.lorawan.v3.ErrorDetails",
+                        "namespace": "pkg/applicationserver",
+                        "name": "no_device_session",
+                        "message_format": "no device session",
+                        "correlation_id": "0d4b9e1f7a2c4e8b9f3a6c5d2e1b7a90",
+                        "code": 9,
+                    },
+                    "time": t(10, 38, 26, 772095),
+                },
+            ),
+        ],
+        id="down_drop",
+    ),
     pytest.param("uplink_sparse_replay", [], id="uplink_sparse_replay"),
     pytest.param("ns_up_data_process", [], id="ns_up_data_process"),
     pytest.param("stream_start", [], id="stream_start"),
@@ -369,42 +676,87 @@ def test_every_recorded_event_has_expected_rows() -> None:
 # --- the events table ------------------------------------------------------------------
 
 EVENT_ROWS = [
-    pytest.param("uplink_lora_2gw", {
-        "unique_id": "01JBEBB4XXR5XFFNF94PCHW6BX", "name": "as.up.data.forward",
-        "time": t(9, 15, 40, 349611), "application_id": APP, "device_id": "wm-0001",
-        "dev_eui": "70B3D57ED005A1F2", "correlation_ids": UP_2GW_CIDS,
-    }, id="uplink_lora_2gw"),
-    pytest.param("down_receive", {
-        "unique_id": "01JBEF3Q3B5C7D9E1F3G5H7J9K", "name": "as.down.data.receive",
-        "time": t(10, 20, 3, 118532), "application_id": APP, "device_id": "wm-0001",
-        "dev_eui": None,  # push requests name the device by id only
-        "correlation_ids": PUSH_CTX_CIDS,  # the event's own ids, not the item's
-    }, id="down_receive"),
-    pytest.param("uplink_sparse_replay", {
-        "unique_id": "01JBE73F8M0N2P4Q6R8S0T2V4W", "name": "as.up.data.forward",
-        "time": t(8, 2, 11, 540018), "application_id": APP, "device_id": None,
-        "dev_eui": None, "correlation_ids": None,
-    }, id="uplink_sparse_replay"),
-    pytest.param("ns_up_data_process", {
-        "unique_id": "01JBEBB4WQ2R4S6T8V0W2X4Y6Z", "name": "ns.up.data.process",
-        "time": t(9, 15, 40, 322017), "application_id": APP, "device_id": "wm-0001",
-        "dev_eui": "70B3D57ED005A1F2", "correlation_ids": UP_2GW_CIDS[:2],
-    }, id="ns_up_data_process"),
-    pytest.param("stream_start", {
-        "unique_id": "01JBE70A0C8M0N2P4Q6R8S0T2V", "name": "events.stream.start",
-        "time": t(8, 0, 0, 412853), "application_id": APP, "device_id": None,
-        "dev_eui": None,
-        "correlation_ids": ["rpc:/ttn.lorawan.v3.Events/Stream:01JBE70A0B2C4D6E8F0G2H4J6K"],
-    }, id="stream_start"),
-    pytest.param("down_drop", {
-        "unique_id": "01JBEFX8Z3A5B7C9D1E3F5G7H9", "name": "as.down.data.drop",
-        "time": t(10, 38, 26, 772095), "application_id": APP, "device_id": "wm-0002",
-        "dev_eui": None,
-        "correlation_ids": [
-            "as:downlink:01JBEFX8Y0Z2A4B6C8D0E2F4G6",
-            "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFX8X5H7J9K1M3N5P7Q9R1",
-        ],
-    }, id="down_drop"),
+    pytest.param(
+        "uplink_lora_2gw",
+        {
+            "unique_id": "01JBEBB4XXR5XFFNF94PCHW6BX",
+            "name": "as.up.data.forward",
+            "time": t(9, 15, 40, 349611),
+            "application_id": APP,
+            "device_id": "wm-0001",
+            "dev_eui": "70B3D57ED005A1F2",
+            "correlation_ids": UP_2GW_CIDS,
+        },
+        id="uplink_lora_2gw",
+    ),
+    pytest.param(
+        "down_receive",
+        {
+            "unique_id": "01JBEF3Q3B5C7D9E1F3G5H7J9K",
+            "name": "as.down.data.receive",
+            "time": t(10, 20, 3, 118532),
+            "application_id": APP,
+            "device_id": "wm-0001",
+            "dev_eui": None,  # push requests name the device by id only
+            "correlation_ids": PUSH_CTX_CIDS,  # the event's own ids, not the item's
+        },
+        id="down_receive",
+    ),
+    pytest.param(
+        "uplink_sparse_replay",
+        {
+            "unique_id": "01JBE73F8M0N2P4Q6R8S0T2V4W",
+            "name": "as.up.data.forward",
+            "time": t(8, 2, 11, 540018),
+            "application_id": APP,
+            "device_id": None,
+            "dev_eui": None,
+            "correlation_ids": None,
+        },
+        id="uplink_sparse_replay",
+    ),
+    pytest.param(
+        "ns_up_data_process",
+        {
+            "unique_id": "01JBEBB4WQ2R4S6T8V0W2X4Y6Z",
+            "name": "ns.up.data.process",
+            "time": t(9, 15, 40, 322017),
+            "application_id": APP,
+            "device_id": "wm-0001",
+            "dev_eui": "70B3D57ED005A1F2",
+            "correlation_ids": UP_2GW_CIDS[:2],
+        },
+        id="ns_up_data_process",
+    ),
+    pytest.param(
+        "stream_start",
+        {
+            "unique_id": "01JBE70A0C8M0N2P4Q6R8S0T2V",
+            "name": "events.stream.start",
+            "time": t(8, 0, 0, 412853),
+            "application_id": APP,
+            "device_id": None,
+            "dev_eui": None,
+            "correlation_ids": ["rpc:/ttn.lorawan.v3.Events/Stream:01JBE70A0B2C4D6E8F0G2H4J6K"],
+        },
+        id="stream_start",
+    ),
+    pytest.param(
+        "down_drop",
+        {
+            "unique_id": "01JBEFX8Z3A5B7C9D1E3F5G7H9",
+            "name": "as.down.data.drop",
+            "time": t(10, 38, 26, 772095),
+            "application_id": APP,
+            "device_id": "wm-0002",
+            "dev_eui": None,
+            "correlation_ids": [
+                "as:downlink:01JBEFX8Y0Z2A4B6C8D0E2F4G6",
+                "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEFX8X5H7J9K1M3N5P7Q9R1",
+            ],
+        },
+        id="down_drop",
+    ),
 ]
 
 
@@ -444,15 +796,24 @@ def test_join_received_at_falls_back_to_as_time() -> None:
 
 def test_uplink_device_ids_fall_back_to_the_event_identifiers() -> None:
     event = load("uplink_lora_2gw")
-    event["data"]["end_device_ids"] = {"device_id": "wm-0001",
-                                       "application_ids": {"application_id": APP}}
+    event["data"]["end_device_ids"] = {
+        "device_id": "wm-0001",
+        "application_ids": {"application_id": APP},
+    }
     values = normalize(event)[0].values
     assert (values["dev_eui"], values["join_eui"], values["dev_addr"]) == (
-        "70B3D57ED005A1F2", "70B3D57ED0000000", "260B4A7C")
+        "70B3D57ED005A1F2",
+        "70B3D57ED0000000",
+        "260B4A7C",
+    )
     del event["data"]["end_device_ids"]
     values = normalize(event)[0].values
     assert [values[k] for k in ("application_id", "device_id", "dev_eui", "dev_addr")] == [
-        APP, "wm-0001", "70B3D57ED005A1F2", "260B4A7C"]
+        APP,
+        "wm-0001",
+        "70B3D57ED005A1F2",
+        "260B4A7C",
+    ]
 
 
 def test_uplink_without_gateways_has_no_signal_and_no_receptions() -> None:
@@ -461,7 +822,10 @@ def test_uplink_without_gateways_has_no_signal_and_no_receptions() -> None:
     rows = normalize(event)
     assert [row.table for row in rows] == ["uplinks"]
     assert (rows[0].values["gateway_count"], rows[0].values["rssi"], rows[0].values["snr"]) == (
-        0, None, None)
+        0,
+        None,
+        None,
+    )
 
 
 def test_uplink_without_payload_or_settings_reads_defaults() -> None:
@@ -474,8 +838,17 @@ def test_uplink_without_payload_or_settings_reads_defaults() -> None:
     assert values["f_port"] == 0
     assert values["session_key_id"] is None
     assert values["consumed_airtime_s"] is None
-    assert [values[k] for k in ("frequency", "modulation", "spreading_factor", "bandwidth",
-                                "coding_rate", "bit_rate")] == [None] * 6
+    assert [
+        values[k]
+        for k in (
+            "frequency",
+            "modulation",
+            "spreading_factor",
+            "bandwidth",
+            "coding_rate",
+            "bit_rate",
+        )
+    ] == [None] * 6
 
 
 def test_downlink_omitted_priority_is_lowest_and_omitted_f_cnt_is_zero_once_queued() -> None:
@@ -486,9 +859,15 @@ def test_downlink_omitted_priority_is_lowest_and_omitted_f_cnt_is_zero_once_queu
     del forward["data"]["f_cnt"]
     received, forwarded = normalize(receive)[0].values, normalize(forward)[0].values
     assert (received["priority"], received["confirmed"], received["f_cnt"]) == (
-        "LOWEST", False, None)
+        "LOWEST",
+        False,
+        None,
+    )
     assert (forwarded["priority"], forwarded["confirmed"], forwarded["f_cnt"]) == (
-        "LOWEST", False, 0)
+        "LOWEST",
+        False,
+        0,
+    )
 
 
 def test_downlink_priority_given_as_enum_number_is_named() -> None:
@@ -502,7 +881,8 @@ def test_queue_invalidated_without_downlinks_keeps_the_event_ids_only() -> None:
     event["data"]["downlink_queue_invalidated"]["downlinks"] = []
     values = normalize(event)[0].values
     assert values["correlation_ids"] == [
-        "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEFT0C2D4E6F8G0H2J4K6M8"]
+        "rpc:/ttn.lorawan.v3.NsAs/HandleUplink:01JBEFT0C2D4E6F8G0H2J4K6M8"
+    ]
     assert (values["outbox_id"], values["f_port"], values["frm_payload"]) == (None, None, None)
 
 
@@ -586,20 +966,33 @@ def test_uplink_whose_frm_payload_is_not_base64_is_rejected(bad: Any) -> None:
     _raises(event, "frm_payload is not base64")
 
 
-@pytest.mark.parametrize(("field", "bad"), [
-    ("f_cnt", "1842"), ("f_port", -1), ("confirmed", "true"), ("consumed_airtime", "61ms"),
-    ("packet_error_rate", "1%"),
-])
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("f_cnt", "1842"),
+        ("f_port", -1),
+        ("confirmed", "true"),
+        ("consumed_airtime", "61ms"),
+        ("packet_error_rate", "1%"),
+    ],
+)
 def test_uplink_with_a_mistyped_field_is_rejected(field: str, bad: Any) -> None:
     event = load("uplink_lora_2gw")
     event["data"]["uplink_message"][field] = bad
     _raises(event, "as.up.data.forward 01JBEBB4XXR5XFFNF94PCHW6BX")
 
 
-@pytest.mark.parametrize(("field", "bad"), [
-    ("rssi", "-87"), ("snr", True), ("channel_index", 2.5), ("time", "09:15:40"),
-    ("gateway_ids", "acme-gw-rooftop-01"), ("location", [52.3, 4.8]),
-])
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("rssi", "-87"),
+        ("snr", True),
+        ("channel_index", 2.5),
+        ("time", "09:15:40"),
+        ("gateway_ids", "acme-gw-rooftop-01"),
+        ("location", [52.3, 4.8]),
+    ],
+)
 def test_uplink_with_a_malformed_gateway_entry_is_rejected(field: str, bad: Any) -> None:
     event = load("uplink_lora_2gw")
     event["data"]["uplink_message"]["rx_metadata"][1][field] = bad
@@ -619,11 +1012,16 @@ def test_join_without_join_accept_is_rejected() -> None:
     _raises(event, "as.up.join.forward 01JBEE1AGS3T5V7W9X1Y3Z5A7B", "no join_accept")
 
 
-@pytest.mark.parametrize(("stem", "key"), [
-    ("down_sent", "downlink_sent"), ("down_ack", "downlink_ack"),
-    ("down_nack", "downlink_nack"), ("down_failed", "downlink_failed"),
-    ("down_queue_invalidated", "downlink_queue_invalidated"),
-])
+@pytest.mark.parametrize(
+    ("stem", "key"),
+    [
+        ("down_sent", "downlink_sent"),
+        ("down_ack", "downlink_ack"),
+        ("down_nack", "downlink_nack"),
+        ("down_failed", "downlink_failed"),
+        ("down_queue_invalidated", "downlink_queue_invalidated"),
+    ],
+)
 def test_downlink_lifecycle_event_without_its_item_is_rejected(stem: str, key: str) -> None:
     event = load(stem)
     del event["data"][key]
@@ -662,29 +1060,33 @@ def test_outbox_correlation_id_refuses_ids_the_outbox_cannot_have(bad: Any) -> N
         outbox_correlation_id(bad)
 
 
-@pytest.mark.parametrize(("cids", "expected"), [
-    pytest.param(None, None, id="none"),
-    pytest.param([], None, id="empty"),
-    pytest.param(["ingestd:outbox:7"], 7, id="alone"),
-    pytest.param(PUSH_CTX_CIDS, None, id="only-tts-ids"),
-    pytest.param(OUTBOX_7_CIDS, 7, id="among-tts-ids"),
-    pytest.param(["ingestd:outbox:abc"], None, id="non-numeric"),
-    pytest.param(["ingestd:outbox:"], None, id="no-digits"),
-    pytest.param(["ingestd:outbox:-3"], None, id="negative"),
-    pytest.param(["ingestd:outbox:+3"], None, id="plus-sign"),
-    pytest.param(["ingestd:outbox: 3"], None, id="space"),
-    pytest.param(["ingestd:outbox:1_000"], None, id="underscore"),
-    pytest.param(["ingestd:outbox:007"], None, id="leading-zero"),
-    pytest.param(["ingestd:outbox:0"], None, id="zero"),
-    pytest.param(["ingestd:outbox:\u0664\u0662"], None, id="non-ascii-digits"),
-    pytest.param(["ingestd:outbox:9223372036854775808"], None, id="over-64-bit"),
-    pytest.param(["ingestd:outbox:7:retry"], None, id="suffix"),
-    pytest.param(["myapp:outbox:7", "INGESTD:OUTBOX:8", "xingestd:outbox:9"], None,
-                 id="other-prefixes"),
-    pytest.param(["ingestd:outbox:x", "ingestd:outbox:12"], 12, id="first-valid-wins"),
-    pytest.param(["ingestd:outbox:12", "ingestd:outbox:3"], 12, id="several-first-in-order"),
-    pytest.param([None, 7, ["ingestd:outbox:1"], "ingestd:outbox:5"], 5, id="non-strings"),
-])
+@pytest.mark.parametrize(
+    ("cids", "expected"),
+    [
+        pytest.param(None, None, id="none"),
+        pytest.param([], None, id="empty"),
+        pytest.param(["ingestd:outbox:7"], 7, id="alone"),
+        pytest.param(PUSH_CTX_CIDS, None, id="only-tts-ids"),
+        pytest.param(OUTBOX_7_CIDS, 7, id="among-tts-ids"),
+        pytest.param(["ingestd:outbox:abc"], None, id="non-numeric"),
+        pytest.param(["ingestd:outbox:"], None, id="no-digits"),
+        pytest.param(["ingestd:outbox:-3"], None, id="negative"),
+        pytest.param(["ingestd:outbox:+3"], None, id="plus-sign"),
+        pytest.param(["ingestd:outbox: 3"], None, id="space"),
+        pytest.param(["ingestd:outbox:1_000"], None, id="underscore"),
+        pytest.param(["ingestd:outbox:007"], None, id="leading-zero"),
+        pytest.param(["ingestd:outbox:0"], None, id="zero"),
+        pytest.param(["ingestd:outbox:\u0664\u0662"], None, id="non-ascii-digits"),
+        pytest.param(["ingestd:outbox:9223372036854775808"], None, id="over-64-bit"),
+        pytest.param(["ingestd:outbox:7:retry"], None, id="suffix"),
+        pytest.param(
+            ["myapp:outbox:7", "INGESTD:OUTBOX:8", "xingestd:outbox:9"], None, id="other-prefixes"
+        ),
+        pytest.param(["ingestd:outbox:x", "ingestd:outbox:12"], 12, id="first-valid-wins"),
+        pytest.param(["ingestd:outbox:12", "ingestd:outbox:3"], 12, id="several-first-in-order"),
+        pytest.param([None, 7, ["ingestd:outbox:1"], "ingestd:outbox:5"], 5, id="non-strings"),
+    ],
+)
 def test_outbox_id_from(cids: Any, expected: int | None) -> None:
     assert outbox_id_from(cids) == expected
 
@@ -696,17 +1098,20 @@ def test_outbox_id_from_accepts_any_iterable() -> None:
 # --- times and durations -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    pytest.param("2024-10-30T09:15:40Z", t(9, 15, 40), id="0-digits"),
-    pytest.param("2024-10-30T09:15:40.349Z", t(9, 15, 40, 349000), id="3-digits"),
-    pytest.param("2024-10-30T09:15:40.349611Z", t(9, 15, 40, 349611), id="6-digits"),
-    pytest.param("2024-10-30T09:15:40.349611524Z", t(9, 15, 40, 349611), id="9-digits"),
-    pytest.param("2024-10-30T09:15:40.999999999Z", t(9, 15, 40, 999999), id="ns-truncated"),
-    pytest.param("2024-10-30T11:15:40.5+02:00", t(9, 15, 40, 500000), id="plus-offset"),
-    pytest.param("2024-10-30T03:45:40-05:30", t(9, 15, 40), id="minus-offset"),
-    pytest.param("2024-10-30T09:15:40+00:00", t(9, 15, 40), id="zero-offset"),
-    pytest.param("2024-10-30t09:15:40.1z", t(9, 15, 40, 100000), id="lower-case"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("2024-10-30T09:15:40Z", t(9, 15, 40), id="0-digits"),
+        pytest.param("2024-10-30T09:15:40.349Z", t(9, 15, 40, 349000), id="3-digits"),
+        pytest.param("2024-10-30T09:15:40.349611Z", t(9, 15, 40, 349611), id="6-digits"),
+        pytest.param("2024-10-30T09:15:40.349611524Z", t(9, 15, 40, 349611), id="9-digits"),
+        pytest.param("2024-10-30T09:15:40.999999999Z", t(9, 15, 40, 999999), id="ns-truncated"),
+        pytest.param("2024-10-30T11:15:40.5+02:00", t(9, 15, 40, 500000), id="plus-offset"),
+        pytest.param("2024-10-30T03:45:40-05:30", t(9, 15, 40), id="minus-offset"),
+        pytest.param("2024-10-30T09:15:40+00:00", t(9, 15, 40), id="zero-offset"),
+        pytest.param("2024-10-30t09:15:40.1z", t(9, 15, 40, 100000), id="lower-case"),
+    ],
+)
 def test_parse_time_gives_aware_utc(text: str, expected: datetime) -> None:
     parsed = parse_time(text)
     assert parsed == expected
@@ -719,20 +1124,38 @@ def test_parse_time_crossing_midnight_moves_the_date() -> None:
     assert parse_time("2024-10-30T23:00:00-02:00") == datetime(2024, 10, 31, 1, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("bad", [
-    "", "yesterday", "2024-10-30", "2024-10-30T09:15:40", "2024-13-30T09:15:40Z",
-    "2024-10-30T25:15:40Z", "2024-10-30T09:15:40+25:00", None, 1730279740,
-    b"2024-10-30T09:15:40Z",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "yesterday",
+        "2024-10-30",
+        "2024-10-30T09:15:40",
+        "2024-13-30T09:15:40Z",
+        "2024-10-30T25:15:40Z",
+        "2024-10-30T09:15:40+25:00",
+        None,
+        1730279740,
+        b"2024-10-30T09:15:40Z",
+    ],
+)
 def test_parse_time_rejects_junk_and_times_without_offset(bad: Any) -> None:
     with pytest.raises(MalformedEvent, match="timestamp"):
         parse_time(bad)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("0.061696s", 0.061696), ("1s", 1.0), ("0s", 0.0), ("2.113536s", 2.113536),
-    ("0.000000001s", 1e-9), ("1.500s", 1.5), ("-0.5s", -0.5),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.061696s", 0.061696),
+        ("1s", 1.0),
+        ("0s", 0.0),
+        ("2.113536s", 2.113536),
+        ("0.000000001s", 1e-9),
+        ("1.500s", 1.5),
+        ("-0.5s", -0.5),
+    ],
+)
 def test_parse_duration_s(text: str, expected: float) -> None:
     assert parse_duration_s(text) == expected
 
@@ -741,3 +1164,23 @@ def test_parse_duration_s(text: str, expected: float) -> None:
 def test_parse_duration_s_rejects_junk(bad: Any) -> None:
     with pytest.raises(MalformedEvent, match="duration"):
         parse_duration_s(bad)
+
+
+@pytest.mark.parametrize(
+    ("cids", "expected"),
+    [
+        (
+            ["as:downlink:01J", "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:ingestd-outbox-42-1"],
+            42,
+        ),
+        (["rpc:/ttn.lorawan.v3.AppAs/DownlinkQueueReplace:ingestd-outbox-7-3"], 7),
+        (["rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:01JBEBB4PQVVTVY4DDX4KR30FD"], None),
+        (["rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:ingestd-outbox-x-1"], None),
+        (["rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:ingestd-outbox-5-1", "ingestd:outbox:9"], 9),
+    ],
+)
+def test_a_drop_event_finds_its_outbox_row_through_the_push_request_id(
+    cids: list[str], expected: int | None
+) -> None:
+    """as.down.data.drop has only context ids; the worker's X-Request-ID is in the rpc: id."""
+    assert outbox_id_from(cids) == expected
