@@ -10,8 +10,10 @@ commits, the next is being read (a pipeline of depth one, which is also backpres
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import structlog
@@ -260,8 +262,8 @@ class StreamConsumer:
         except StoreUnavailable as exc:
             log.warning("stream_state_not_saved", error=str(exc))
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
         _background.add(task)
         task.add_done_callback(_background.discard)
 
@@ -369,7 +371,7 @@ class StreamConsumer:
         return self._builder
 
 
-_background: set[asyncio.Task[object]] = set()
+_background: set[asyncio.Task[None]] = set()  # strong refs until done (asyncio docs)
 
 
 def _describe(exc: BaseException) -> str:
