@@ -4,6 +4,7 @@ Retries are decided by class, never by message::
 
     IngestdError
     ├── ConfigError                 bad configuration (exit 2); names every bad key
+    ├── TtsError                    mixin: TTS answered (``status_code``, ``error_name``)
     ├── TransientError              worth retrying with backoff
     │   ├── StreamDisconnected      transport error, idle timeout, server closed the stream
     │   ├── ServerUnavailable       TTS answered 5xx
@@ -42,22 +43,8 @@ class PermanentError(IngestdError):
     """A failure that retrying the same request will not fix."""
 
 
-class _TtsErrorMixin:
-    status_code: int | None
-    error_name: str | None
-    tts_message: str | None
-
-
-class StreamDisconnected(TransientError):
-    """The event stream ended or could not be read."""
-
-    def __init__(self, message: str | None = None, *, reason: str = "transport") -> None:
-        self.reason = reason
-        super().__init__(message)
-
-
-class ServerUnavailable(TransientError, _TtsErrorMixin):
-    """The Things Stack answered with a server error."""
+class TtsError(IngestdError):
+    """An error answered by The Things Stack: HTTP status and TTS error name as attributes."""
 
     def __init__(
         self,
@@ -68,12 +55,24 @@ class ServerUnavailable(TransientError, _TtsErrorMixin):
         tts_message: str | None = None,
     ) -> None:
         self.status_code = status_code
-        self.error_name = error_name
+        self.error_name = error_name  # e.g. "api_key_not_found"; compare by name, never text
         self.tts_message = tts_message
         super().__init__(message)
 
 
-class RateLimited(TransientError, _TtsErrorMixin):
+class StreamDisconnected(TransientError):
+    """The event stream ended or could not be read."""
+
+    def __init__(self, message: str | None = None, *, reason: str = "transport") -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class ServerUnavailable(TransientError, TtsError):
+    """The Things Stack answered with a server error."""
+
+
+class RateLimited(TransientError, TtsError):
     """The Things Stack rate limiter rejected the request."""
 
     def __init__(
@@ -86,40 +85,24 @@ class RateLimited(TransientError, _TtsErrorMixin):
         tts_message: str | None = None,
     ) -> None:
         self.retry_after_s = retry_after_s
-        self.status_code = status_code
-        self.error_name = error_name
-        self.tts_message = tts_message
-        super().__init__(message)
+        super().__init__(
+            message, status_code=status_code, error_name=error_name, tts_message=tts_message
+        )
 
 
 class StoreUnavailable(TransientError):
     """The database could not be reached or was locked."""
 
 
-class _TtsPermanent(PermanentError, _TtsErrorMixin):
-    def __init__(
-        self,
-        message: str | None = None,
-        *,
-        status_code: int | None = None,
-        error_name: str | None = None,
-        tts_message: str | None = None,
-    ) -> None:
-        self.status_code = status_code
-        self.error_name = error_name
-        self.tts_message = tts_message
-        super().__init__(message)
-
-
-class AuthRejected(_TtsPermanent):
+class AuthRejected(PermanentError, TtsError):
     """The Things Stack rejected the API key (401) or its rights (403)."""
 
 
-class RequestRejected(_TtsPermanent):
+class RequestRejected(PermanentError, TtsError):
     """The Things Stack rejected the request as invalid."""
 
 
-class StreamError(_TtsPermanent):
+class StreamError(PermanentError, TtsError):
     """The Things Stack ended the stream with an error frame."""
 
 
