@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad configuration.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -69,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `ingestd status | head`: the reader left; exit quietly (Python docs' recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 def _dispatch(args: argparse.Namespace) -> int:

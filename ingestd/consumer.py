@@ -120,6 +120,7 @@ class StreamConsumer:
                 # Commit the batch in flight with its cursor even if we are being cancelled.
                 await asyncio.shield(self._flush())
                 self._set_disconnected(None)
+                await asyncio.shield(self._save_state(None, None))  # status: not connected
                 log.info("stream_stopped", cursor=self._builder.cursor.last_time)
 
     async def _connect_forever(self, stop: asyncio.Event) -> None:

@@ -122,6 +122,8 @@ def test_sigterm_exits_0_within_a_second_and_a_restart_resumes_without_duplicate
         db_url, "SELECT count(*) FROM stream_cursors WHERE last_event_time IS NOT NULL"
     )
     assert cursor_rows == 1
+    # `ingestd status` must not show a stopped daemon as connected.
+    assert _count(db_url, "SELECT count(*) FROM stream_cursors WHERE connected_since IS NULL") == 1
 
     second = sim.uplinks(80)  # published while the daemon is down
     requests = len([r for r in sim.stream_requests if r.status == 200])
