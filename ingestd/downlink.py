@@ -47,7 +47,7 @@ log = structlog.get_logger()
 
 NOTIFY_CHANNEL = "ingestd_outbox"
 STREAM_WAIT_RECHECK_MAX_S = 2.0  # a row held back by the stream gate: look again after a poll
-VERIFY_RECHECK_S = 5.0  # a row whose earlier push may still turn up in events waits this long
+VERIFY_RECHECK_S = 10.0  # a row whose earlier push may still turn up in events waits this long
 QUEUE_FULL_MIN_RETRY_S = 30.0  # downlink_queue_capacity: the device's queue drains slowly
 LISTEN_RETRY_MAX_S = 30.0
 LOOP_ERROR_RETRY_MAX_S = 30.0
@@ -107,7 +107,10 @@ class DownlinkWorker:
         self._auth_rejected: set[str] = set()
         self._waiting_for_stream: set[tuple[str, str]] = set()
         self.pushes = 0  # HTTP push requests sent (for tests, metrics)
-        if self._cfg.stale_claim_s < 3 * self._cfg.request_timeout_s:
+        # Handling one row never takes longer than a verify GET plus a push POST (each
+        # bounded by request_timeout_s) and a few short transactions.
+        self._row_max_s = 3 * self._cfg.request_timeout_s
+        if self._cfg.stale_claim_s < self._row_max_s:
             log.warning(
                 "downlink_stale_claim_too_short",
                 stale_claim_s=self._cfg.stale_claim_s,
@@ -125,24 +128,17 @@ class DownlinkWorker:
                  concurrency=self._concurrency)
         try:
             await self._release_stale(startup=True)
-            next_stale_check = time.monotonic() + self._stale_check_interval_s
-            errors = 0
-            while not stop.is_set():
-                try:
-                    if time.monotonic() >= next_stale_check:
-                        await self._release_stale(startup=False)
-                        next_stale_check = time.monotonic() + self._stale_check_interval_s
-                    found = await self._claim_and_push(stop)
-                    errors = 0
-                except Exception as exc:  # the loop's top: log, back off, go on
-                    errors += 1
-                    delay = min(LOOP_ERROR_RETRY_MAX_S, self._cfg.poll_interval_s * 2**errors)
-                    log.exception("downlink_loop_failed", error=str(exc), retry_in_s=delay)
-                    await sleep_or_stop(delay, stop)
-                    continue
-                if not found:
-                    await wait_any(stop.wait(), self._wakeup.wait(),
-                                   timeout_s=self._cfg.poll_interval_s)
+            # `concurrency` independent slots, each claim → push → mark: a slow push holds
+            # up only its own slot, and the claims never give two slots the same device.
+            slots = [asyncio.create_task(self._slot(stop, housekeeper=(i == 0)),
+                                         name=f"downlink:slot:{i}")
+                     for i in range(self._concurrency)]
+            try:
+                await asyncio.gather(*slots)
+            finally:
+                for slot in slots:
+                    slot.cancel()
+                await asyncio.gather(*slots, return_exceptions=True)
         finally:
             if listener is not None:
                 listener.cancel()
@@ -150,6 +146,26 @@ class DownlinkWorker:
             if self._own_client:
                 await self._client.aclose()
             log.info("downlink_worker_stopped", worker_id=self._worker_id)
+
+    async def _slot(self, stop: asyncio.Event, *, housekeeper: bool) -> None:
+        next_stale_check = time.monotonic() + self._stale_check_interval_s
+        errors = 0
+        while not stop.is_set():
+            try:
+                if housekeeper and time.monotonic() >= next_stale_check:
+                    await self._release_stale(startup=False)
+                    next_stale_check = time.monotonic() + self._stale_check_interval_s
+                found = await self._claim_and_push(stop)
+                errors = 0
+            except Exception as exc:  # the loop's top: log, back off, go on
+                errors += 1
+                delay = min(LOOP_ERROR_RETRY_MAX_S, self._cfg.poll_interval_s * 2**errors)
+                log.exception("downlink_loop_failed", error=str(exc), retry_in_s=delay)
+                await sleep_or_stop(delay, stop)
+                continue
+            if not found:
+                await wait_any(stop.wait(), self._wakeup.wait(),
+                               timeout_s=self._cfg.poll_interval_s)
 
     @property
     def _stale_check_interval_s(self) -> float:
@@ -160,13 +176,11 @@ class DownlinkWorker:
         # insert is missed between this claim and the next wait.
         self._wakeup.clear()
         items = await self._db(
-            outbox.claim_due, self._engine, worker_id=self._worker_id,
-            limit=self._concurrency, now=_now(),
+            outbox.claim_due, self._engine, worker_id=self._worker_id, limit=1, now=_now(),
         )
         if not items:
             return False
-        tasks = [asyncio.create_task(self._handle(item, stop)) for item in items]
-        await self._finish(tasks, stop)
+        await self._finish([asyncio.create_task(self._handle(items[0], stop))], stop)
         return True
 
     async def _finish(self, tasks: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
@@ -386,11 +400,11 @@ class DownlinkWorker:
             older_than=now - timedelta(seconds=self._cfg.stale_claim_s), now=now,
         )
         if startup:
-            # Our own earlier incarnation (same worker_id) cannot still be pushing once a
-            # whole request timeout has passed.
+            # A request of our own earlier life (same worker_id) cannot still be in flight
+            # once the longest a row can take has passed.
             released += await self._db(
                 outbox.release_stale_claims, self._engine,
-                older_than=now - timedelta(seconds=self._cfg.request_timeout_s), now=now,
+                older_than=now - timedelta(seconds=self._row_max_s), now=now,
                 claimed_by=self._worker_id,
             )
         for item in released:

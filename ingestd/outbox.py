@@ -19,6 +19,7 @@ that timed out until the worker gave up, but that TTS had accepted).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -90,47 +91,65 @@ def _clip(error: str) -> str:
 
 
 def claim_due(engine: Engine, *, worker_id: str, limit: int, now: datetime) -> list[OutboxItem]:
-    """Claim up to ``limit`` due rows for ``worker_id``, at most one per device, oldest first.
+    """Claim up to ``limit`` due rows for ``worker_id``, at most one per device, most overdue
+    first.
 
     A claim sets ``pushing``, ``claimed_at``/``claimed_by``, ``attempts + 1`` and the
     correlation id ``ingestd:outbox:<id>``. PostgreSQL locks candidates with ``FOR UPDATE
     SKIP LOCKED`` (concurrent claimers take different rows instead of waiting); SQLite runs
     one ``UPDATE … RETURNING`` under ``BEGIN IMMEDIATE``, which serialises claimers.
     """
+    params = {"b_worker": worker_id, "b_limit": limit, "b_now": now}
+    with map_db_errors(), engine.begin() as conn:
+        rows = conn.execute(_claim_statement(is_postgres(conn)), params).all()
+    return sorted((_item(r) for r in rows), key=lambda i: i.id)
+
+
+@functools.cache
+def _claim_statement(postgres: bool) -> sa.Update:
+    # Built once: building the aliases costs more than running the claim.
     cand = _T.alias("cand")
     earlier = _T.alias("earlier")
-    held_back = sa.exists().where(
-        earlier.c.application_id == cand.c.application_id,
-        earlier.c.device_id == cand.c.device_id,
-        earlier.c.id < cand.c.id,
-        _literal_in(earlier.c.status, _ACTIVE),
+    now = sa.bindparam("b_now", type_=schema.UtcDateTime())
+    # The device's head: its oldest row TTS has not accepted yet. A correlated scalar
+    # subquery (not NOT EXISTS) so that PostgreSQL always runs it as an index lookup per
+    # candidate: without statistics (a fresh table) it planned NOT EXISTS as an O(n²) join.
+    device_head = (
+        sa.select(sa.func.min(earlier.c.id))
+        .where(
+            earlier.c.application_id == cand.c.application_id,
+            earlier.c.device_id == cand.c.device_id,
+            _literal_in(earlier.c.status, _ACTIVE),
+        )
+        .scalar_subquery()
     )
     candidates = (
         sa.select(cand.c.id)
         .where(cand.c.status == sa.literal_column("'pending'"))
         .where(cand.c.next_attempt_at <= now)
-        .where(~held_back)
-        .order_by(cand.c.id)
-        .limit(limit)
+        .where(cand.c.id == device_head)
+        # Most overdue first; walks ix_downlink_outbox_pending_due (PostgreSQL) or the
+        # (status, next_attempt_at) index (SQLite: equal keys come in rowid order) and
+        # stops after `limit` heads, so a claim costs the same with any backlog.
+        .order_by(cand.c.next_attempt_at, cand.c.id)
+        .limit(sa.bindparam("b_limit", type_=sa.Integer()))
     )
     values = {
         "status": "pushing",
         "claimed_at": now,
-        "claimed_by": worker_id,
+        "claimed_by": sa.bindparam("b_worker", type_=sa.String()),
         "attempts": _T.c.attempts + 1,
         "correlation_id": sa.literal(OUTBOX_CID_PREFIX) + sa.cast(_T.c.id, sa.String),
         "updated_at": now,
     }
-    with map_db_errors(), engine.begin() as conn:
-        if is_postgres(conn):
-            # A CTE runs once; FOR UPDATE SKIP LOCKED inside it makes concurrent claimers
-            # skip each other's candidates (procrastinate's fetch_job).
-            cte = candidates.with_for_update(skip_locked=True, of=cand).cte("claimable")
-            stmt = sa.update(_T).where(_T.c.id == cte.c.id)
-        else:
-            stmt = sa.update(_T).where(_T.c.id.in_(candidates.scalar_subquery()))
-        rows = conn.execute(stmt.values(values).returning(*_T.c)).all()
-    return sorted((_item(r) for r in rows), key=lambda i: i.id)
+    if postgres:
+        # A CTE runs once; FOR UPDATE SKIP LOCKED inside it makes concurrent claimers skip
+        # each other's candidates (procrastinate's fetch_job).
+        cte = candidates.with_for_update(skip_locked=True, of=cand).cte("claimable")
+        stmt = sa.update(_T).where(_T.c.id == cte.c.id)
+    else:
+        stmt = sa.update(_T).where(_T.c.id.in_(candidates.scalar_subquery()))
+    return stmt.values(values).returning(*_T.c)
 
 
 def release_claim(
@@ -197,19 +216,25 @@ def release_stale_claims(
 
 def mark_queued(engine: Engine, outbox_id: int, *, request_id: str, now: datetime) -> None:
     """TTS accepted the push: ``pushing``/``pending`` → ``queued`` (later statuses stay)."""
-    stmt = (
+    params = {"b_id": outbox_id, "b_request_id": request_id, "b_now": now}
+    with map_db_errors(), engine.begin() as conn:
+        conn.execute(_mark_queued_statement(), params)
+
+
+@functools.cache
+def _mark_queued_statement() -> sa.Update:
+    now = sa.bindparam("b_now", type_=schema.UtcDateTime())
+    return (
         sa.update(_T)
-        .where(_T.c.id == outbox_id)
+        .where(_T.c.id == sa.bindparam("b_id"))
         .values(
-            status=sa.case((_T.c.status.in_(_ACTIVE), "queued"), else_=_T.c.status),
+            status=sa.case((_literal_in(_T.c.status, _ACTIVE), "queued"), else_=_T.c.status),
             queued_at=sa.func.coalesce(_T.c.queued_at, now),
-            request_id=request_id,
+            request_id=sa.bindparam("b_request_id", type_=sa.String()),
             verify_before_push=False,
             updated_at=now,
         )
     )
-    with map_db_errors(), engine.begin() as conn:
-        conn.execute(stmt)
 
 
 def mark_retry(

@@ -264,6 +264,14 @@ downlink_outbox = sa.Table(
         postgresql_where=sa.text(_in_list("status", OUTBOX_ACTIVE_STATUSES)),
         sqlite_where=sa.text(_in_list("status", OUTBOX_ACTIVE_STATUSES)),
     ),
+    # Claim candidates in claim order (most overdue first), whatever the table's history.
+    sa.Index(
+        "ix_downlink_outbox_pending_due",
+        "next_attempt_at",
+        "id",
+        postgresql_where=sa.text("status = 'pending'"),
+        sqlite_where=sa.text("status = 'pending'"),
+    ),
     # Reject typos in hand-written INSERTs at once instead of failing the row later.
     sa.CheckConstraint(_in_list("status", OUTBOX_STATUSES), name="status"),
     sa.CheckConstraint(_in_list("operation", OUTBOX_OPERATIONS), name="operation"),

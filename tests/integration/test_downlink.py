@@ -252,9 +252,9 @@ async def test_crash_after_push_is_verified_not_pushed_again(
     assert row(engine, outbox_id).status == "pushing"
     monkeypatch.setattr(outbox, "mark_queued", real_mark)
     # The restarted process (same worker id) takes its own claim back once no request of
-    # its previous life can still be in flight (one request timeout).
+    # its previous life can still be in flight (3 request timeouts: verify, push, marks).
     await asyncio.sleep(0.35)
-    await run_until(worker(engine, settings_for(sim, request_timeout_s=0.3)),
+    await run_until(worker(engine, settings_for(sim, request_timeout_s=0.1)),
                     settled(engine, "queued"))
     assert len(pushes(sim)) == 1
     assert [q.op for q in sim.downlink_requests] == ["push", "list"]
