@@ -1,16 +1,17 @@
 """The downlink worker: claims due outbox rows, pushes them to TTS, records each outcome.
 
-One :class:`DownlinkWorker` per process (several processes may share a database: claims
-never overlap, see :mod:`ingestd.outbox`). It wakes on its poll timer, at once on a
-PostgreSQL ``NOTIFY ingestd_outbox`` (sent by an insert trigger), and right after a claim
-that found work. Each claimed row (at most one per device per claim, so pushes in flight
-never reorder a device's rows) goes through: validate → stream gate → reconcile (only if
-an earlier attempt may have reached TTS) → push → mark.
+Several workers and processes may share a database: claims never overlap and a device's
+rows go out one at a time in order (see :mod:`ingestd.outbox`). Each worker runs
+``concurrency`` slots; a slot claims one row, then: validate → stream gate → verify (only
+if an earlier push got no answer) → push → mark. It claims again at once after work, else
+waits for its poll timer or, on PostgreSQL, a ``NOTIFY ingestd_outbox`` from the insert
+trigger (a LISTEN connection of its own; the poll stays as the fallback).
 
-Never twice: push is not idempotent in TTS (TTS_WIRE 5.3). A row that was claimed before
-(a crash between push and mark, a timeout, any retry) is first looked up in the stored
-lifecycle events and in the device's queue (``GET …/down``) by its correlation id; only
-when both say no is it pushed again, and when TTS cannot be asked it waits.
+Never twice: push is not idempotent in TTS (TTS_WIRE 5.3). A row whose earlier push got no
+answer (timeout, 5xx, a worker that died between push and mark) has ``verify_before_push``:
+it is looked up in the stored lifecycle events and in the device's queue (``GET …/down``)
+by its correlation id first, pushed again only when both say no, and waits while TTS
+cannot be asked.
 """
 
 from __future__ import annotations
@@ -127,7 +128,6 @@ class DownlinkWorker:
         log.info("downlink_worker_started", worker_id=self._worker_id,
                  concurrency=self._concurrency)
         try:
-            await self._release_stale(startup=True)
             # `concurrency` independent slots, each claim → push → mark: a slow push holds
             # up only its own slot, and the claims never give two slots the same device.
             slots = [asyncio.create_task(self._slot(stop, housekeeper=(i == 0)),
@@ -148,13 +148,14 @@ class DownlinkWorker:
             log.info("downlink_worker_stopped", worker_id=self._worker_id)
 
     async def _slot(self, stop: asyncio.Event, *, housekeeper: bool) -> None:
-        next_stale_check = time.monotonic() + self._stale_check_interval_s
+        next_stale_check, startup = 0.0, True  # the housekeeper releases stale claims first
         errors = 0
         while not stop.is_set():
             try:
                 if housekeeper and time.monotonic() >= next_stale_check:
-                    await self._release_stale(startup=False)
+                    await self._release_stale(startup=startup)
                     next_stale_check = time.monotonic() + self._stale_check_interval_s
+                    startup = False
                 found = await self._claim_and_push(stop)
                 errors = 0
             except Exception as exc:  # the loop's top: log, back off, go on
@@ -386,7 +387,7 @@ class DownlinkWorker:
                     self._wakeup.set()  # rows may have arrived while we were not listening
                     async for _ in conn.notifies():
                         self._wakeup.set()
-            except (psycopg.Error, OSError) as exc:
+            except Exception as exc:  # the loop's top; polling goes on meanwhile
                 failures += 1
                 delay = backoff.delay_s(failures)
                 log.warning("outbox_listen_failed", error=type(exc).__name__,

@@ -9,12 +9,14 @@ Claiming keeps each device's rows in insertion order: a row is claimable only wh
 still ``pending`` or ``pushing``. So two workers never reorder a device's rows, and a row
 waiting in backoff holds back the device's later rows (a later downlink must not overtake
 an earlier one that TTS has not accepted yet; other devices are not held back). Rows that
-ended ``failed``/``dropped``/… no longer hold anything back.
+ended ``failed``/``dropped``/… no longer hold anything back. Across devices, the most
+overdue row goes first.
 
 Statuses only move forward: ``pending < pushing < queued < sent < acked``. ``failed``,
 ``invalidated`` and ``dropped`` are final, except that an ``ack`` event wins over every
 status: the device acknowledged the downlink, whatever was concluded before (e.g. a push
-that timed out until the worker gave up, but that TTS had accepted).
+that timed out until the worker gave up, but that TTS had accepted). A ``receive`` event
+moves nothing: TTS publishes it before it checks the device, session and NS queue.
 """
 
 from __future__ import annotations
@@ -153,11 +155,7 @@ def _claim_statement(postgres: bool) -> sa.Update:
 
 
 def release_claim(
-    engine: Engine,
-    outbox_id: int,
-    *,
-    next_attempt_at: datetime,
-    now: datetime,
+    engine: Engine, outbox_id: int, *, next_attempt_at: datetime, now: datetime,
     note: str | None = None,
 ) -> bool:
     """Give a claimed row back untouched (no push was attempted): the attempt is not counted.
@@ -169,13 +167,22 @@ def release_claim(
         "status": "pending",
         "attempts": sa.case((_T.c.attempts > 0, _T.c.attempts - 1), else_=0),
         "next_attempt_at": next_attempt_at,
-        "claimed_at": None,
-        "claimed_by": None,
-        "updated_at": now,
     }
     if note is not None:
         values["last_error"] = _clip(note)
-    stmt = sa.update(_T).where(_T.c.id == outbox_id, _T.c.status == "pushing").values(values)
+    return _move(engine, outbox_id, ("pushing",), values, now=now)
+
+
+def _move(
+    engine: Engine, outbox_id: int, sources: tuple[str, ...], values: dict[str, Any], *,
+    now: datetime,
+) -> bool:
+    """Update one row if its status is in ``sources`` and drop its claim; True if it moved."""
+    stmt = (
+        sa.update(_T)
+        .where(_T.c.id == outbox_id, _T.c.status.in_(sources))
+        .values(values | {"claimed_at": None, "claimed_by": None, "updated_at": now})
+    )
     with map_db_errors(), engine.begin() as conn:
         return bool(conn.execute(stmt).rowcount)
 
@@ -238,12 +245,7 @@ def _mark_queued_statement() -> sa.Update:
 
 
 def mark_retry(
-    engine: Engine,
-    outbox_id: int,
-    *,
-    error: str,
-    next_attempt_at: datetime,
-    now: datetime,
+    engine: Engine, outbox_id: int, *, error: str, next_attempt_at: datetime, now: datetime,
     outcome_unknown: bool = False,
 ) -> bool:
     """A transient failure: back to ``pending`` until ``next_attempt_at``.
@@ -252,40 +254,16 @@ def mark_retry(
     ``verify_before_push``; a clear refusal clears it. Only a row still ``pushing`` moves
     (an event may have moved it forward meanwhile).
     """
-    stmt = (
-        sa.update(_T)
-        .where(_T.c.id == outbox_id, _T.c.status == "pushing")
-        .values(
-            status="pending",
-            last_error=_clip(error),
-            next_attempt_at=next_attempt_at,
-            verify_before_push=outcome_unknown,
-            claimed_at=None,
-            claimed_by=None,
-            updated_at=now,
-        )
-    )
-    with map_db_errors(), engine.begin() as conn:
-        return bool(conn.execute(stmt).rowcount)
+    values = {"status": "pending", "last_error": _clip(error), "next_attempt_at": next_attempt_at,
+              "verify_before_push": outcome_unknown}
+    return _move(engine, outbox_id, ("pushing",), values, now=now)
 
 
 def mark_failed(engine: Engine, outbox_id: int, *, error: str, now: datetime) -> bool:
     """A permanent failure (or retries exhausted): ``failed`` with ``last_error``."""
-    stmt = (
-        sa.update(_T)
-        .where(_T.c.id == outbox_id, _T.c.status.in_(_ACTIVE))
-        .values(
-            status="failed",
-            last_error=_clip(error),
-            finished_at=now,
-            verify_before_push=False,
-            claimed_at=None,
-            claimed_by=None,
-            updated_at=now,
-        )
-    )
-    with map_db_errors(), engine.begin() as conn:
-        return bool(conn.execute(stmt).rowcount)
+    values = {"status": "failed", "last_error": _clip(error), "finished_at": now,
+              "verify_before_push": False}
+    return _move(engine, outbox_id, _ACTIVE, values, now=now)
 
 
 # Kinds that TTS publishes only for an item it accepted into the device's queue.
