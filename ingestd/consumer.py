@@ -16,10 +16,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 import structlog
 
 from ingestd import metrics
-from ingestd.aio import sleep_or_stop, wait_any
+from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
 from ingestd.config import DatabaseSettings, StreamSettings
 from ingestd.errors import (
     AuthRejected,
@@ -32,6 +33,7 @@ from ingestd.errors import (
     TransientError,
 )
 from ingestd.ingest import BatchBuilder
+from ingestd.leader import StreamLeadership
 from ingestd.models import Batch, Gap
 from ingestd.retry import Backoff
 from ingestd.store import Store
@@ -44,6 +46,8 @@ STORE_RETRY = Backoff(base_s=0.5, factor=2.0, max_s=30.0)
 # of the overlap (down to this floor): a replay window holding more events than the
 # connection survives would otherwise be asked for again and again.
 MIN_OVERLAP_S = 0.001
+LEADER_RETRY_S = 5.0  # a standby tries to take over a stream this often
+LEADER_CHECK_S = 5.0  # the leader checks its lock's session this often
 OVERLAP_SHRINK = 4.0
 SHUTDOWN_COMMIT_ATTEMPTS = 3
 AUTH_ERROR_CODES = {7, 16}  # PermissionDenied, Unauthenticated: an error frame about the key
@@ -61,6 +65,7 @@ class StreamState:
     retrying_since: datetime | None = None
     last_error: str | None = None
     permanent_error: bool = False
+    standby: bool = False  # another process leads this stream (PostgreSQL)
 
     def covers(self, application_id: str, device_id: str) -> bool:
         """True when this stream receives ``device_id``'s downlink lifecycle events."""
@@ -102,26 +107,78 @@ class StreamConsumer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop``; then commit what was read, with its cursor."""
+        """Consume until ``stop``; then commit what was read, with its cursor.
+
+        On PostgreSQL the stream is followed only while this process holds its leadership
+        lock (:mod:`ingestd.leader`); otherwise it stands by and tries again.
+        """
         name = self.settings.name
         with structlog.contextvars.bound_contextvars(
             stream=name, application_id=self.settings.application_id
         ):
-            cursor = await asyncio.to_thread(self._store.load_cursor, name)
-            self._builder = BatchBuilder(name, cursor)
-            log.info("stream_starting", cursor=cursor.last_time)
-            ticker = asyncio.create_task(self._flush_on_timer(stop), name=f"flush:{name}")
+            leadership = StreamLeadership(self._store.engine, name)
             try:
-                await self._connect_forever(stop)
+                while await self._become_leader(leadership, stop):
+                    halt = asyncio.Event()  # stop, or leadership lost
+                    watcher = asyncio.create_task(self._watch_leadership(leadership, stop, halt))
+                    try:
+                        await self._follow(halt)
+                    finally:
+                        await cancel_and_wait([watcher])
+                    if stop.is_set():
+                        break
             finally:
-                self._stopping = True
-                ticker.cancel()
-                await asyncio.gather(ticker, return_exceptions=True)
-                # Commit the batch in flight with its cursor even if we are being cancelled.
-                await asyncio.shield(self._flush())
-                self._set_disconnected(None)
-                await asyncio.shield(self._save_state(None, None))  # status: not connected
-                log.info("stream_stopped", cursor=self._builder.cursor.last_time)
+                await asyncio.shield(asyncio.to_thread(leadership.release))
+
+    async def _follow(self, halt: asyncio.Event) -> None:
+        name = self.settings.name
+        self._stopping = False
+        cursor = await asyncio.to_thread(self._store.load_cursor, name)
+        self._builder = BatchBuilder(name, cursor)
+        log.info("stream_starting", cursor=cursor.last_time)
+        ticker = asyncio.create_task(self._flush_on_timer(halt), name=f"flush:{name}")
+        try:
+            await self._connect_forever(halt)
+        finally:
+            self._stopping = True
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+            # Commit the batch in flight with its cursor even if we are being cancelled.
+            await asyncio.shield(self._flush())
+            self._set_disconnected(None)
+            await asyncio.shield(self._save_state(None, None))  # status: not connected
+            log.info("stream_stopped", cursor=self._builder.cursor.last_time)
+
+    async def _become_leader(self, leadership: StreamLeadership, stop: asyncio.Event) -> bool:
+        """Wait until this process leads the stream; False when stopping first."""
+        announced = False
+        while not stop.is_set():
+            try:
+                if await asyncio.to_thread(leadership.try_acquire):
+                    if leadership.needed:
+                        log.info("stream_leader")
+                    self.state.standby = False
+                    return True
+            except sa.exc.DBAPIError as exc:
+                log.warning("stream_leadership_unknown", error=type(exc.orig).__name__)
+            if not announced:
+                log.info("stream_standby", retry_in_s=LEADER_RETRY_S)
+                announced = True
+            self.state.standby = True
+            await sleep_or_stop(LEADER_RETRY_S, stop)
+        return False
+
+    async def _watch_leadership(
+        self, leadership: StreamLeadership, stop: asyncio.Event, halt: asyncio.Event
+    ) -> None:
+        """Set ``halt`` on stop, or when the lock's database session is gone."""
+        try:
+            while not await sleep_or_stop(LEADER_CHECK_S if leadership.needed else 3600, stop):
+                if not await asyncio.to_thread(leadership.still_held):
+                    log.warning("stream_leadership_lost")
+                    return
+        finally:
+            halt.set()
 
     async def _connect_forever(self, stop: asyncio.Event) -> None:
         attempt = 0
@@ -328,23 +385,8 @@ class StreamConsumer:
                 log.warning("store_unavailable", error=str(exc), retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
         elapsed = asyncio.get_running_loop().time() - started
-        now = datetime.now(UTC)
-        for event_name, n in names.items():
-            metrics.EVENTS_RECEIVED.labels(name, event_name).inc(n)
-        for event_name, n in result.stored_by_name.items():
-            metrics.EVENTS_STORED.labels(name, event_name).inc(n)
-        metrics.EVENTS_DUPLICATE.labels(name).inc(result.duplicates)
-        metrics.EVENTS_REJECTED.labels(name).inc(result.rejected)
-        metrics.BATCHES.labels(name).inc()
-        metrics.COMMIT_SECONDS.labels(name).observe(elapsed)
-        if batch.items:
-            oldest = min(ev["time"] for ev, _ in batch.items)
-            metrics.EVENT_TO_COMMIT_SECONDS.labels(name).observe((now - oldest).total_seconds())
+        metrics.record_commit(name, batch, result, received=names, elapsed_s=elapsed)
         for gap in batch.gaps:
-            metrics.GAPS.labels(name, gap.reason).inc()
-            if gap.gap_start and gap.gap_end:
-                seconds = max((gap.gap_end - gap.gap_start).total_seconds(), 0.0)
-                metrics.GAP_SECONDS.labels(name, gap.reason).inc(seconds)
             log.warning(
                 "stream_gap",
                 reason=gap.reason,
@@ -353,8 +395,6 @@ class StreamConsumer:
                 detail=gap.detail,
             )
         cursor = batch.cursor
-        if cursor is not None and cursor.last_time is not None:
-            metrics.CURSOR_LAG.labels(name).set(max((now - cursor.last_time).total_seconds(), 0))
         log.info(
             "batch_committed",
             events=result.events,

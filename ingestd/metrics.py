@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Generator
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +30,7 @@ from prometheus_client import (
 )
 
 from ingestd import __version__
+from ingestd.models import Batch, CommitResult
 
 log = structlog.get_logger()
 
@@ -318,3 +320,35 @@ class MetricsServer:
             healthy, details = False, {"error": type(exc).__name__}
         body = {**details, "status": "ok" if healthy else "unavailable"}
         return (200 if healthy else 503), orjson.dumps(body, default=str)
+
+
+def record_commit(
+    stream: str,
+    batch: Batch,
+    result: CommitResult,
+    *,
+    received: dict[str, int],
+    elapsed_s: float,
+) -> None:
+    """Count one committed batch: events per name, duplicates, rejects, gaps, latency, lag."""
+    now = datetime.now(UTC)
+    for name, n in received.items():
+        EVENTS_RECEIVED.labels(stream, name).inc(n)
+    for name, n in result.stored_by_name.items():
+        EVENTS_STORED.labels(stream, name).inc(n)
+    EVENTS_DUPLICATE.labels(stream).inc(result.duplicates)
+    EVENTS_REJECTED.labels(stream).inc(result.rejected)
+    BATCHES.labels(stream).inc()
+    COMMIT_SECONDS.labels(stream).observe(elapsed_s)
+    if batch.items:
+        # One observation per batch, for its oldest event: the worst latency in it.
+        oldest = min(ev["time"] for ev, _ in batch.items)
+        EVENT_TO_COMMIT_SECONDS.labels(stream).observe((now - oldest).total_seconds())
+    for gap in batch.gaps:
+        GAPS.labels(stream, gap.reason).inc()
+        if gap.gap_start and gap.gap_end:
+            seconds = max((gap.gap_end - gap.gap_start).total_seconds(), 0.0)
+            GAP_SECONDS.labels(stream, gap.reason).inc(seconds)
+    cursor = batch.cursor
+    if cursor is not None and cursor.last_time is not None:
+        CURSOR_LAG.labels(stream).set(max((now - cursor.last_time).total_seconds(), 0.0))

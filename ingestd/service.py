@@ -93,8 +93,8 @@ class Service:
         ok = True
         for c in self.consumers:
             st = c.state
-            if st.connected:
-                streams[st.name] = "connected"
+            if st.connected or st.standby:
+                streams[st.name] = "connected" if st.connected else "standby"
                 continue
             since = st.retrying_since or now
             within = (now - since).total_seconds() <= grace_s and not st.permanent_error

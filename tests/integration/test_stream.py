@@ -7,6 +7,7 @@ import time
 from datetime import datetime, timedelta
 
 import orjson
+import pytest
 from structlog.testing import capture_logs
 from support import Db, connected, make_settings, running, wait_for, with_stream
 
@@ -309,3 +310,34 @@ async def test_stop_commits_the_batch_in_flight_within_half_a_second(
     assert db.scalar("SELECT count(*) FROM uplinks") == 40
     cursor = _aware(db.scalar("SELECT last_event_time FROM stream_cursors WHERE stream='app'"))
     assert cursor == max(_times(sent))
+
+
+async def test_on_postgresql_one_process_leads_a_stream_and_a_standby_takes_over(
+    sim: Simulator, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ingestd import consumer
+    from ingestd.service import Service
+
+    monkeypatch.setattr(consumer, "LEADER_RETRY_S", 0.1)
+    db = Db(pg_url)
+    settings = make_settings(sim, pg_url)
+    leader_stop = asyncio.Event()
+    async with Service(settings) as leader, running(settings) as standby:
+        leader_task = asyncio.create_task(leader.run(leader_stop))
+        await connected(leader)
+        await wait_for(lambda: standby.consumers[0].state.standby, timeout_s=5)
+        sim.uplinks(10)
+        await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 10)
+        assert not standby.consumers[0].state.connected
+        assert len([r for r in sim.stream_requests if r.status == 200]) == 1
+        ok, details = await standby.health()
+        assert ok
+        assert details["streams"]["app"] == "standby"
+
+        leader_stop.set()  # the leader shuts down and its lock goes with its session
+        await asyncio.wait_for(leader_task, timeout=5)
+        await connected(standby)
+        sim.uplinks(5)
+        await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 15)
+    assert db.scalar("SELECT count(*) FROM events") == 15
+    db.engine.dispose()
