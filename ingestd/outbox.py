@@ -320,8 +320,9 @@ _TRANSITIONS: dict[str, _Transition] = {
     # The NS may fail a later confirmed retry of a downlink already sent, hence from `sent`.
     "failed": _Transition("failed", (*_EARLY, "sent"), None, sets_error=True),
     "queue_invalidated": _Transition("invalidated", (*_EARLY, "sent"), None),
-    # A drop while pushing is the push's own refusal, which the HTTP answer reports (and
-    # the worker may retry); only an accepted item can be dropped later.
+    # Only an accepted item can be dropped later (e.g. max_retries_reached after nacks). A
+    # drop of a push request is that request's refusal: its HTTP answer decided (and the
+    # worker may have retried since), so such drops move nothing (see _is_push_refusal).
     "drop": _Transition("dropped", ("queued", "sent"), None, sets_error=True),
     "ack": _Transition("acked", tuple(s for s in schema.OUTBOX_STATUSES if s != "acked"),
                        "acked_at"),
@@ -340,7 +341,7 @@ def apply_downlink_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
     params: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in _TRANSITIONS}
     for row in rows:
         kind = row.get("kind")
-        if kind not in params:
+        if kind not in params or (kind == "drop" and _is_push_refusal(row)):
             continue
         for outbox_id in _outbox_ids(row):
             time = row["time"]
@@ -355,6 +356,20 @@ def apply_downlink_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
     for kind, by_id in params.items():
         if by_id:
             conn.execute(_transition_stmt(_TRANSITIONS[kind]), list(by_id.values()))
+
+
+_PUSH_RPC_PREFIXES = (
+    "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:",
+    "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueueReplace:",
+)
+
+
+def _is_push_refusal(row: Mapping[str, Any]) -> bool:
+    """A drop published while TTS handled a push/replace request (it carries its rpc id)."""
+    return any(
+        isinstance(c, str) and c.startswith(_PUSH_RPC_PREFIXES)
+        for c in row.get("correlation_ids") or ()
+    )
 
 
 def _outbox_ids(row: Mapping[str, Any]) -> list[int]:

@@ -267,6 +267,19 @@ def test_one_batch_with_several_events_ends_in_the_latest_status(engine: Engine)
     assert r.finished_at == r.acked_at
 
 
+def test_a_late_drop_of_an_earlier_refused_push_does_not_drop_the_queued_row(
+    engine: Engine,
+) -> None:
+    """Attempt 1 was refused (queue full), attempt 2 queued; attempt 1's drop arrives late."""
+    (row,) = _insert(engine, status="queued")
+    refusal = _event("drop", row, error=FAILED, correlation_ids=[
+        "as:downlink:01J", f"rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:ingestd-outbox-{row}-1"])
+    _apply(engine, refusal)
+    assert _row(engine, row).status == "queued"
+    _apply(engine, _event("drop", row, error=FAILED, correlation_ids=["as:up:01K"]))
+    assert _row(engine, row).status == "dropped"
+
+
 def test_failed_and_invalidated_events_record_the_error_and_every_row(engine: Engine) -> None:
     failed, inv1, inv2, other = (_insert(engine, f"dev-{i}", status="queued")[0]
                                  for i in range(4))
