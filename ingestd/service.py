@@ -175,16 +175,15 @@ class Service:
         from ingestd.downlink import DownlinkWorker
 
         assert self.engine is not None
-        host = socket.gethostname()
         return [
             DownlinkWorker(
                 self.engine,
                 self.settings,
                 client=self.client,
                 stream_ready=self.stream_ready if d.require_stream else None,
-                worker_id=f"{host}:{os.getpid()}:{i}",
+                worker_id=f"{socket.gethostname()}:{os.getpid()}",
+                concurrency=d.workers,
             )
-            for i in range(d.workers)
         ]
 
     async def _start_metrics(self) -> Any:
