@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from support import Db, connected, make_settings, running, wait_for, with_stream
 
 from ingestd.normalize import parse_time
+from ingestd.service import Service
 from ingestd.simulator import Simulator
 
 
@@ -316,28 +317,38 @@ async def test_on_postgresql_one_process_leads_a_stream_and_a_standby_takes_over
     sim: Simulator, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ingestd import consumer
-    from ingestd.service import Service
 
     monkeypatch.setattr(consumer, "LEADER_RETRY_S", 0.1)
     db = Db(pg_url)
     settings = make_settings(sim, pg_url)
     leader_stop = asyncio.Event()
-    async with Service(settings) as leader, running(settings) as standby:
+    async with Service(settings) as leader:
         leader_task = asyncio.create_task(leader.run(leader_stop))
         await connected(leader)
-        await wait_for(lambda: standby.consumers[0].state.standby, timeout_s=5)
-        sim.uplinks(10)
-        await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 10)
-        assert not standby.consumers[0].state.connected
-        assert len([r for r in sim.stream_requests if r.status == 200]) == 1
-        ok, details = await standby.health()
-        assert ok
-        assert details["streams"]["app"] == "standby"
-
-        leader_stop.set()  # the leader shuts down and its lock goes with its session
-        await asyncio.wait_for(leader_task, timeout=5)
-        await connected(standby)
-        sim.uplinks(5)
-        await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 15)
+        async with running(settings) as standby:
+            await _standby_takes_over(sim, db, leader_stop, leader_task, standby)
     assert db.scalar("SELECT count(*) FROM events") == 15
     db.engine.dispose()
+
+
+async def _standby_takes_over(
+    sim: Simulator,
+    db: Db,
+    leader_stop: asyncio.Event,
+    leader_task: asyncio.Task[None],
+    standby: Service,
+) -> None:
+    await wait_for(lambda: standby.consumers[0].state.standby, timeout_s=5)
+    sim.uplinks(10)
+    await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 10)
+    assert not standby.consumers[0].state.connected
+    assert len([r for r in sim.stream_requests if r.status == 200]) == 1
+    ok, details = await standby.health()
+    assert ok
+    assert details["streams"]["app"] == "standby"
+
+    leader_stop.set()  # the leader shuts down and its lock goes with its session
+    await asyncio.wait_for(leader_task, timeout=5)
+    await connected(standby)
+    sim.uplinks(5)
+    await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 15)
