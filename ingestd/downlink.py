@@ -28,7 +28,7 @@ import structlog
 from sqlalchemy.engine import Engine
 from structlog.contextvars import bound_contextvars
 
-from ingestd import __version__, outbox
+from ingestd import __version__, metrics, outbox
 from ingestd.aio import sleep_or_stop, wait_any
 from ingestd.config import DownlinkSettings, Secret
 from ingestd.db import is_postgres
@@ -301,18 +301,22 @@ class DownlinkWorker:
     async def _reconciled(self, item: outbox.OutboxItem, source: str) -> str:
         await self._db(outbox.mark_queued, self._engine, item.id,
                        request_id=request_id(item), now=_now())
+        metrics.DOWNLINK_PUSHES.labels("reconciled").inc()
         log.info("downlink_reconciled", found=True, source=source, attempts=item.attempts)
         return "accepted"
 
     async def _push(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> Outcome:
         url, headers, body = push_request(item, base_url, key, user_agent=_USER_AGENT)
         self.pushes += 1
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self._cfg.request_timeout_s):
                 response = await self._client.post(url, content=body, headers=headers,
                                                    timeout=self._timeout)
         except (httpx.HTTPError, TimeoutError) as exc:
             return transport_outcome(exc)
+        finally:
+            metrics.DOWNLINK_PUSH_SECONDS.observe(time.monotonic() - started)
         self._log_warnings(response)
         return classify_response(response)
 
@@ -321,6 +325,7 @@ class DownlinkWorker:
             await self._db(outbox.mark_queued, self._engine, item.id,
                            request_id=request_id(item), now=_now())
             log.info("downlink_queued", attempts=item.attempts)
+            metrics.DOWNLINK_PUSHES.labels("queued").inc()
             return
         error = outcome.error or "unknown error"
         if outcome.kind == "failed":
@@ -348,11 +353,13 @@ class DownlinkWorker:
         await self._db(outbox.mark_retry, self._engine, item.id, error=error,
                        next_attempt_at=now + timedelta(seconds=delay_s), now=now,
                        outcome_unknown=unknown)
+        metrics.DOWNLINK_PUSHES.labels("retry").inc()
         log.warning("downlink_retry", error=error, attempts=item.attempts,
                     retry_in_s=round(delay_s, 3))
 
     async def _fail(self, item: outbox.OutboxItem, error: str, *, reason: str) -> None:
         await self._db(outbox.mark_failed, self._engine, item.id, error=error, now=_now())
+        metrics.DOWNLINK_PUSHES.labels("invalid" if reason == "invalid" else "failed").inc()
         log.warning("downlink_failed", reason=reason, error=error, attempts=item.attempts)
 
     async def _release(self, item: outbox.OutboxItem, delay_s: float, note: str | None) -> None:

@@ -34,6 +34,7 @@ HTTP_MAX_CONNECTIONS = 100
 HEALTH_DB_TIMEOUT_S = 2.0
 STOP_CHECK_S = 0.2
 WATCHDOG_DEFAULT_S = 10.0
+OUTBOX_GAUGE_INTERVAL_S = 10.0
 
 
 class Service:
@@ -128,6 +129,7 @@ class Service:
         side: dict[str, asyncio.Task[Any]] = {
             "ready": asyncio.create_task(self._notify_ready(stop), name="ready"),
             "watchdog": asyncio.create_task(self._watchdog(stop), name="watchdog"),
+            "outbox_gauge": asyncio.create_task(self._outbox_gauge(stop), name="outbox_gauge"),
         }
         server = await self._start_metrics()
         failed: BaseException | None = None
@@ -203,6 +205,23 @@ class Service:
         if not stop.is_set():
             sdnotify.ready()
             log.info("service_ready", streams=len(self.consumers))
+
+    async def _outbox_gauge(self, stop: asyncio.Event) -> None:
+        """Refresh ``ingestd_outbox_rows{status}`` (one indexed GROUP BY per interval)."""
+        from ingestd import outbox
+
+        assert self.engine is not None
+        engine = self.engine
+        while True:
+            try:
+                counts = await asyncio.to_thread(outbox.outbox_counts, engine)
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("outbox_gauge_failed", error=type(exc).__name__)
+            else:
+                for status, n in counts.items():
+                    metrics.OUTBOX_ROWS.labels(status).set(n)
+            if await sleep_or_stop(OUTBOX_GAUGE_INTERVAL_S, stop):
+                return
 
     async def _watchdog(self, stop: asyncio.Event) -> None:
         """WATCHDOG=1 while the event loop keeps running."""

@@ -7,10 +7,12 @@ import uuid
 from dataclasses import replace
 
 import httpx
+import pytest
+import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from support import Db, connected, make_settings, running, wait_for
 
-from ingestd.config import MetricsSettings
+from ingestd.config import DownlinkSettings, MetricsSettings
 from ingestd.simulator import Simulator
 
 
@@ -23,8 +25,11 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_count_what_was_stored_and_healthz_flips_when_tts_goes_away(
-    db_url: str, db: Db
+    db_url: str, db: Db, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from ingestd import service as service_module
+
+    monkeypatch.setattr(service_module, "OUTBOX_GAUGE_INTERVAL_S", 0.1)
     stream = f"m-{uuid.uuid4().hex[:8]}"  # metrics are process-wide: a fresh label per test
     sim = Simulator(devices=4, seed=21).start()
     try:
@@ -32,7 +37,9 @@ async def test_metrics_count_what_was_stored_and_healthz_flips_when_tts_goes_awa
             sim, db_url, streams=[{"name": stream, "application_id": sim.application_id}]
         )
         settings = replace(
-            settings, metrics=MetricsSettings(listen="127.0.0.1:0", health_grace_s=0.5)
+            settings,
+            metrics=MetricsSettings(listen="127.0.0.1:0", health_grace_s=0.5),
+            downlinks=DownlinkSettings(enabled=True, poll_interval_s=0.1),
         )
         async with running(settings) as service:
             await connected(service)
@@ -58,6 +65,28 @@ async def test_metrics_count_what_was_stored_and_healthz_flips_when_tts_goes_awa
                 assert m[("ingestd_stream_connected", (("stream", stream),))] == 1
                 assert m[("ingestd_batches_total", (("stream", stream),))] >= 1
                 assert m[("ingestd_commit_seconds_count", (("stream", stream),))] >= 1
+
+                queued_before = m.get(
+                    ("ingestd_downlink_pushes_total", (("outcome", "queued"),)), 0
+                )
+                with db.engine.begin() as conn:
+                    conn.execute(
+                        sa.text(
+                            "INSERT INTO downlink_outbox (application_id, device_id, f_port, "
+                            f"frm_payload) VALUES ('{sim.application_id}', '{sim.device_ids[1]}', 5, :p)"
+                        ),
+                        {"p": b"\x01"},
+                    )
+                await wait_for(lambda: db.scalar("SELECT status FROM downlink_outbox") == "sent")
+                await asyncio.sleep(0.3)
+                m = _samples((await client.get("/metrics")).text)
+                assert (
+                    m[("ingestd_downlink_pushes_total", (("outcome", "queued"),))]
+                    == queued_before + 1
+                )
+                assert m[("ingestd_downlink_push_seconds_count", ())] >= 1
+                assert m[("ingestd_outbox_rows", (("status", "sent"),))] == 1
+                assert m[("ingestd_outbox_rows", (("status", "pending"),))] == 0
 
                 health = await client.get("/healthz")
                 assert health.status_code == 200
