@@ -46,7 +46,7 @@ STORE_RETRY = Backoff(base_s=0.5, factor=2.0, max_s=30.0)
 # of the overlap (down to this floor): a replay window holding more events than the
 # connection survives would otherwise be asked for again and again.
 MIN_OVERLAP_S = 0.001
-LEADER_RETRY_S = 5.0  # a standby tries to take over a stream this often
+LEADER_RETRY_S = 1.0  # a standby tries to take over (and reads the leader's state) this often
 LEADER_CHECK_S = 5.0  # the leader checks its lock's session this often
 OVERLAP_SHRINK = 4.0
 SHUTDOWN_COMMIT_ATTEMPTS = 3
@@ -66,6 +66,12 @@ class StreamState:
     last_error: str | None = None
     permanent_error: bool = False
     standby: bool = False  # another process leads this stream (PostgreSQL)
+    leader_connected: bool = False  # while standby: the leader reports it is connected
+
+    @property
+    def receiving(self) -> bool:
+        """True when this stream's events reach the database, from here or from its leader."""
+        return self.connected or (self.standby and self.leader_connected)
 
     def covers(self, application_id: str, device_id: str) -> bool:
         """True when this stream receives ``device_id``'s downlink lifecycle events."""
@@ -158,6 +164,7 @@ class StreamConsumer:
                     if leadership.needed:
                         log.info("stream_leader")
                     self.state.standby = False
+                    self.state.leader_connected = False
                     return True
             except sa.exc.DBAPIError as exc:
                 log.warning("stream_leadership_unknown", error=type(exc.orig).__name__)
@@ -165,6 +172,13 @@ class StreamConsumer:
                 log.info("stream_standby", retry_in_s=LEADER_RETRY_S)
                 announced = True
             self.state.standby = True
+            try:  # the leader's connection state, for the downlink gate of this process
+                name = self.settings.name
+                self.state.leader_connected = await asyncio.to_thread(
+                    self._store.stream_connected, name
+                )
+            except StoreUnavailable:
+                self.state.leader_connected = False
             await sleep_or_stop(LEADER_RETRY_S, stop)
         return False
 

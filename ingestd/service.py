@@ -80,9 +80,10 @@ class Service:
     # -- health ------------------------------------------------------------------------------
 
     def stream_ready(self, application_id: str, device_id: str) -> bool:
-        """True when a connected stream receives this device's downlink events."""
+        """True when a connected stream (here, or its leader elsewhere) receives this
+        device's downlink events."""
         return any(
-            c.state.connected and c.state.covers(application_id, device_id) for c in self.consumers
+            c.state.receiving and c.state.covers(application_id, device_id) for c in self.consumers
         )
 
     async def health(self) -> tuple[bool, dict[str, Any]]:

@@ -113,6 +113,16 @@ def _json_text(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
+def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any]) -> Any:
+    """``INSERT … ON CONFLICT (primary key) DO UPDATE`` of the given columns."""
+    ins = (
+        postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
+    ).values(values)
+    keys = [c.name for c in table.primary_key.columns]
+    update = {k: ins.excluded[k] for k in values if k not in keys}
+    return ins.on_conflict_do_update(index_elements=keys, set_=update)
+
+
 def _upsert_cursor(conn: Connection, stream: str, cursor: Cursor, now: datetime) -> None:
     values = {
         "stream": stream,
@@ -120,12 +130,7 @@ def _upsert_cursor(conn: Connection, stream: str, cursor: Cursor, now: datetime)
         "last_unique_ids": sorted(cursor.unique_ids_at_last_time),
         "updated_at": now,
     }
-    table = schema.stream_cursors
-    ins = (
-        postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
-    ).values(values)
-    update = {k: ins.excluded[k] for k in ("last_event_time", "last_unique_ids", "updated_at")}
-    conn.execute(ins.on_conflict_do_update(index_elements=["stream"], set_=update))
+    conn.execute(_upsert(conn, schema.stream_cursors, values))
 
 
 class Store:
@@ -154,6 +159,15 @@ class Store:
             last_time=row.last_event_time,
             unique_ids_at_last_time=frozenset(row.last_unique_ids or ()),
         )
+
+    def stream_connected(self, stream: str) -> bool:
+        """True when the stream's leader (maybe another process) reports it connected."""
+        t = schema.stream_cursors
+        with map_db_errors(), self.engine.connect() as conn:
+            since = conn.execute(
+                sa.select(t.c.connected_since).where(t.c.stream == stream)
+            ).scalar_one_or_none()
+        return since is not None
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -185,11 +199,10 @@ class Store:
         values: dict[str, Any] = {"connected_since": connected_since, "updated_at": now}
         if last_error is not None:
             values |= {"last_error": last_error[:2000], "last_error_at": now}
-        t = schema.stream_cursors
         with map_db_errors(), self.engine.begin() as conn:
-            updated = conn.execute(sa.update(t).where(t.c.stream == stream).values(values)).rowcount
-            if not updated:
-                conn.execute(_insert_ignore(conn, t).values(stream=stream, **values))
+            # An upsert, not UPDATE-then-INSERT: the stream's first cursor is written
+            # concurrently, and an INSERT that lost that race would drop this state.
+            conn.execute(_upsert(conn, schema.stream_cursors, {"stream": stream, **values}))
 
     # -- internals ---------------------------------------------------------------------------
 
