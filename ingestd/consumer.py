@@ -107,6 +107,7 @@ class StreamConsumer:
         self._flush_task: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         self._stopping = False
+        self._halt = asyncio.Event()  # set when following stops (shutdown or leadership lost)
         self._overlap_s = settings.overlap_s
         self.connected_event = asyncio.Event()  # set on every successful (re)connect
 
@@ -139,6 +140,7 @@ class StreamConsumer:
     async def _follow(self, halt: asyncio.Event) -> None:
         name = self.settings.name
         self._stopping = False
+        self._halt = halt
         cursor = await asyncio.to_thread(self._store.load_cursor, name)
         self._builder = BatchBuilder(name, cursor)
         log.info("stream_starting", cursor=cursor.last_time)
@@ -397,7 +399,7 @@ class StreamConsumer:
                     return
                 delay = STORE_RETRY.delay_s(attempt)
                 log.warning("store_unavailable", error=str(exc), retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+                await sleep_or_stop(delay, self._halt)  # a shutdown must not wait 30 s
         elapsed = asyncio.get_running_loop().time() - started
         metrics.record_commit(name, batch, result, received=names, elapsed_s=elapsed)
         for gap in batch.gaps:

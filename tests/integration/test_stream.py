@@ -352,3 +352,41 @@ async def _standby_takes_over(
     await connected(standby)
     sim.uplinks(5)
     await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 15)
+
+
+async def test_a_database_outage_is_retried_and_does_not_delay_stopping(
+    sim: Simulator, db_url: str, db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ingestd.errors import StoreUnavailable
+    from ingestd.store import Store
+
+    real_commit = Store.commit_batch
+    outage = {"on": False, "refused": 0}
+
+    def flaky_commit(self: Store, batch: object) -> object:
+        if outage["on"]:
+            outage["refused"] += 1
+            raise StoreUnavailable("database unavailable: OperationalError")
+        return real_commit(self, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Store, "commit_batch", flaky_commit)
+    stop = asyncio.Event()
+    async with Service(make_settings(sim, db_url)) as service:
+        task = asyncio.create_task(service.run(stop))
+        await connected(service)
+        sim.uplinks(5)
+        await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 5)
+        outage["on"] = True
+        sim.uplinks(5)
+        await wait_for(lambda: outage["refused"] >= 2, timeout_s=10)  # retried with backoff
+        outage["on"] = False
+        await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 10, timeout_s=10)
+
+        outage["on"] = True  # down again, then asked to stop: the stop must not hang
+        sim.uplinks(3)
+        await wait_for(lambda: outage["refused"] >= 4, timeout_s=10)
+        began = time.monotonic()
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+        assert time.monotonic() - began < 1.5
+    assert db.scalar("SELECT count(*) FROM uplinks") == 10  # the 3 are replayed after restart
