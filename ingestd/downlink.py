@@ -28,7 +28,7 @@ import structlog
 from sqlalchemy.engine import Engine
 from structlog.contextvars import bound_contextvars
 
-from ingestd import __version__, metrics, outbox
+from ingestd import metrics, outbox
 from ingestd.aio import sleep_or_stop, wait_any
 from ingestd.config import DownlinkSettings, Secret
 from ingestd.db import is_postgres
@@ -43,6 +43,7 @@ from ingestd.downlink_push import (
     validate,
 )
 from ingestd.retry import Backoff
+from ingestd.tts import USER_AGENT
 
 log = structlog.get_logger()
 
@@ -273,7 +274,7 @@ class DownlinkWorker:
         accepted = await self._db(outbox.accepted_per_events, self._engine, item.id, now=_now())
         if accepted:
             return await self._reconciled(item, "events")
-        url, headers = list_request(item, base_url, key, user_agent=_USER_AGENT)
+        url, headers = list_request(item, base_url, key, user_agent=USER_AGENT)
         error: str | None = None
         try:
             async with asyncio.timeout(self._cfg.request_timeout_s):
@@ -306,7 +307,7 @@ class DownlinkWorker:
         return "accepted"
 
     async def _push(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> Outcome:
-        url, headers, body = push_request(item, base_url, key, user_agent=_USER_AGENT)
+        url, headers, body = push_request(item, base_url, key, user_agent=USER_AGENT)
         self.pushes += 1
         started = time.monotonic()
         try:
@@ -423,7 +424,6 @@ class DownlinkWorker:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-_USER_AGENT = f"ingestd/{__version__}"
 
 
 def _now() -> datetime:

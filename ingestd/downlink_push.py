@@ -19,6 +19,7 @@ import orjson
 from ingestd.framing import parse_tts_error
 from ingestd.normalize import outbox_correlation_id
 from ingestd.schema import OUTBOX_OPERATIONS, TX_PRIORITIES
+from ingestd.tts import rate_limit_retry_s
 
 if TYPE_CHECKING:
     from ingestd.config import Secret
@@ -28,7 +29,6 @@ F_PORT_MIN = 1
 F_PORT_MAX = 223  # TTS accepts 1-255 except 224; the docs say up to 223 (TTS_WIRE 5.3)
 FRM_PAYLOAD_MAX_BYTES = 242  # EU868: 250 - 8 (TTS_WIRE 5.3); lower data rates allow less
 TTS_ID_MAX_CHARS = 36
-RATE_LIMIT_EXTRA_S = 1.0  # X-Rate-Limit-Retry is truncated to whole seconds (TTS_WIRE 7)
 _TTS_ID_RE = re.compile(r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$")
 _PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409, 412, 413, 422})
 
@@ -167,18 +167,6 @@ def transport_outcome(exc: Exception) -> Outcome:
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     return Outcome("retry", f"transport: {text}", outcome_unknown=sent)
-
-
-def rate_limit_retry_s(headers: httpx.Headers) -> float | None:
-    """Seconds to wait from ``X-Rate-Limit-Retry`` (or ``X-Ratelimit-Retry``), plus 1 s."""
-    for name in ("x-rate-limit-retry", "x-ratelimit-retry"):
-        value = headers.get(name)
-        if value is not None:
-            try:
-                return max(float(value), 0.0) + RATE_LIMIT_EXTRA_S
-            except ValueError:
-                return None
-    return None
 
 
 def _error_text(response: httpx.Response) -> str:

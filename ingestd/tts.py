@@ -74,13 +74,16 @@ def headers(api_key: str, *, accept: str = "application/json") -> dict[str, str]
     }
 
 
-def rate_limit_retry_s(response: httpx.Response) -> float | None:
-    """``X-Rate-Limit-Retry`` (or the documented ``X-Ratelimit-Retry`` spelling), in seconds."""
+def rate_limit_retry_s(headers: httpx.Headers) -> float | None:
+    """Seconds to wait before retrying: ``X-Rate-Limit-Retry`` (or the documented
+    ``X-Ratelimit-Retry`` spelling) plus 1 s, since TTS truncates it to whole seconds."""
     for name in ("x-rate-limit-retry", "x-ratelimit-retry"):
-        value = response.headers.get(name)
+        value = headers.get(name)
         if value is not None:
-            with contextlib.suppress(ValueError):
-                return max(float(value), 0.0)
+            try:
+                return max(float(value), 0.0) + RATE_LIMIT_EXTRA_S
+            except ValueError:
+                return None
     return None
 
 
@@ -114,9 +117,9 @@ def error_for_response(response: httpx.Response, body: bytes) -> IngestdError:
     }
     text = f"HTTP {code}: {info.describe()}"
     if code == 429:
-        retry = rate_limit_retry_s(response)
-        wait = retry if retry is not None else RATE_LIMIT_DEFAULT_S - RATE_LIMIT_EXTRA_S
-        return RateLimited(text, retry_after_s=wait + RATE_LIMIT_EXTRA_S, **kwargs)
+        retry = rate_limit_retry_s(response.headers)
+        wait = retry if retry is not None else RATE_LIMIT_DEFAULT_S
+        return RateLimited(text, retry_after_s=wait, **kwargs)
     if code in (401, 403):
         return AuthRejected(text, **kwargs)
     if code >= 500 or code == 499:
@@ -137,12 +140,6 @@ def map_transport_errors(*, idle_timeout_s: float | None = None) -> Iterator[Non
         raise StreamDisconnected(f"timeout: {type(exc).__name__}", reason="transport") from exc
     except (httpx.TransportError, httpx.StreamError) as exc:
         raise StreamDisconnected(f"{type(exc).__name__}: {exc}", reason="transport") from exc
-
-
-def downlink_path(application_id: str, device_id: str, operation: str = "") -> str:
-    """``/api/v3/as/applications/{app}/devices/{dev}/down[/push|/replace]``."""
-    base = f"/api/v3/as/applications/{application_id}/devices/{device_id}/down"
-    return f"{base}/{operation}" if operation else base
 
 
 def before(t: datetime, seconds: float) -> datetime:
