@@ -15,6 +15,7 @@ import random
 import secrets
 import signal
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -352,7 +353,11 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        sim.start()
+        try:
+            sim.start()
+        except OSError as exc:
+            print(f"ingestd simulate: {exc} (is the port in use? try --port 0)", file=sys.stderr)
+            return 1
         # A local fake key: printing it is the point, so a user can configure the daemon.
         print(f"base_url        {sim.base_url}\napplication_id  {sim.application_id}\n"
               f"api_key         {sim.api_key}\ndevices         {', '.join(sim.device_ids[:3])}"
