@@ -215,6 +215,9 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = "built-in defaults"
+    # ``${VAR}`` problems of API keys, raised by require_credentials (run/check need a key;
+    # migrate, status and import do not).
+    credential_problems: tuple[str, ...] = ()
 
     def credentials_for(self, application_id: str) -> tuple[str, Secret | None]:
         """``(base_url, api_key)`` of the first stream for ``application_id``, else ``[tts]``'s."""
@@ -225,7 +228,8 @@ class Settings:
 
     def require_credentials(self) -> None:
         """Raise ``ConfigError`` naming every stream (and the downlink fallback) without a key."""
-        problems = [
+        problems = [*self.credential_problems]
+        problems += [
             f"streams[{i}] (name {s.name!r}): no api_key; set api_key or api_key_file in [tts] "
             f"or in this stream (config from {self.source})"
             for i, s in enumerate(self.streams)
@@ -269,7 +273,7 @@ def load_settings(
                 problems=problems,
             )
     apply_env_overrides(raw, env, exclusive=_KEY_FIELDS, problems=problems)
-    report_unresolved(raw, problems)
+    key_problems = report_unresolved(raw, problems, defer=_KEY_FIELDS)
     credential = _systemd_credential(raw, env)
     settings = _build(raw, problems)
     if problems:
@@ -279,7 +283,7 @@ def load_settings(
         source += " + env " + ", ".join(raw.env_used)
     if credential:
         source += f" + credential {CREDENTIAL_NAME}"
-    return dataclasses.replace(settings, source=source)
+    return dataclasses.replace(settings, source=source, credential_problems=tuple(key_problems))
 
 
 def _locate(

@@ -106,11 +106,26 @@ def _wrap_table(
     return entries
 
 
-def report_unresolved(raw: RawConfig, problems: Problems) -> None:
-    """Report ``${VAR}`` problems of the entries that no override replaced."""
+def report_unresolved(
+    raw: RawConfig, problems: Problems, *, defer: Iterable[str] = ()
+) -> list[str]:
+    """Report ``${VAR}`` problems of the entries that no override replaced.
+
+    Problems of the keys in ``defer`` (the API key: ``migrate``, ``status`` and ``import``
+    need none) are returned instead, and their entries read as unset.
+    """
+    deferred_keys = set(defer)
+    deferred: list[str] = []
     for entries in [*raw.sections.values(), *raw.streams]:
-        for entry in entries.values():
-            problems.lines.extend(entry.unresolved)
+        for key, entry in list(entries.items()):
+            if not entry.unresolved:
+                continue
+            if key in deferred_keys:
+                deferred.extend(entry.unresolved)
+                del entries[key]
+            else:
+                problems.lines.extend(entry.unresolved)
+    return deferred
 
 
 def _expand(

@@ -255,8 +255,13 @@ def render(report: dict[str, Any]) -> list[str]:
         state = "-"
         if s["connected_since"]:
             state = f"connected {_ago(now, s['connected_since'])}"
-        elif s["last_error_at"]:
+        elif s["last_error_at"] and (
+            not s["cursor_updated_at"] or s["last_error_at"] >= s["cursor_updated_at"]
+        ):
             state = f"error {_ago(now, s['last_error_at'])} ago"
+        elif s["cursor_updated_at"]:
+            # Progress after the last error, and not connected now: the daemon stopped.
+            state = f"stopped {_ago(now, s['cursor_updated_at'])} ago"
         rows.append([
             s["name"],
             s["application_id"] or "(not configured)",
