@@ -23,10 +23,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # Only what the wheel is built from (hatchling: pyproject, readme, the package, migrations).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY ingestd ./ingestd
 COPY migrations ./migrations
-RUN pip wheel --wheel-dir /wheels .
+# Dependencies pinned by the lockfile, so an image rebuilt later has the same versions.
+RUN pip wheel --wheel-dir /wheels --constraint requirements.lock .
 
 # ---- runtime: the wheels installed, nothing else ------------------------------------------
 FROM ${PYTHON_IMAGE}

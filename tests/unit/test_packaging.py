@@ -437,3 +437,27 @@ def test_unpacked_wheel_finds_and_runs_its_own_migrations(wheel: Path, tmp_path:
     assert Path(package_file).is_relative_to(site)
     assert Path(migrations) == site / "ingestd" / "_migrations"
     assert up_to_date == "True"
+
+
+def test_the_image_lockfile_pins_every_runtime_dependency_within_its_range() -> None:
+    """The Dockerfile builds with ``--constraint requirements.lock``: a dependency missing
+    from it, or pinned outside pyproject's range, would make image builds drift or fail."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[2]
+    pins = {}
+    for line in (root / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.lower().replace("_", "-")] = version
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    for spec in deps:
+        req = Requirement(spec.split("#")[0])
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in requirements.lock"
+        assert req.specifier.contains(pins[name]), (
+            f"{name}=={pins[name]} is outside {req.specifier}"
+        )
+    assert "--constraint requirements.lock" in (root / "Dockerfile").read_text()
