@@ -31,6 +31,7 @@ from ingestd.errors import (
     StreamDisconnected,
     StreamError,
     TransientError,
+    TtsError,
 )
 from ingestd.ingest import BatchBuilder
 from ingestd.leader import StreamLeadership
@@ -238,29 +239,23 @@ class StreamConsumer:
         if isinstance(exc, RateLimited):
             log.warning("stream_rate_limited", retry_after_s=exc.retry_after_s)
             return exc.retry_after_s, "rate_limited"
-        if isinstance(exc, AuthRejected) or (
+        auth = isinstance(exc, AuthRejected) or (
             isinstance(exc, StreamError) and exc.status_code in AUTH_ERROR_CODES
-        ):
-            # One clear line naming the stream and the TTS error; then wait long, not a hot loop.
+        )
+        if auth or isinstance(exc, RequestRejected):
+            # One clear line naming the stream and the TTS error (a bad key, missing rights,
+            # or a request TTS refuses such as an unknown event name); then wait long, not
+            # a hot loop.
+            assert isinstance(exc, TtsError)
             log.error(
-                "stream_auth_rejected",
+                "stream_auth_rejected" if auth else "stream_request_rejected",
                 stream=s.name,
                 error_name=exc.error_name,
                 error=str(exc),
                 retry_in_s=s.auth_retry_s,
             )
             self.state.permanent_error = True
-            return s.auth_retry_s, "auth"
-        if isinstance(exc, RequestRejected):
-            log.error(
-                "stream_request_rejected",
-                stream=s.name,
-                error_name=exc.error_name,
-                error=str(exc),
-                retry_in_s=s.auth_retry_s,
-            )
-            self.state.permanent_error = True
-            return s.auth_retry_s, "rejected"
+            return s.auth_retry_s, "auth" if auth else "rejected"
         delay = self._backoff.delay_s(attempt)
         if isinstance(exc, StreamDisconnected):
             reason = exc.reason

@@ -390,3 +390,17 @@ async def test_a_database_outage_is_retried_and_does_not_delay_stopping(
         await asyncio.wait_for(task, timeout=10)
         assert time.monotonic() - began < 1.5
     assert db.scalar("SELECT count(*) FROM uplinks") == 10  # the 3 are replayed after restart
+
+
+async def test_an_unknown_event_name_in_the_filter_is_a_clear_error_not_a_hot_loop(
+    sim: Simulator, db_url: str
+) -> None:
+    settings = with_stream(make_settings(sim, db_url), names=("as.up.data.forwarded",))
+    with capture_logs() as logs:
+        async with running(settings) as service:
+            await wait_for(lambda: service.consumers[0].state.permanent_error, timeout_s=5)
+            await asyncio.sleep(0.3)
+    rejected = [e for e in logs if e["event"] == "stream_request_rejected"]
+    assert len(rejected) == 1
+    assert rejected[0]["error_name"] == "unknown_event_name"
+    assert len(sim.stream_requests) == 1  # waits auth_retry_s before asking again
