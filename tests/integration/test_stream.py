@@ -404,3 +404,19 @@ async def test_an_unknown_event_name_in_the_filter_is_a_clear_error_not_a_hot_lo
     assert len(rejected) == 1
     assert rejected[0]["error_name"] == "unknown_event_name"
     assert len(sim.stream_requests) == 1  # waits auth_retry_s before asking again
+
+
+async def test_an_error_frame_mid_stream_keeps_what_came_before_and_names_the_error(
+    sim: Simulator, db_url: str, db: Db
+) -> None:
+    sim.error_frame_after_n = 4  # TTS re-checks rights per event; an expired key ends the stream
+    with capture_logs() as logs:
+        async with running(make_settings(sim, db_url)) as service:
+            await connected(service)
+            sent = sim.uplinks(6)
+            await wait_for(lambda: service.consumers[0].state.permanent_error, timeout_s=5)
+            await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 4)
+    stored = set(db.column("SELECT event_unique_id FROM uplinks"))
+    assert stored == {e["unique_id"] for e in sent[:4]}
+    rejected = [e for e in logs if e["event"] == "stream_auth_rejected"]
+    assert [e["error_name"] for e in rejected] == ["api_key_expired"]
