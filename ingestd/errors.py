@@ -14,7 +14,8 @@ Retries are decided by class, never by message::
         ├── AuthRejected            401/403 from TTS (``status_code``, ``error_name``)
         ├── RequestRejected         other 4xx from TTS (``status_code``, ``error_name``)
         ├── StreamError             an ``{"error": …}`` frame ended the stream
-        └── MalformedEvent          an event that cannot be normalized (goes to rejected_events)
+        ├── MalformedEvent          an event that cannot be normalized (goes to rejected_events)
+        └── SchemaNotReady          the database is not migrated to this version's head
 """
 
 from __future__ import annotations
@@ -108,3 +109,7 @@ class StreamError(PermanentError, TtsError):
 
 class MalformedEvent(PermanentError):
     """An event that cannot be normalized."""
+
+
+class SchemaNotReady(PermanentError):
+    """The database schema is not at the revision this ingestd needs: run `ingestd migrate`."""

@@ -25,6 +25,7 @@ from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
 from ingestd.config import Settings
 from ingestd.consumer import StreamConsumer
 from ingestd.db import create_engine
+from ingestd.errors import SchemaNotReady
 from ingestd.signals import install_stop_handlers
 from ingestd.store import Store
 
@@ -242,12 +243,19 @@ def _downlink_hook() -> Any:
 def run_service(settings: Settings, *, migrate_first: bool = True) -> int:
     """``ingestd run``: migrate, then serve until SIGTERM/SIGINT. Returns the exit code."""
     settings.require_credentials()
-    if migrate_first:
-        engine = create_engine(settings.database.url)
-        try:
+    engine = create_engine(settings.database.url)
+    try:
+        if migrate_first:
             migrate.upgrade(engine)
-        finally:
-            engine.dispose()
+        else:
+            current, head = migrate.current_revision(engine), migrate.head_revision()
+            if current != head:
+                raise SchemaNotReady(
+                    f"{settings.database.safe_url} is at revision {current or '(none)'}, "
+                    f"this ingestd needs {head}: run `ingestd migrate` (or drop --no-migrate)"
+                )
+    finally:
+        engine.dispose()
     return asyncio.run(_main(settings))
 
 

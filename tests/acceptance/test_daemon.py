@@ -200,3 +200,19 @@ def test_systemd_notify_socket_gets_ready_and_stopping(
         assert any("STOPPING=1" in m for m in messages)
     finally:
         listener.close()
+
+
+def test_run_no_migrate_on_an_unmigrated_database_says_to_migrate(
+    sim: Simulator, env: dict[str, str], tmp_path: Path
+) -> None:
+    config = _config(tmp_path / "ingestd.toml", sim, f"sqlite:///{tmp_path / 'blank.db'}")
+    res = subprocess.run(
+        [sys.executable, "-m", "ingestd", "--config", str(config), "run", "--no-migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1
+    assert "run `ingestd migrate`" in res.stderr
+    assert sim.stream_requests == []  # it never started streaming
