@@ -101,6 +101,14 @@ def _wants_console(settings: LoggingSettings, stream: TextIO) -> bool:
     return bool(isatty and isatty())
 
 
+def _drop_alembic_chatter(record: logging.LogRecord) -> bool:
+    """Alembic says which DDL mode it assumes on every run; keep only its upgrade lines."""
+    return not (
+        record.name == "alembic.runtime.migration"
+        and record.getMessage().startswith(("Context impl", "Will assume"))
+    )
+
+
 def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None) -> None:
     """Configure structlog and the root stdlib logger once, writing to ``stream`` (stderr)."""
     out = sys.stderr if stream is None else stream
@@ -147,6 +155,8 @@ def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None
         logging.getLogger(name).setLevel(quiet)
     for name in _ALWAYS_QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if level > logging.DEBUG:
+        handler.addFilter(_drop_alembic_chatter)
 
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
