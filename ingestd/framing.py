@@ -19,24 +19,34 @@ import orjson
 
 from ingestd.errors import MalformedEvent
 
+MAX_FRAME_BYTES = 16 * 1024 * 1024  # TTS events are a few KB; this only stops runaway input
+OVERSIZED_FRAME = f"<frame longer than {MAX_FRAME_BYTES} bytes: skipped>".encode()
+
 
 class FrameDecoder:
     """Split a byte stream into frame payloads (bytes of one JSON document each)."""
 
-    __slots__ = ("_data_lines", "_tail")
+    __slots__ = ("_data_lines", "_skipping", "_tail")
 
     def __init__(self) -> None:
         self._tail = b""
         self._data_lines: list[bytes] = []  # an SSE event's ``data:`` lines so far
+        self._skipping = False  # inside a line longer than MAX_FRAME_BYTES
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Decode ``chunk`` and return the frames it completed."""
         if not chunk:
             return []
+        frames: list[bytes] = []
+        if self._skipping:
+            end = chunk.find(b"\n")
+            if end < 0:
+                return frames
+            self._skipping = False
+            chunk = chunk[end + 1 :]
         data = self._tail + chunk if self._tail else chunk
         lines = data.split(b"\n")
         self._tail = lines.pop()
-        frames: list[bytes] = []
         for line in lines:
             if line[-1:] == b"\r":
                 line = line[:-1]
@@ -48,6 +58,12 @@ class FrameDecoder:
                     self._data_lines = []
             else:
                 self._sse_line(line, frames)
+        if len(self._tail) > MAX_FRAME_BYTES:
+            # A server (or proxy) gone wrong must not grow our memory without bound: drop
+            # the rest of this line and pass on a marker, which lands in rejected_events.
+            self._tail = b""
+            self._skipping = True
+            frames.append(OVERSIZED_FRAME)
         return frames
 
     def flush(self) -> list[bytes]:

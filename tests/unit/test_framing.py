@@ -111,3 +111,19 @@ def test_bare_event_document_is_accepted_for_captures() -> None:
 def test_json_that_is_not_a_frame_is_malformed(payload: bytes) -> None:
     with pytest.raises(MalformedEvent):
         parse_frame(payload)
+
+
+def test_a_runaway_line_is_skipped_with_a_marker_and_decoding_recovers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ingestd import framing
+
+    monkeypatch.setattr(framing, "MAX_FRAME_BYTES", 100)
+    dec = FrameDecoder()
+    out = dec.feed(b'{"result":' + b"x" * 150)  # no newline, past the limit
+    out += dec.feed(b"y" * 500)  # still the same runaway line: dropped
+    out += dec.feed(b"z\n\n" + EV1 + b"\n\n")
+    assert len(out) == 2
+    assert out[0].startswith(b"<frame longer than")
+    assert out[1] == EV1
+    assert dec.pending_bytes == 0
