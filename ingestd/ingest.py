@@ -43,6 +43,7 @@ class BatchBuilder:
         # Set on a resume: the first event must reach back to this cursor, else the
         # server's store lost what lay between (see expect_replay_from).
         self._replay_check: Cursor | None = None
+        self._replay_earliest: datetime | None = None  # earliest event seen while checking
         # True when a stream-start frame gave a new stream its first cursor: save it at once.
         self.first_cursor_pending = False
 
@@ -63,7 +64,6 @@ class BatchBuilder:
 
     def __len__(self) -> int:
         return len(self._batch)
-
 
     def add_frame(self, payload: bytes) -> TtsErrorInfo | None:
         """Parse and add one frame; return the error if the frame is a TTS error."""
@@ -129,24 +129,37 @@ class BatchBuilder:
         """After a resume from ``cursor``, check that the replay reaches back to it.
 
         The request asks for events after ``cursor - overlap``, so a store that still
-        holds the cursor's own events replays one at or before the cursor first. When the
-        first event is later than the cursor and is none of the cursor's events, the store
-        no longer had what lay between: that window is a gap. A cursor that came from a
+        holds the cursor's own events replays one at or before the cursor. When no event up
+        to the next batch boundary reaches back (all later than the cursor, none of its own),
+        the store no longer had what lay between: that window is a gap. A cursor that came from a
         stream-start time (no event ids) gives no such evidence, and is not checked.
         """
         self._replay_check = cursor if cursor.last_time and cursor.unique_ids_at_last_time else None
+        self._replay_earliest = None
 
     def _check_replay_reach(self, t: datetime, uid: str) -> None:
-        check, self._replay_check = self._replay_check, None
+        check = self._replay_check
         assert check is not None
         assert check.last_time is not None
         if t <= check.last_time or uid in check.unique_ids_at_last_time:
+            self._replay_check = None  # the replay reached back: nothing was lost
+        elif self._replay_earliest is None or t < self._replay_earliest:
+            self._replay_earliest = t
+
+    def _settle_replay_check(self) -> None:
+        # Decided at the first batch boundary after the resume, not on the first event
+        # alone: events may arrive out of order, so a later one can come first.
+        check, self._replay_check = self._replay_check, None
+        earliest, self._replay_earliest = self._replay_earliest, None
+        if check is None or earliest is None:
+            if check is not None:
+                self._replay_check = check  # nothing arrived yet: keep waiting
             return
         self.add_gap(
             Gap(
                 stream=self.stream,
                 gap_start=check.last_time,
-                gap_end=t,
+                gap_end=earliest,
                 reason="replay_truncated",
                 detail="the server's event store no longer held the events after the cursor",
             )
@@ -176,6 +189,8 @@ class BatchBuilder:
 
     def take(self) -> Batch:
         """The batch so far, with the cursor if it moved; starts a new batch."""
+        if self._replay_check is not None:
+            self._settle_replay_check()
         if self._sparse_count:
             self.add_gap(
                 Gap(
