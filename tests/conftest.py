@@ -68,11 +68,13 @@ def pg_template(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     admin_engine.dispose()
 
 
-def _fresh_pg_database(admin: str, template: str) -> Iterator[str]:
-    name = f"ingestd_t_{uuid.uuid4().hex[:12]}"
+def _fresh_pg_database(admin: str, template: str | None, prefix: str = "t") -> Iterator[str]:
+    """A new database (a copy of ``template`` when given), dropped when the test ends."""
+    name = f"ingestd_{prefix}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
     engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"{clause}')
     try:
         yield sa.make_url(admin).set(database=name).render_as_string(hide_password=False)
     finally:
@@ -117,16 +119,7 @@ def blank_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if admin is None:
         _skip_or_fail(request.config, f"{PG_URL_ENV} is not set")
     assert admin is not None
-    name = f"ingestd_b_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield sa.make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        engine.dispose()
+    yield from _fresh_pg_database(admin, None, prefix="b")
 
 
 @pytest.fixture
