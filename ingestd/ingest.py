@@ -6,7 +6,7 @@ Per event the work is parse → normalize → append; all I/O happens per batch 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -230,11 +230,12 @@ def import_stream(
 ) -> ImportSummary:
     """Ingest a recorded stream body (any framing) as if it were streamed.
 
-    Everything before an ``{"error": …}`` frame is kept; the error ends the import and
-    is reported. Re-importing the same capture stores nothing twice.
+    Also accepts a JSON array of events (or of ``{"result": …}`` frames), the shape of an
+    export saved from the Console. Everything before an ``{"error": …}`` frame is kept;
+    the error ends the import and is reported. Re-importing the same capture stores
+    nothing twice.
     """
     builder = BatchBuilder(stream, store.load_cursor(stream))
-    decoder = FrameDecoder()
     summary = ImportSummary()
     # Commit batch N in a worker thread while batch N+1 is parsed: a pipeline of depth one
     # keeps commits in order (so the cursor only moves forward) and uses the second core.
@@ -250,26 +251,38 @@ def import_stream(
                     progress(summary)
             pending = pool.submit(store.commit_batch, batch)
 
-        def consume(frames: Iterable[bytes]) -> bool:
-            for payload in frames:
-                summary.frames += 1
-                error = builder.add_frame(payload)
-                if error is not None:
-                    summary.error = error
-                    return False
-                if len(builder) >= batch_max_events:
-                    flush()
-            return True
-
-        going = True
-        while going:
-            chunk = source.read(IMPORT_READ_BYTES)
-            if not chunk:
-                consume(decoder.flush())
+        for payload in _frames(source, summary):
+            summary.frames += 1
+            error = builder.add_frame(payload)
+            if error is not None:
+                summary.error = error
                 break
-            summary.bytes_read += len(chunk)
-            going = consume(decoder.feed(chunk))
+            if len(builder) >= batch_max_events:
+                flush()
         flush()
         assert pending is not None
         summary.result.add(pending.result())
     return summary
+
+
+def _frames(source: IO[bytes], summary: ImportSummary) -> Iterator[bytes]:
+    """Frame payloads of a capture: streamed framings incrementally, a JSON array whole."""
+    chunk = source.read(IMPORT_READ_BYTES)
+    summary.bytes_read += len(chunk)
+    if chunk.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+        body = chunk + source.read()
+        summary.bytes_read = len(body)
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            yield body  # rejected as a whole, with the parser's message
+            return
+        for item in items:
+            yield orjson.dumps(item)
+        return
+    decoder = FrameDecoder()
+    while chunk:
+        yield from decoder.feed(chunk)
+        chunk = source.read(IMPORT_READ_BYTES)
+        summary.bytes_read += len(chunk)
+    yield from decoder.flush()

@@ -202,3 +202,17 @@ def test_a_row_the_database_refuses_is_rejected_and_the_batch_still_lands(engine
     assert result.rejected == 1
     assert _count(engine, schema.uplinks) == 3
     assert store.load_cursor("refuse").last_time is not None
+
+
+def test_a_console_style_json_array_export_imports_like_a_stream(engine: Engine) -> None:
+    events = _uplinks(6)
+    # Pretty-printed, bare events and {"result": …} frames mixed, as exports and hand edits are.
+    doc = [events[0], {"result": events[1]}, *events[2:]]
+    body = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+    store = Store(engine)
+    first = import_stream(store, io.BytesIO(b"\n  " + body), stream="export", batch_max_events=4)
+    again = import_stream(store, io.BytesIO(body), stream="export")
+    assert first.result.events == 6
+    assert first.bytes_read == len(body) + 3
+    assert again.result.duplicates == 6
+    assert _count(engine, schema.uplinks) == 6
