@@ -234,13 +234,19 @@ def _ids(event: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -> list[Row]:
-    up = data.get("uplink_message")
-    if type(up) is not dict:
+def _member_object(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``data[key]``, which must be a JSON object (the ApplicationUp oneof of this event)."""
+    value = data.get(key)
+    if type(value) is not dict:
         raise MalformedEvent(
-            "data has no uplink_message object" if up is None
-            else f"uplink_message is not an object: {show(up)}"
+            f"data has no {key} object" if value is None
+            else f"{key} is not an object: {show(value)}"
         )
+    return value
+
+
+def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -> list[Row]:
+    up = _member_object(data, "uplink_message")
     application_id, device_id, dev_eui, join_eui, dev_addr = _ids(event, data)
 
     settings = up.get("settings") or EMPTY
@@ -361,12 +367,7 @@ def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -
 
 
 def _join(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -> list[Row]:
-    accept = data.get("join_accept")
-    if type(accept) is not dict:
-        raise MalformedEvent(
-            "data has no join_accept object" if accept is None
-            else f"join_accept is not an object: {show(accept)}"
-        )
+    accept = _member_object(data, "join_accept")
     application_id, device_id, dev_eui, join_eui, dev_addr = _ids(event, data)
     return [Row("joins", {
         "event_unique_id": unique_id,
