@@ -43,16 +43,6 @@ class Cursor:
     last_time: datetime | None = None
     unique_ids_at_last_time: frozenset[str] = field(default_factory=frozenset)
 
-    def advanced(self, time: datetime, unique_id: str) -> Cursor:
-        """The cursor after seeing one more event; never moves backwards."""
-        if self.last_time is None or time > self.last_time:
-            return Cursor(last_time=time, unique_ids_at_last_time=frozenset((unique_id,)))
-        if time == self.last_time and unique_id not in self.unique_ids_at_last_time:
-            return Cursor(
-                last_time=time, unique_ids_at_last_time=self.unique_ids_at_last_time | {unique_id}
-            )
-        return self
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Gap:
