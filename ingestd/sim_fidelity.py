@@ -35,6 +35,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 DEFAULT_KEY_RIGHTS = (rights.APPLICATION_ALL,)
 GZIP_LEVEL = 6
 H2C_GRACEFUL_S = 1.0
+FLUSH_TIMEOUT_S = 0.5
 
 
 # --- API keys and rights ----------------------------------------------------------------------
@@ -207,9 +208,45 @@ class GzipSend:
         await self._send(message)
 
 
-class AbruptClose(Exception):
-    """Raised out of the ASGI app where no transport can be aborted (hypercorn): the server
-    then resets the stream instead of ending it."""
+class TransportSend:
+    """An ASGI ``send`` carrying the connection's transport, for servers that hide it
+    (hypercorn), so the abrupt-close fault can drop the TCP connection."""
+
+    def __init__(self, send: Send, transport: Any) -> None:
+        self._send = send
+        self.transport = transport
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        await self._send(message)
+
+
+async def flushed(transport: Any, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+    """Let the server hand what it buffered to the socket (hypercorn writes HTTP/2 frames
+    from its own task) and the socket send it, before the transport is aborted."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for turn in range(1000):
+        await asyncio.sleep(0.005)
+        idle = transport is None or transport.get_write_buffer_size() == 0
+        if (idle and turn >= 2) or loop.time() > deadline:
+            return
+
+
+def peer_transport(peer: Any) -> Any:
+    """The running loop's transport connected to ``peer`` (scope ``client``), or None.
+
+    Reads the selector loop's private table of transports: for the simulator only.
+    """
+    if not peer:
+        return None
+    loop = asyncio.get_running_loop()
+    for transport in list(getattr(loop, "_transports", {}).values()):
+        if transport is None or transport.is_closing():
+            continue
+        name = transport.get_extra_info("peername")
+        if name and tuple(name[:2]) == tuple(peer[:2]):
+            return transport
+    return None
 
 
 class H2cServer:
@@ -225,18 +262,20 @@ class H2cServer:
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise OSError("h2c needs hypercorn: pip install 'ingestd[h2c]'") from exc
         self.app = app
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.bind((host, port))
-        self.sock.listen(128)
-        self.sock.setblocking(False)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.bind((host, port))
+        sock.listen(128)
+        self.address = sock.getsockname()
+        # hypercorn takes the descriptor over (``socket.socket(fileno=…)``) and closes it.
+        self._fd = sock.detach()
         self.config = Config()
-        self.config.bind = [f"fd://{self.sock.fileno()}"]
+        self.config.bind = [f"fd://{self._fd}"]
         self.config.graceful_timeout = H2C_GRACEFUL_S
         self.config.accesslog = None
         self.config.loglevel = "WARNING"
         self.config.keep_alive_timeout = 3600.0  # a stream with no events is not idle
         self.started = False
-        self.servers = [_Listener([self.sock])]
+        self.servers = [_Listener([_Bound(self.address)])]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exit: asyncio.Event | None = None
         self._task: asyncio.Future[Any] | None = None
@@ -268,15 +307,20 @@ class H2cServer:
             serve(self.app, self.config, shutdown_trigger=self._exit.wait, mode="asgi")
         )
         self.started = True  # the socket listens already: early connections wait in its backlog
-        try:
-            await asyncio.gather(self._task, return_exceptions=True)
-        finally:
-            self.sock.close()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+@dataclass
+class _Bound:
+    address: Any
+
+    def getsockname(self) -> Any:
+        return self.address
 
 
 @dataclass
 class _Listener:
-    sockets: list[socket.socket]
+    sockets: list[_Bound]
 
 
 def now_utc() -> datetime:

@@ -212,7 +212,8 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
 
     record(200)
     conn = StreamConn(asyncio.get_running_loop())
-    conn.transport = getattr(getattr(send, "__self__", None), "transport", None)
+    conn.transport = getattr(send, "transport", None) or getattr(
+        getattr(send, "__self__", None), "transport", None)
     sub = Subscription(keys, frozenset(expanded) if expanded else None,
                        min(max(tail, MIN_BUFFER), MAX_BUFFER), wake=conn.notify_threadsafe,
                        visible=sim_fidelity.visibility_filter(sim.application_id,
@@ -237,8 +238,6 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
         await _write(sim, send, b'{"result":' + orjson.dumps(start_event) + b"}" + delim)
         await _pump(sim, send, conn, sub, disconnect, delim)
         if conn.aborted:
-            if conn.transport is None:  # hypercorn: raising resets the stream
-                raise sim_fidelity.AbruptClose
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
@@ -258,6 +257,7 @@ async def _pump(sim: Simulator, send: Callable[[dict[str, Any]], Any], conn: Str
             return
         if fault == "abort":  # no final chunk: the client sees a truncated body
             conn.aborted = True
+            await sim_fidelity.flushed(conn.transport)  # what was sent arrives, then the drop
             conn.abort()
             return
         if fault == "error":
@@ -357,6 +357,9 @@ async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
     if path == "/api/v3/events" and method == "POST":
         if sim.gzip_stream and sim_fidelity.accepts_gzip(headers.get("accept-encoding")):
             send = sim_fidelity.GzipSend(send)
+        if sim.h2c:  # hypercorn hides its transport; the abrupt-close fault needs it
+            peer = sim_fidelity.peer_transport(scope.get("client"))
+            send = sim_fidelity.TransportSend(send, peer)
         await serve_stream(sim, receive, send, headers=headers, accepts=accepts, body=body,
                            base_headers=base, recorded_headers=recorded)
         return
