@@ -15,6 +15,7 @@ Retries are decided by class, never by message::
         ├── RequestRejected         other 4xx from TTS (``status_code``, ``error_name``)
         ├── StreamError             an ``{"error": …}`` frame ended the stream
         ├── MalformedEvent          an event that cannot be normalized (goes to rejected_events)
+        ├── EventNamesRejected      a ``names`` filter TTS would answer 400 (``error_name``)
         └── SchemaNotReady          the database is not migrated to this version's head
 """
 
@@ -113,3 +114,16 @@ class MalformedEvent(PermanentError):
 
 class SchemaNotReady(PermanentError):
     """The database schema is not at the revision this ingestd needs: run `ingestd migrate`."""
+
+
+class EventNamesRejected(PermanentError):
+    """A ``names`` filter The Things Stack would refuse with HTTP 400.
+
+    ``error_name`` is TTS's (``unknown_event_name``, ``no_matching_events``, ``invalid_regexp``;
+    lorawan-stack ``pkg/events/pattern.go``) and ``attributes`` its public attributes.
+    """
+
+    def __init__(self, message: str, *, error_name: str, attributes: dict[str, str]) -> None:
+        self.error_name = error_name
+        self.attributes = dict(attributes)
+        super().__init__(message)

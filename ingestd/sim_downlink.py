@@ -31,6 +31,9 @@ _CAMEL = {"fPort": "f_port", "frmPayload": "frm_payload", "decodedPayload": "dec
           "classBC": "class_b_c", "sessionKeyId": "session_key_id", "fCnt": "f_cnt",
           "maxAttempts": "max_attempts"}
 _DOWNLINK_CLASS_PREFIXES = ("as:downlink:", "ns:downlink:", "pba:downlink:")
+# RequireApplication rights per call (LS pkg/applicationserver/io/grpc/grpc.go).
+LIST_RIGHTS = ("RIGHT_APPLICATION_TRAFFIC_READ",)
+PUSH_RIGHTS = ("RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE",)
 
 
 class DecodeError(Exception):
@@ -154,7 +157,8 @@ class DownlinkApi:
     store: EventStore
     devices: dict[str, SimDevice]
     application_id: str
-    authorize: Callable[[str | None, str], str]  # (authorization header, app id) → token id
+    # (authorization header, app id, rights required) → token id, or raise the TTS error
+    authorize: Callable[[str | None, str, tuple[str, ...]], str]
     capacity: int = 10000
     ack_delay_s: float = 0.05
     rate_limiter: RateLimiter | None = None
@@ -179,9 +183,10 @@ class DownlinkApi:
         extra: list[tuple[str, str]] = []
         try:
             if op == "list":
-                self.authorize(headers.get("authorization"), application_id)
+                self.authorize(headers.get("authorization"), application_id, LIST_RIGHTS)
                 self._device(application_id, device_id)
-                return 200, extra, {"downlinks": self.queue(device_id)}
+                queued = self.queue(device_id)  # an empty list is omitted: ``{}`` on the wire
+                return 200, extra, {"downlinks": queued} if queued else {}
             items = decode_request(body)
             validate_items(items)
             if self.rate_limiter is not None:
@@ -194,7 +199,7 @@ class DownlinkApi:
                 if not result.allowed:
                     raise SimError("rate_limit_exceeded",
                                    {"key": key, "rate": self.rate_limiter.per_min})
-            token_id = self.authorize(headers.get("authorization"), application_id)
+            token_id = self.authorize(headers.get("authorization"), application_id, PUSH_RIGHTS)
             forced = self.fail_next_pushes.get(device_id)
             if forced:
                 status = forced.pop(0)

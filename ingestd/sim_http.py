@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ingestd import eventgen
+from ingestd import eventgen, sim_fidelity
 from ingestd.sim_downlink import DownlinkRequest
 from ingestd.sim_store import (
     ERROR_FOR_STATUS,
@@ -39,6 +39,7 @@ OUT_OF_ORDER_WAIT_S = 0.02  # how long to gather a window before shuffling it
 MIN_BUFFER, MAX_BUFFER = 8, 1024  # TTS: clamp(tail, 8, 1024)
 _ID_KINDS = ("application", "client", "device", "gateway", "organization", "user")
 _ID_PATTERN = r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$"
+_RIGHTS_RE = re.compile(r"^/api/v3/applications/([^/]+)/rights$")
 _DOWN_RE = re.compile(r"^/api/v3/as/applications/([^/]+)/devices/([^/]+)/down(/push|/replace)?$")
 _SECURITY_HEADERS = [("referrer-policy", "strict-origin-when-cross-origin"),
                      ("x-content-type-options", "nosniff"), ("x-frame-options", "SAMEORIGIN"),
@@ -84,6 +85,7 @@ class StreamConn:
         self.closing = False
         self._pending = False
         self.transport: Any = None  # uvicorn's, when reachable; only used by abort()
+        self.aborted = False  # dropped without the final chunk (abrupt close fault)
 
     def notify_threadsafe(self) -> None:
         """Called under the store lock from any thread; coalesces wakeups."""
@@ -115,6 +117,7 @@ def _parse(body: bytes) -> tuple[list[dict[str, Any]], int, int | None, str | No
                                   req.get("after"), req.get("names") or [])
     if not isinstance(idents, list) or not all(isinstance(i, dict) for i in idents):
         raise ValueError("invalid value for identifiers")
+    idents = sim_fidelity.snake_identifiers(idents)  # TTS accepts lowerCamelCase keys too
     if isinstance(tail, str) and tail.isdigit():
         tail = int(tail)
     if not isinstance(tail, int) or isinstance(tail, bool) or not 0 <= tail < 2**32:
@@ -193,7 +196,7 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
             raise SimError("no_identifiers")
         expanded = expand_names(names)
         keys = [entity_key(ids) for ids in idents]
-        sim.authorize(headers.get("authorization"), keys)
+        token_id = sim.authorize(headers.get("authorization"), keys)
     except (ValueError, orjson.JSONDecodeError) as exc:
         record(400)
         await start(400, extra)
@@ -209,9 +212,12 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
 
     record(200)
     conn = StreamConn(asyncio.get_running_loop())
-    conn.transport = getattr(getattr(send, "__self__", None), "transport", None)
+    conn.transport = getattr(send, "transport", None) or getattr(
+        getattr(send, "__self__", None), "transport", None)
     sub = Subscription(keys, frozenset(expanded) if expanded else None,
-                       min(max(tail, MIN_BUFFER), MAX_BUFFER), wake=conn.notify_threadsafe)
+                       min(max(tail, MIN_BUFFER), MAX_BUFFER), wake=conn.notify_threadsafe,
+                       visible=sim_fidelity.visibility_filter(sim.application_id,
+                                                              sim.key_rights(token_id)))
     if not sim.store and (tail or after is not None):
         extra.append(("x-warning", "Events storage is not enabled"))
     sim.conns.add(conn)
@@ -231,6 +237,8 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
         await start(200, extra)
         await _write(sim, send, b'{"result":' + orjson.dumps(start_event) + b"}" + delim)
         await _pump(sim, send, conn, sub, disconnect, delim)
+        if conn.aborted:
+            return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         sim.event_store.unsubscribe(sub)
@@ -246,6 +254,11 @@ async def _pump(sim: Simulator, send: Callable[[dict[str, Any]], Any], conn: Str
     while not conn.closing and not disconnect.done():
         fault = _fault_due(sim, sent)
         if fault == "drop":
+            return
+        if fault == "abort":  # no final chunk: the client sees a truncated body
+            conn.aborted = True
+            await sim_fidelity.flushed(conn.transport)  # what was sent arrives, then the drop
+            conn.abort()
             return
         if fault == "error":
             err = SimError(sim.error_frame_name)
@@ -272,6 +285,8 @@ async def _pump(sim: Simulator, send: Callable[[dict[str, Any]], Any], conn: Str
                 batch[i:i + window] = part
         chunk = bytearray()
         for _uid, frame in batch:
+            if not frame:
+                continue  # an event the stream's key may not see (EventIsVisible)
             if _fault_due(sim, sent):
                 break  # the rest of the batch is lost, as in a crash
             chunk += b'{"result":' + frame + b"}" + delim
@@ -280,6 +295,8 @@ async def _pump(sim: Simulator, send: Callable[[dict[str, Any]], Any], conn: Str
 
 
 def _fault_due(sim: Simulator, sent: int) -> str | None:
+    if sim.abrupt_close_after_n_frames is not None and sent >= sim.abrupt_close_after_n_frames:
+        return "abort"
     if sim.drop_every_n_frames and sent >= sim.drop_every_n_frames:
         return "drop"
     if sim.error_frame_after_n is not None and sent >= sim.error_frame_after_n:
@@ -338,6 +355,11 @@ async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
             break
     path, method = scope["path"], scope["method"]
     if path == "/api/v3/events" and method == "POST":
+        if sim.gzip_stream and sim_fidelity.accepts_gzip(headers.get("accept-encoding")):
+            send = sim_fidelity.GzipSend(send)
+        if sim.h2c:  # hypercorn hides its transport; the abrupt-close fault needs it
+            peer = sim_fidelity.peer_transport(scope.get("client"))
+            send = sim_fidelity.TransportSend(send, peer)
         await serve_stream(sim, receive, send, headers=headers, accepts=accepts, body=body,
                            base_headers=base, recorded_headers=recorded)
         return
@@ -353,6 +375,9 @@ async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
             body=_json_or_none(body), headers=recorded, request_id=request_id, status=status,
             error_name=_error_name(answer)))
         await _respond(send, status, base + extra, answer)
+    elif (rights_match := _RIGHTS_RE.match(path)) and method == "GET":
+        status, answer = _list_rights(sim, rights_match.group(1), headers)
+        await _respond(send, status, base, answer)
     elif path == "/api/v3/events/related" and method == "GET":
         status, answer = _related(sim, scope, headers)
         await _respond(send, status, base, answer)
@@ -374,9 +399,24 @@ def _related(sim: Simulator, scope: dict[str, Any],
         return exc.status, exc.body
     return 200, {"events": sim.event_store.find_related(query.get("correlation_id", ""))}
 
+def _list_rights(sim: Simulator, application_id: str,
+                 headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """``ApplicationAccess.ListRights``: no right needed; ``{}`` for none or another app."""
+    try:
+        token_id = sim._token_id(headers.get("authorization"))
+    except SimError as exc:
+        return exc.status, exc.body
+    granted = sim.key_rights(token_id) if application_id == sim.application_id else frozenset()
+    return 200, sim_fidelity.list_rights_body(granted, sim.rng)
+
+
 def _control(sim: Simulator, path: str, body: bytes) -> dict[str, Any]:
     """The HTTP control API for an out-of-process simulator (``ingestd simulate``)."""
     args = _json_or_none(body) or {}
+    if path == "/_sim/uplinks" and args.get("simulated"):
+        devs = args.get("device_ids") or sim.device_ids
+        evs = [sim.simulated_uplink(devs[i % len(devs)]) for i in range(int(args.get("count", 1)))]
+        return {"unique_ids": [e["unique_id"] for e in evs]}
     if path == "/_sim/uplinks":
         evs = sim.uplinks(int(args.get("count", 1)), devices=args.get("device_ids"))
         return {"unique_ids": [e["unique_id"] for e in evs]}

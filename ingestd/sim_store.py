@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from ingestd import eventnames
+from ingestd.errors import EventNamesRejected
 from ingestd.eventgen import parse_time_ns
 
 # --- event definitions (TTS_WIRE §3): name → propagates to the application stream ---------
@@ -53,7 +55,9 @@ _ENTITY_LEVEL = _words(
     "application.create application.update application.delete application.api-key.create "
     "gs.up.receive gs.down.send gs.gateway.connect gs.gateway.disconnect gs.status.receive"
 )
-# Defined names. ``events.stream.start`` is synthetic and deliberately not defined.
+# Which defined names propagate to the application stream (flag P, TTS_WIRE §3); every other
+# name of the catalogue (``eventnames.defined_names()``, the 248 of TTS v3.32) does not.
+# ``events.stream.start`` is synthetic and deliberately not defined.
 PROPAGATES: dict[str, bool] = {
     **{n: False for n in _DEVICE_ONLY + _ENTITY_LEVEL}, **{n: True for n in _PROPAGATED}
 }
@@ -83,6 +87,8 @@ TTS_ERRORS: dict[str, tuple[str, str, int]] = {
     "token_not_found": (_IS, "token not found", 16),
     "api_key_expired": (_IS, "API key expired", 16),
     "no_application_rights": (_RIGHTS, "no rights for application `{uid}`", 7),
+    "insufficient_application_rights": (
+        _RIGHTS, "insufficient rights for application `{uid}`", 7),
     "no_gateway_rights": (_RIGHTS, "no rights for gateway `{uid}`", 7),
     "no_organization_rights": (_RIGHTS, "no rights for organization `{uid}`", 7),
     "no_user_rights": (_RIGHTS, "no rights for user `{uid}`", 7),
@@ -147,23 +153,15 @@ class SimError(Exception):
 
 
 def expand_names(patterns: Iterable[str]) -> list[str] | None:
-    """Expand exact names and ``/regexp/`` patterns against the defined names (TTS semantics)."""
-    found: set[str] = set()
-    for pattern in patterns:
-        if len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/"):
-            try:
-                regexp = re.compile(pattern.strip("/"))
-            except re.error as exc:
-                raise SimError("invalid_regexp", cause={"message": str(exc)}) from exc
-            matched = {n for n in PROPAGATES if regexp.search(n)}
-            if not matched:
-                raise SimError("no_matching_events", {"regexp": regexp.pattern})
-            found |= matched
-        elif pattern in PROPAGATES:
-            found.add(pattern)
-        else:
-            raise SimError("unknown_event_name", {"name": pattern})
-    return sorted(found) or None
+    """Expand exact names and ``/regexp/`` patterns against TTS's defined names, with RE2
+    (``eventnames.expand_names``); a bad filter is the SimError TTS answers with. The
+    ``invalid_regexp`` details carry no cause: Go's regexp error is not a TTS error, and
+    ``pkg/errors`` drops such causes from ``ErrorDetails``."""
+    try:
+        found = eventnames.expand_names(patterns)
+    except EventNamesRejected as exc:
+        raise SimError(exc.error_name, exc.attributes) from exc
+    return list(found) or None
 
 
 # --- entities -----------------------------------------------------------------------------
@@ -224,6 +222,9 @@ class Subscription:
     wake: Callable[[], None] = lambda: None
     buffer: deque[tuple[str, bytes]] = field(default_factory=deque)
     dropped: int = 0
+    # EventIsVisible for the stream's key. An event it may not see still takes its place in
+    # the buffer (TTS checks after the channel) as an empty frame, which is never written.
+    visible: Callable[[Mapping[str, Any]], bool] | None = None
 
 
 class EventStore:
@@ -243,6 +244,10 @@ class EventStore:
         self.events: list[dict[str, Any]] = []  # everything published, for test assertions
         self.max_recorded = max_recorded  # keep memory flat in long `ingestd simulate` runs
         self._last_entry_ms = 0
+        # Redis PEXPIREs an entity stream entity-ttl after each publish into it (LS
+        # pkg/events/redis/store.go; default 24 h, cmd/internal/shared/config.go).
+        self.entity_ttl_s = 86400.0
+        self._last_publish: dict[EntityKey, float] = {}
 
     def publish(self, event: dict[str, Any]) -> None:
         """Store ``event`` in its entities' streams and notify matching subscriptions."""
@@ -264,6 +269,7 @@ class EventStore:
                 for k in keys:
                     targets.append(k)
                     if self.enabled:
+                        self._last_publish[k] = self.clock()
                         stream = self.streams.setdefault(k, deque(maxlen=self.entity_count))
                         stream.append(StoredEvent(entry_ms, time_ms, name,
                                                   str(event.get("unique_id", "")), event, full,
@@ -274,15 +280,18 @@ class EventStore:
                 # Redis XREAD reads each entity stream: one copy per matching stream.
                 # The in-memory pubsub matches a subscription once.
                 for _ in hits if self.enabled else hits[:1]:
-                    self._notify(sub, name, uid, full)
+                    self._notify(sub, name, uid, full, event)
 
-    def _notify(self, sub: Subscription, name: str, uid: str, frame: bytes) -> None:
+    def _notify(self, sub: Subscription, name: str, uid: str, frame: bytes,
+                event: Mapping[str, Any] | None = None) -> None:
         if sub.names is not None and name not in sub.names:
             return
         if len(sub.buffer) >= sub.capacity:
             sub.dropped += 1
             self.dropped_events += 1
             return
+        if sub.visible is not None and event is not None and not sub.visible(event):
+            frame = b""
         sub.buffer.append((uid, frame))
         sub.wake()
 
@@ -298,6 +307,7 @@ class EventStore:
                 after_ms = None if after_ns is None else after_ns // 1_000_000
                 start_ms = None if after_ms is None else after_ms - 1000  # Redis clock skew
                 now = self.clock()
+                self._forget_expired(now)
                 for key in sub.entity_keys:
                     entries = [e for e in self.streams.get(key, ())
                                if start_ms is None or e.entry_ms >= start_ms]
@@ -307,7 +317,8 @@ class EventStore:
                         if after_ms is not None and e.time_ms <= after_ms:
                             continue
                         expired = now - e.stored_at >= self.payload_ttl_s
-                        self._notify(sub, e.name, e.unique_id, e.sparse() if expired else e.full)
+                        self._notify(sub, e.name, e.unique_id, e.sparse() if expired else e.full,
+                                     e.event)
             self.subscriptions.append(sub)
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -321,6 +332,19 @@ class EventStore:
             n = min(limit, len(sub.buffer))
             return [sub.buffer.popleft() for _ in range(n)]
 
+    def _forget_expired(self, now: float) -> None:
+        """Drop entity streams whose last publish is ``entity_ttl_s`` old (under the lock)."""
+        for key, last in list(self._last_publish.items()):
+            if now - last >= self.entity_ttl_s:
+                del self._last_publish[key]
+                self.streams.pop(key, None)
+
+    def expire_entities(self) -> None:
+        """Forget every entity stream, as once the entity TTL has passed."""
+        with self.lock:
+            self._last_publish.clear()
+            self.streams.clear()
+
     def expire_payloads(self) -> None:
         """Make every stored event replay sparse, as after the payload TTL."""
         with self.lock:
@@ -331,6 +355,7 @@ class EventStore:
     def find_related(self, correlation_id: str) -> list[dict[str, Any]]:
         """Stored events carrying ``correlation_id`` (``GET /api/v3/events/related``)."""
         with self.lock:
+            self._forget_expired(self.clock())
             seen: dict[str, dict[str, Any]] = {}
             for stream in self.streams.values():
                 for e in stream:

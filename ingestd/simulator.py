@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 import uvicorn
 
-from ingestd import eventgen, sim_http
+from ingestd import eventgen, rights, sim_fidelity, sim_http
 from ingestd.sim_downlink import DownlinkApi, DownlinkRequest, SimDevice
 from ingestd.sim_http import StreamConn, StreamRequest
 from ingestd.sim_store import EventStore, RateLimiter, SimError
@@ -75,6 +75,14 @@ class Simulator:
     fail_next_requests: list[int] = field(default_factory=list)  # statuses for next streams
     api_key_expired: bool = False  # every request then gets 401 api_key_expired
     stream_requests: list[StreamRequest] = field(default_factory=list)
+    # --- fidelity (issue 11; sim_fidelity) ---
+    api_key_rights: tuple[str, ...] = sim_fidelity.DEFAULT_KEY_RIGHTS  # rights of ``api_key``
+    api_keys: dict[str, list[str]] = field(default_factory=dict)  # more keys → their rights
+    simulated_uplink_fraction: float = 0.0  # share of generated uplinks sent as simulated
+    entity_ttl_s: float = 86400.0  # an entity's history is forgotten this long after its last
+    gzip_stream: bool = False  # gzip the stream when the client sends Accept-Encoding: gzip
+    h2c: bool = False  # serve with hypercorn: HTTP/2 prior knowledge (and HTTP/1.1) on plain TCP
+    abrupt_close_after_n_frames: int | None = None  # drop the socket, no final chunk, after N
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -84,6 +92,11 @@ class Simulator:
         self.event_store = EventStore(enabled=self.store, entity_count=self.store_entity_count,
                                       payload_ttl_s=self.payload_ttl_s,
                                       max_recorded=self.max_recorded_events)
+        self.event_store.entity_ttl_s = self.entity_ttl_s
+        self.keyring = sim_fidelity.KeyRing()
+        self.keyring.add(self.api_key, self.api_key_rights)
+        for key, granted in self.api_keys.items():
+            self.keyring.add(key, granted)
         self.device_ids = [f"dev-{i + 1:04d}" for i in range(self.devices)]
         self._devices = {
             d: SimDevice(application_id=self.application_id, device_id=d,
@@ -96,7 +109,7 @@ class Simulator:
         self.stream_limiter = RateLimiter(per_min) if per_min else None
         self.downlinks = DownlinkApi(
             store=self.event_store, devices=self._devices, application_id=self.application_id,
-            authorize=lambda auth, app: self.authorize(auth, [("application", app)]),
+            authorize=lambda auth, app, need: self.authorize(auth, [("application", app)], need),
             capacity=self.queue_capacity, ack_delay_s=self.downlink_ack_delay_s,
             rate_limiter=RateLimiter(per_min) if per_min else None,
             rng=random.Random(self.rng.random()))
@@ -109,18 +122,24 @@ class Simulator:
         self._lock = threading.Lock()
         self._last_time = datetime.now(UTC) - timedelta(seconds=1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: uvicorn.Server | None = None
+        self._server: Any = None  # uvicorn.Server, or sim_fidelity.H2cServer with h2c
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> Simulator:
         """Serve on ``host:port`` (0 = a free port) and return once accepting connections."""
+        if self.h2c:
+            self._server = sim_fidelity.H2cServer(self._app, self.host, self.port)
+            return self._start_thread()
         config = uvicorn.Config(self._app, host=self.host, port=self.port, log_config=None,
                                 log_level="warning", lifespan="off", access_log=False,
                                 server_header=False, timeout_graceful_shutdown=1,
                                 interface="asgi3", proxy_headers=False)
         self._server = uvicorn.Server(config)
+        return self._start_thread()
+
+    def _start_thread(self) -> Simulator:
         self._thread = threading.Thread(target=self._run, name="tts-simulator", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -256,6 +275,34 @@ class Simulator:
         """The downlink queue of ``device_id`` as ``GET …/down`` lists it."""
         return self.downlinks.queue(device_id)
 
+    def add_api_key(self, granted: list[str] | tuple[str, ...]) -> str:
+        """A new API key for the application with ``granted`` rights (TTS names, e.g.
+        ``RIGHT_APPLICATION_INFO``); returns the key."""
+        key = fake_api_key(self.rng)
+        self.api_keys[key] = list(granted)
+        self.keyring.add(key, granted)
+        return key
+
+    def key_rights(self, key_id: str | None) -> frozenset[str]:
+        """The implied rights of the key with id ``key_id`` on the application."""
+        return self.keyring.rights(key_id)
+
+    def simulated_uplink(self, device_id: str, *, f_port: int = 1,
+                         payload: bytes = b"\x01\x02", decoded: dict[str, Any] | None = None,
+                         request_id: str | None = None) -> dict[str, Any]:
+        """Publish what TTS publishes for a Console "simulate uplink", and return it."""
+        dev = self._devices[device_id]
+        when = self.next_time()
+        event = sim_fidelity.simulated_uplink_event(
+            ids=dev.ids(), f_port=f_port, payload=payload, decoded_payload=decoded, time=when,
+            unique_id=self.ulids(when), request_id=request_id or self.ulids(when))
+        self.publish(event)
+        return event
+
+    def expire_entities(self) -> None:
+        """Forget every entity's history, as once ``entity_ttl_s`` has passed (Redis EXPIRE)."""
+        self.event_store.expire_entities()
+
     def expire_payloads(self) -> None:
         """Make all stored events replay sparse, as once the payload TTL has passed."""
         self.event_store.expire_payloads()
@@ -276,7 +323,12 @@ class Simulator:
         while True:
             due = int((time.monotonic() - started) * self.uplink_rate)
             for _ in range(min(due - sent, 1000)):
-                self.uplink(self.device_ids[sent % len(self.device_ids)])
+                device_id = self.device_ids[sent % len(self.device_ids)]
+                if self.simulated_uplink_fraction and \
+                        self.rng.random() < self.simulated_uplink_fraction:
+                    self.simulated_uplink(device_id)
+                else:
+                    self.uplink(device_id)
                 sent += 1
             await asyncio.sleep(max(0.001, min(0.1, 1 / self.uplink_rate)))
 
@@ -292,26 +344,34 @@ class Simulator:
         if len(parts) != 3 or parts[0] not in ("NNSXS", "MFRWG", "OJSWM", "MF2XI", "ONZW4"):
             raise SimError("token")
         prefix, key_id, secret = parts
-        _, want_id, want_secret = self.api_key.split(".")
         if prefix != "NNSXS":
             raise SimError("token_not_found")
-        if key_id != want_id:
+        found = self.keyring.find(key_id)
+        if found is None:
             raise SimError("api_key_not_found")
-        if not secrets.compare_digest(secret, want_secret):
+        if not secrets.compare_digest(secret, found[0]):
             raise SimError("invalid_authorization")
         if self.api_key_expired:
             raise SimError("api_key_expired")
         return key_id
 
-    def authorize(self, authorization: str | None, entities: list[tuple[str, ...]]) -> str:
-        """The API key's id if it has rights on every entity, else the TTS auth error."""
+    def authorize(self, authorization: str | None, entities: list[tuple[str, ...]],
+                  required: tuple[str, ...] = ()) -> str:
+        """The API key's id if it has any right on every entity (``rights.RequireAny``) and
+        the ``required`` ones (``RequireApplication``), else the TTS auth error."""
         token_id = self._token_id(authorization)
+        granted = self.key_rights(token_id)
         for key in entities:
             kind = "application" if key[0] == "device" else key[0]
-            if token_id is None or kind != "application" or key[1] != self.application_id:
+            if token_id is None or kind != "application" or key[1] != self.application_id \
+                    or not granted & rights.APPLICATION_RIGHTS:
                 raise SimError(f"no_{kind}_rights" if kind in (
                     "application", "gateway", "organization", "user", "client")
                     else "no_application_rights", {"uid": key[1]})
+            missing = rights.missing_rights(granted, required)
+            if missing:
+                raise SimError("insufficient_application_rights",
+                               sim_fidelity.insufficient_attributes(key[1], missing))
         assert token_id is not None
         return token_id
 
@@ -338,6 +398,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out-of-order", type=int, default=0, help="shuffle events within windows of N")
     add("--rate-limit", type=int, default=None, help="requests per minute per key (429 beyond)")
     add("--seed", type=int, default=None, help="seed for reproducible keys and events")
+    add("--key-rights", default=None, metavar="RIGHT[,RIGHT…]",
+        help="rights of the API key (default: RIGHT_APPLICATION_ALL), e.g. "
+             "RIGHT_APPLICATION_INFO to see a stream that stays empty")
+    add("--simulated-fraction", type=float, default=0.0,
+        help="share of generated uplinks published as Console-simulated (data.simulated)")
+    add("--entity-ttl", type=float, default=86400.0,
+        help="seconds an entity's history is kept after its last event (TTS entity-ttl)")
+    add("--gzip", action="store_true", help="gzip streams for clients that accept it")
+    add("--h2c", action="store_true", help="serve HTTP/2 with prior knowledge (needs hypercorn)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,7 +417,10 @@ def run(args: argparse.Namespace) -> int:
         payload_ttl_s=args.payload_ttl, gateways=args.gateways, uplink_rate=args.rate,
         rate_limit_per_min=args.rate_limit, seed=args.seed, host=args.host, port=args.port,
         drop_every_n_frames=args.drop_every, out_of_order_window=args.out_of_order,
-        max_recorded_events=10_000)
+        max_recorded_events=10_000, simulated_uplink_fraction=args.simulated_fraction,
+        entity_ttl_s=args.entity_ttl, gzip_stream=args.gzip, h2c=args.h2c,
+        api_key_rights=(tuple(r.strip() for r in args.key_rights.split(",") if r.strip())
+                        if args.key_rights else sim_fidelity.DEFAULT_KEY_RIGHTS))
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -397,6 +397,7 @@ def test_wheel_ships_migrations_version_and_console_script(wheel: Path) -> None:
         scripts = zf.read(entry_points).decode()
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "ingestd/_migrations/env.py" in names
+    assert "ingestd/data/tts_event_names.txt" in names  # the event-name catalogue
     shipped = {n for n in names if re.fullmatch(r"ingestd/_migrations/versions/\w+\.py", n)}
     in_repo = {
         f"ingestd/_migrations/versions/{p.name}"
