@@ -10,7 +10,7 @@ Retries are decided by class, never by message::
     │   ├── ServerUnavailable       TTS answered 5xx
     │   ├── RateLimited             TTS answered 429 rate_limit_exceeded (``retry_after_s``)
     │   ├── StoreUnavailable        the database is unreachable or locked
-    │   └── SpoolUnavailable        the local spool cannot take frames (``reason``: full, io, locked)
+    │   └── SpoolUnavailable        the local spool cannot take frames (full, io, locked)
     └── PermanentError              retrying the same thing will not help
         ├── AuthRejected            401/403 from TTS (``status_code``, ``error_name``)
         ├── RequestRejected         other 4xx from TTS (``status_code``, ``error_name``)

@@ -172,12 +172,19 @@ class Spool:
         """Release the files and the lock; an empty spool leaves only its directory."""
         with self._append_lock, self._lock:
             self._close_fds()
-            if self._lock_fd is not None:
-                if self.empty:
-                    self._discard_all()
-                    _unlink(self.directory / "ack")
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            if self._lock_fd is None:
+                return
+            empty = self.empty
+            if empty:
+                self._discard_all()
+                _unlink(self.directory / "ack")
+                _unlink(self.directory / "lock")
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if empty:  # leave no trace: the directories come back when next needed
+            for directory in (self.directory, self.directory.parent):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
 
     # -- the three operations ----------------------------------------------------------
 
