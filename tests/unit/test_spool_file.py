@@ -217,3 +217,35 @@ def test_other_stream_names_get_a_slug_and_a_hash() -> None:
     assert a.parent == b.parent == c.parent == Path("/r")
     assert len(b.name) < 80 and a.name != c.name
     assert "/" not in a.name and a.name not in (".", "..")
+
+
+# -- [spool] configuration ------------------------------------------------------------------
+
+
+def test_the_spool_directory_defaults_to_the_state_directory_then_beside_sqlite() -> None:
+    from ingestd.config import SpoolSettings
+
+    s = SpoolSettings()
+    assert s.enabled and s.max_bytes == 1 << 30
+    state = {"STATE_DIRECTORY": "/var/lib/ingestd"}
+    assert s.root("sqlite:///ingestd.db", state) == Path("/var/lib/ingestd/spool")
+    assert s.root("sqlite:////data/x.db", {}) == Path("/data/x.db-spool")
+    assert s.root("postgresql+psycopg://u@h/db", {}) == Path("ingestd-spool")
+    assert SpoolSettings(dir="/srv/q").root("sqlite:///a.db", state) == Path("/srv/q")
+
+
+def test_spool_keys_come_from_toml_and_env_and_bad_ones_are_named(tmp_path: Path) -> None:
+    from ingestd.config import load_settings
+    from ingestd.errors import ConfigError
+
+    cfg = tmp_path / "ingestd.toml"
+    cfg.write_text('[spool]\ndir = "/srv/spool"\nmax_bytes = 5000000\n')
+    settings = load_settings(cfg, environ={"INGESTD_SPOOL__ENABLED": "false"})
+    assert (settings.spool.dir, settings.spool.max_bytes) == ("/srv/spool", 5_000_000)
+    assert settings.spool.enabled is False
+    cfg.write_text("[spool]\nmax_bytes = 0\nsize = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    text = str(info.value)
+    assert "spool.max_bytes: must be greater than 0" in text
+    assert "unknown key 'size' in [spool]" in text
