@@ -8,7 +8,9 @@
 # The config file is mounted at /etc/ingestd/ingestd.toml (required: it names the streams).
 # With the default [database] url "sqlite:///ingestd.db" the SQLite file lands in the working
 # directory /var/lib/ingestd, a volume; for PostgreSQL set INGESTD_DATABASE__URL or the url in
-# the file. The API key comes from ${TTS_API_KEY} in the file, or from a docker secret with
+# the file. The spool ([spool], frames kept while the database stalls) lives on the same volume:
+# /var/lib/ingestd/ingestd.db-spool with SQLite, /var/lib/ingestd/ingestd-spool otherwise.
+# The API key comes from ${TTS_API_KEY} in the file, or from a docker secret with
 # api_key_file = "/run/secrets/tts_api_key" (see config/docker-compose.example.yml).
 # The ENV values below override the file (INGESTD_<SECTION>__<KEY> beats TOML); override them
 # with -e to change them.

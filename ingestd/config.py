@@ -73,7 +73,7 @@ HEALTH_GRACE_S = 180.0  # three of the longest reconnect delays
 
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _FORMATS = ("auto", "json", "console")
-_SECTIONS = ("database", "tts", "downlinks", "metrics", "logging")
+_SECTIONS = ("database", "tts", "downlinks", "metrics", "logging", "spool")
 _KEY_FIELDS = {"api_key": "api_key_file", "api_key_file": "api_key"}
 
 
@@ -204,6 +204,36 @@ class LoggingSettings:
     format: Literal["auto", "json", "console"] = "auto"
 
 
+SPOOL_MAX_BYTES = 1 << 30  # 1 GiB, ~400k uplinks: hours of a busy application
+SPOOL_DIR_NAME = "spool"  # under $STATE_DIRECTORY (systemd StateDirectory=)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SpoolSettings:
+    """The local spool that takes a stream's frames while the database stalls."""
+
+    enabled: bool = True
+    dir: str = ""  # "": $STATE_DIRECTORY/spool, else <sqlite file>-spool, else ./ingestd-spool
+    max_bytes: int = SPOOL_MAX_BYTES
+
+    def root(self, database_url: str, environ: Mapping[str, str] | None = None) -> Path:
+        """The spool directory (one subdirectory per stream), defaults resolved."""
+        if self.dir:
+            return Path(self.dir).expanduser()
+        env = os.environ if environ is None else environ
+        state = env.get("STATE_DIRECTORY", "").split(":")[0]
+        if state:
+            return Path(state) / SPOOL_DIR_NAME
+        try:
+            url = sa.make_url(database_url)
+        except ArgumentError:
+            url = None
+        db = url.database if url is not None and url.get_backend_name() == "sqlite" else None
+        if db and db != ":memory:" and not db.startswith("file:"):
+            return Path(db + "-spool")  # beside the file, like SQLite's own -wal
+        return Path("ingestd-spool")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     """Everything ingestd is configured with; ``source`` says where it came from."""
@@ -214,6 +244,7 @@ class Settings:
     downlinks: DownlinkSettings = field(default_factory=DownlinkSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
     source: str = "built-in defaults"
     # ``${VAR}`` problems of API keys, raised by require_credentials (run/check need a key;
     # migrate, status and import do not).
@@ -378,6 +409,7 @@ _SPECS: dict[str, dict[str, Parser]] = {
         "level": choice(_LEVELS, {"warn": "warning", "fatal": "critical"}),
         "format": choice(_FORMATS),
     },
+    "spool": {"enabled": as_bool, "dir": as_str, "max_bytes": checked(as_int, positive)},
 }
 _SECTION_TYPES: dict[str, type[Any]] = {
     "database": DatabaseSettings,
@@ -385,6 +417,7 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "downlinks": DownlinkSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
+    "spool": SpoolSettings,
 }
 
 

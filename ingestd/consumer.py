@@ -4,15 +4,29 @@ Per event the work is parse → normalize → append (in :class:`BatchBuilder`);
 in a worker thread, one at a time and in order, so the cursor in the database only ever
 moves forward. A batch is committed when it reaches ``batch_max_events`` or
 ``batch_max_delay_s`` after the last commit, whichever comes first; while one batch
-commits, the next is being read (a pipeline of depth one, which is also backpressure).
+commits, the next is being read (a pipeline of depth one).
+
+When a batch is full while the previous commit still runs (a locked table, a busy SQLite
+file, an outage), the reader does not wait: TTS would drop what it cannot send. It appends
+the frames to the stream's durable spool (:mod:`ingestd.spool`) and keeps reading, after
+first spooling the frames of the two batches not yet stored, so the spool continues
+exactly where the committed cursor ends. A drainer feeds the spooled frames through the
+same builder, in order, and commits them; once it has caught up, the reader goes back to
+the direct path. Every frame after the first spooled one goes through the spool until
+then, so events commit in arrival order. A spool left by a crash is drained before the
+stream connects, so the resume starts after the spooled events. When the spool is full
+the stream is closed; once the database has taken everything spooled, a ``spool_full`` gap
+from the spool's end is recorded and the stream resumes from there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,16 +41,19 @@ from ingestd.errors import (
     PermanentError,
     RateLimited,
     RequestRejected,
+    SpoolUnavailable,
     StoreUnavailable,
     StreamDisconnected,
     StreamError,
     TransientError,
     TtsError,
 )
+from ingestd.framing import ErrorFrame, parse_frame
 from ingestd.ingest import BatchBuilder
 from ingestd.leader import StreamLeadership
 from ingestd.models import Batch, Gap
 from ingestd.retry import Backoff
+from ingestd.spool import MAX_BYTES_DEFAULT, Position, Spool, stream_dir
 from ingestd.store import Store
 from ingestd.stream import EventStream, OpenStream
 
@@ -52,6 +69,20 @@ LEADER_CHECK_S = 5.0  # the leader checks its lock's session this often
 OVERLAP_SHRINK = 4.0
 SHUTDOWN_COMMIT_ATTEMPTS = 3
 AUTH_ERROR_CODES = {7, 16}  # PermissionDenied, Unauthenticated: an error frame about the key
+SETTLE_POLL_S = 0.05  # after a full spool: how often to look whether everything is committed
+RESULT_FRAME = b'{"result":'  # how every TTS event frame begins; anything else is parsed
+
+
+@dataclass(slots=True)
+class _Taken:
+    """A batch taken from the builder for its commit.
+
+    ``raw`` holds its frames that are not in the spool, to be spooled if the commit stalls;
+    ``spool_pos`` is how far into the spool its frames reach (acknowledged once stored).
+    """
+
+    raw: list[bytes] = field(default_factory=list)
+    spool_pos: Position | None = None
 
 
 @dataclass(kw_only=True)
@@ -91,6 +122,8 @@ class StreamConsumer:
         store: Store,
         client: httpx.AsyncClient,
         batching: DatabaseSettings,
+        spool_root: Path | None = None,
+        spool_max_bytes: int = MAX_BYTES_DEFAULT,
     ) -> None:
         self.settings = settings
         self.state = StreamState(
@@ -111,6 +144,22 @@ class StreamConsumer:
         self._halt = asyncio.Event()  # set when following stops (shutdown or leadership lost)
         self._overlap_s = settings.overlap_s
         self.connected_event = asyncio.Event()  # set on every successful (re)connect
+        # The spool (None: disabled). Opened when first needed, or at start if it holds frames.
+        self._spool_dir = None if spool_root is None else stream_dir(spool_root, settings.name)
+        self._spool_max_bytes = spool_max_bytes
+        self._spool: Spool | None = None
+        self._spooling = False  # True: every frame read goes to the spool
+        self._spool_buffer: list[bytes] = []  # read while spooling, not yet appended
+        self._spool_lock = asyncio.Lock()  # appends in arrival order
+        self._appending: asyncio.Future[list[Position]] | None = None
+        self._drainer: asyncio.Task[None] | None = None
+        self._spool_full = False  # the stream was closed: the spool took no more
+        self._raw: list[bytes] = []  # frames in the builder's batch that are not in the spool
+        self._batch_spool_pos: Position | None = None  # how far into the spool that batch reaches
+        self._committing: _Taken | None = None
+        self._failed: BaseException | None = None  # a batch that could not be stored
+        self._failure = asyncio.Event()
+        self._hold = False  # a batch was given up at shutdown: no later one may commit
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -142,21 +191,38 @@ class StreamConsumer:
         name = self.settings.name
         self._stopping = False
         self._halt = halt
+        self._hold = False
         cursor = await asyncio.to_thread(self._store.load_cursor, name)
         self._builder = BatchBuilder(name, cursor)
-        log.info("stream_starting", cursor=cursor.last_time)
+        self._raw, self._batch_spool_pos = [], None
+        if self._spool_dir is not None and self._spool_dir.is_dir():
+            await self._open_spool()  # a spool left by the last run: drain it first
+        spooled = self._spool.frames if self._spool is not None else 0
+        log.info("stream_starting", cursor=cursor.last_time, spooled_frames=spooled)
         ticker = asyncio.create_task(self._flush_on_timer(halt), name=f"flush:{name}")
+        main = asyncio.create_task(self._drain_then_connect(halt), name=f"read:{name}")
         try:
-            await self._connect_forever(halt)
+            await wait_any(main, self._failure.wait())
+            if self._failed is not None:
+                raise self._failed  # the stream task fails loudly: task_failed
+            main.result()
         finally:
             self._stopping = True
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
+            await cancel_and_wait([ticker, main, *([self._drainer] if self._drainer else [])])
+            await asyncio.shield(self._stop_spooling())
             # Commit the batch in flight with its cursor even if we are being cancelled.
             await asyncio.shield(self._flush())
+            await asyncio.shield(self._close_spool())
             self._set_disconnected(None)
             await asyncio.shield(self._save_state(None, None))  # status: not connected
             log.info("stream_stopped", cursor=self._builder.cursor.last_time)
+
+    async def _drain_then_connect(self, halt: asyncio.Event) -> None:
+        if self._spool is not None and not self._spool.empty:
+            log.info("spool_draining", frames=self._spool.frames, bytes=self._spool.bytes)
+            self._spooling = True
+            self._start_drainer()
+        await self._connect_forever(halt)
 
     async def _become_leader(self, leadership: StreamLeadership, stop: asyncio.Event) -> bool:
         """Wait until this process leads the stream; False when stopping first."""
@@ -200,6 +266,8 @@ class StreamConsumer:
     async def _connect_forever(self, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set():
+            if not await self._settle_spool(stop):
+                return
             opened_at = self._builder_or_fail().cursor.last_time
             was_open = False
             try:
@@ -342,26 +410,38 @@ class StreamConsumer:
         builder = self._builder_or_fail()
         max_events = self._max_events
         async for payload in conn.frames:
+            if self._spooling:
+                await self._spool_frame(payload)
+                continue
+            if len(builder) >= max_events:  # full, and the previous commit still runs
+                if self._commit_running() and await self._start_spooling(payload):
+                    continue
+                await self._start_flush()  # without a spool: wait for it, as TTS drops
             error = builder.add_frame(payload)
+            self._raw.append(payload)
             if error is not None:
-                raise StreamError(
-                    f"the server ended the stream with an error: {error.describe()}",
-                    status_code=error.code,
-                    error_name=error.name,
-                    tts_message=error.message,
+                raise _stream_error(error)
+            if getattr(builder, "reject_flood", False):
+                raise StreamDisconnected(
+                    "too many rejected frames on this connection", reason="reject_flood"
                 )
             if builder.first_cursor_pending:
                 builder.first_cursor_pending = False
                 await self._start_flush()  # a new stream's first cursor, saved at once
-            if len(builder) >= max_events:
+            elif len(builder) >= max_events and not self._commit_running():
                 await self._start_flush()
+
+    def _commit_running(self) -> bool:
+        return self._flush_task is not None and not self._flush_task.done()
 
     async def _start_flush(self) -> None:
         """Start committing the current batch; wait for the previous commit first."""
-        if self._flush_task is not None and not self._flush_task.done():
+        while self._flush_task is not None and not self._flush_task.done():
             # shield: cancelling the reader must never cancel a commit half-way.
             await asyncio.shield(self._flush_task)
-        self._flush_task = asyncio.create_task(self._flush())
+        task = asyncio.create_task(self._flush())
+        task.add_done_callback(_read_result)
+        self._flush_task = task
 
     async def _flush_on_timer(self, stop: asyncio.Event) -> None:
         while not await sleep_or_stop(self._max_delay_s, stop):
@@ -372,13 +452,40 @@ class StreamConsumer:
         if builder is None:
             return
         async with self._flush_lock:
+            if self._failed is not None or self._hold:
+                return  # its cursor would pass a batch that was not stored
             names = builder.names
             batch = builder.take()
-            if batch.empty:
-                return
-            await self._commit(batch, names)
+            taken = _Taken(raw=self._raw, spool_pos=self._batch_spool_pos)
+            self._raw, self._batch_spool_pos = [], None
+            if not batch.empty:
+                self._committing = taken
+                try:
+                    stored = await self._commit(batch, names)
+                except Exception as exc:  # not an outage: the batch cannot be stored
+                    self._fail(exc, batch)
+                    return
+                finally:
+                    self._committing = None
+                if not stored:
+                    self._hold = True
+                    return
+            await self._ack(taken.spool_pos)
 
-    async def _commit(self, batch: Batch, names: dict[str, int]) -> None:
+    def _fail(self, exc: Exception, batch: Batch) -> None:
+        """Stop the stream loudly; the cursor stays before ``batch`` (spooled frames stay)."""
+        log.error(
+            "batch_not_stored",
+            error=_describe(exc),
+            events=len(batch),
+            cursor=self._builder_or_fail().cursor.last_time,
+            exc_info=exc,
+        )
+        self._failed = exc
+        self._failure.set()
+
+    async def _commit(self, batch: Batch, names: dict[str, int]) -> bool:
+        """Commit ``batch``, retrying outages; False when given up on at shutdown."""
         name = self.settings.name
         attempt = 0
         while True:
@@ -391,7 +498,7 @@ class StreamConsumer:
                 if self._stopping and attempt >= SHUTDOWN_COMMIT_ATTEMPTS:
                     # Not lost for good: the cursor did not move, so a restart replays it.
                     log.error("batch_not_committed", error=str(exc), events=len(batch))
-                    return
+                    return False
                 delay = STORE_RETRY.delay_s(attempt)
                 log.warning("store_unavailable", error=str(exc), retry_in_s=round(delay, 2))
                 await sleep_or_stop(delay, self._halt)  # a shutdown must not wait 30 s
@@ -416,6 +523,226 @@ class StreamConsumer:
             cursor=cursor.last_time if cursor else None,
             commit_ms=round(elapsed * 1000, 1),
         )
+        return True
+
+    # -- the spool ---------------------------------------------------------------------------
+
+    async def _open_spool(self) -> Spool | None:
+        """The stream's spool, opened (and its torn tail cut) on first use; None if unusable."""
+        if self._spool is not None or self._spool_dir is None:
+            return self._spool
+        spool = Spool(self._spool_dir, max_bytes=self._spool_max_bytes)
+        try:
+            await asyncio.to_thread(spool.open)
+        except (SpoolUnavailable, OSError) as exc:
+            log.error("spool_unavailable", error=str(exc), dir=str(self._spool_dir))
+            return None
+        if spool.corrupt:  # records before the tail failed their check: possibly lost
+            self._builder_or_fail().add_gap(
+                Gap(
+                    stream=self.settings.name,
+                    gap_start=self._builder_or_fail().cursor.last_time,
+                    gap_end=datetime.now(UTC),
+                    reason="spool_corrupt",
+                    detail=f"{spool.dropped_bytes} bytes of the local spool failed their check",
+                )
+            )
+        self._spool = spool
+        metrics.track_spool(self.settings.name, spool)
+        return spool
+
+    async def _start_spooling(self, payload: bytes) -> bool:
+        """Switch to the spool; False when there is none (spooling is disabled).
+
+        The frames of the batch being committed and of the one waiting in the builder go
+        first: after a crash the spool must continue exactly where the stored cursor ends.
+        """
+        if self._spool_dir is None:
+            return False
+        self._spooling = True
+        spool = await self._open_spool()
+        committing = self._committing
+        head = committing.raw if committing is not None else []
+        current = self._raw
+        frames = [*head, *current, payload]
+        try:
+            if spool is None:
+                raise SpoolUnavailable("the spool could not be opened", reason="io")
+            async with self._spool_lock:
+                ends = await self._append(spool, frames)
+        except SpoolUnavailable as exc:
+            self._spooling = False
+            raise self._spool_refused(exc) from exc
+        # A commit may have finished (or begun) meanwhile: find who holds each list now.
+        for raw, end in ((head, len(head)), (current, len(head) + len(current))):
+            if not raw:
+                continue
+            if raw is self._raw:
+                self._raw, self._batch_spool_pos = [], ends[end - 1]
+            elif self._committing is not None and raw is self._committing.raw:
+                self._committing.raw, self._committing.spool_pos = [], ends[end - 1]
+        if len(frames) > 1:
+            spool.set_read_position(ends[-2])
+        log.warning(
+            "spool_started",
+            reason="commit_running",
+            frames=len(frames),
+            spool_frames=spool.frames,
+        )
+        self._start_drainer()
+        return True
+
+    async def _spool_frame(self, payload: bytes) -> None:
+        if not payload.startswith(RESULT_FRAME):
+            try:
+                frame = parse_frame(payload)
+            except Exception:  # not ours to judge here: the drainer rejects it
+                frame = None
+            if isinstance(frame, ErrorFrame):
+                await self._append_buffer()
+                raise _stream_error(frame.error)
+        self._spool_buffer.append(payload)
+        if len(self._spool_buffer) >= self._max_events:
+            await self._append_buffer()
+
+    async def _append_buffer(self) -> None:
+        """Append the frames read while spooling (one write and one fsync per batch)."""
+        async with self._spool_lock:
+            frames, self._spool_buffer = self._spool_buffer, []
+            if not frames or self._spool is None:
+                return
+            try:
+                await self._append(self._spool, frames)
+            except SpoolUnavailable as exc:
+                raise self._spool_refused(exc) from exc
+
+    async def _append(self, spool: Spool, frames: list[bytes]) -> list[Position]:
+        # shield: a cancelled reader must not leave an append half-way; the stop waits for it.
+        self._appending = asyncio.ensure_future(asyncio.to_thread(spool.append, frames))
+        return await asyncio.shield(self._appending)
+
+    def _spool_refused(self, exc: SpoolUnavailable) -> StreamDisconnected:
+        """Close the stream: what TTS sends now would be dropped. The gap follows later."""
+        self._spool_full = True
+        spool = self._spool
+        log.error(
+            "spool_full" if exc.reason == "full" else "spool_write_failed",
+            error=str(exc),
+            spool_frames=spool.frames if spool is not None else 0,
+            spool_bytes=spool.bytes if spool is not None else 0,
+        )
+        return StreamDisconnected(str(exc), reason="spool_full")
+
+    def _start_drainer(self) -> None:
+        if self._drainer is not None and not self._drainer.done():
+            return
+        self._drainer = asyncio.create_task(self._drain(), name=f"drain:{self.settings.name}")
+        self._drainer.add_done_callback(self._drainer_done)
+
+    def _drainer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._failed is None:
+            log.error("spool_drain_failed", error=_describe(exc), exc_info=exc)
+            self._failed = exc
+            self._failure.set()
+
+    async def _drain(self) -> None:
+        """Feed spooled frames through the builder in order; back to direct when caught up."""
+        spool = self._spool
+        assert spool is not None
+        builder = self._builder_or_fail()
+        max_events = self._max_events
+        while True:
+            records = await asyncio.to_thread(spool.read, max_events)
+            if not records:
+                if self._spool_lock.locked() or (
+                    self._appending is not None and not self._appending.done()
+                ):
+                    async with self._spool_lock:  # an append is under way: read it next
+                        pass
+                    continue
+                # Caught up. The frames the reader holds come next: into the builder as if
+                # read directly, in this same step, so no frame can slip in between.
+                frames, self._spool_buffer = self._spool_buffer, []
+                self._spooling = False
+                for payload in frames:
+                    builder.add_frame(payload)
+                    self._raw.append(payload)
+                log.info("spool_caught_up", spool_frames=spool.frames)
+                return
+            for payload, pos in records:
+                if len(builder) >= max_events:
+                    await self._start_flush()
+                error = builder.add_frame(payload)
+                self._batch_spool_pos = pos
+                if error is not None:
+                    log.warning("spooled_error_frame_skipped", error=error.describe())
+
+    async def _ack(self, pos: Position | None) -> None:
+        spool = self._spool
+        if pos is None or spool is None:
+            return
+        try:
+            await asyncio.to_thread(spool.ack, pos)
+        except OSError as exc:  # a longer replay after a restart, nothing lost
+            log.warning("spool_ack_failed", error=str(exc))
+
+    async def _settle_spool(self, stop: asyncio.Event) -> bool:
+        """Before (re)connecting: the resume must start after everything spooled.
+
+        Wait for the drainer to catch up (its cursor is the resume point). After a full
+        spool, wait until the database has taken it all, then record the window in which the
+        stream was closed as a gap from the spool's end. False when stopping.
+        """
+        drainer = self._drainer
+        if drainer is not None and not drainer.done():
+            await wait_any(asyncio.shield(drainer), stop.wait())
+        if not self._spool_full:
+            return not stop.is_set()
+        builder = self._builder_or_fail()
+        while not stop.is_set():
+            spooled = self._spool is not None and not self._spool.empty
+            if not (spooled or self._commit_running() or len(builder) or self._spooling):
+                break
+            await sleep_or_stop(SETTLE_POLL_S, stop)
+        if stop.is_set():
+            return False
+        self._spool_full = False
+        builder.add_gap(
+            Gap(
+                stream=self.settings.name,
+                gap_start=builder.cursor.last_time,
+                gap_end=datetime.now(UTC),
+                reason="spool_full",
+                detail="the local spool was full (or could not be written): the stream was "
+                "closed until the database had taken it; only what the server's store "
+                "replays of this window is stored",
+            )
+        )
+        await self._start_flush()
+        return True
+
+    async def _stop_spooling(self) -> None:
+        """At a stop: make the frames read while spooling durable; the next start drains."""
+        if self._appending is not None:
+            await asyncio.gather(self._appending, return_exceptions=True)
+        if self._spool_buffer:
+            with contextlib.suppress(StreamDisconnected):  # logged; the resume replays them
+                await self._append_buffer()
+        self._spooling = False
+
+    async def _close_spool(self) -> None:
+        if self._flush_task is not None:
+            await asyncio.gather(self._flush_task, return_exceptions=True)
+        spool, self._spool = self._spool, None
+        if spool is None:
+            return
+        if not spool.empty:
+            log.info("spool_kept", frames=spool.frames, bytes=spool.bytes, dir=str(spool.directory))
+        metrics.track_spool(self.settings.name, None)
+        await asyncio.to_thread(spool.close)
 
     def _builder_or_fail(self) -> BatchBuilder:
         if self._builder is None:
@@ -424,6 +751,21 @@ class StreamConsumer:
 
 
 _background: set[asyncio.Task[None]] = set()  # strong refs until done (asyncio docs)
+
+
+def _read_result(task: asyncio.Task[None]) -> None:
+    """Retrieve a flush's outcome: none may end as "Task exception was never retrieved"."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("flush_failed", error=_describe(task.exception() or Exception()))
+
+
+def _stream_error(error: Any) -> StreamError:
+    return StreamError(
+        f"the server ended the stream with an error: {error.describe()}",
+        status_code=error.code,
+        error_name=error.name,
+        tts_message=error.message,
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,7 +9,8 @@ Retries are decided by class, never by message::
     │   ├── StreamDisconnected      transport error, idle timeout, server closed the stream
     │   ├── ServerUnavailable       TTS answered 5xx
     │   ├── RateLimited             TTS answered 429 rate_limit_exceeded (``retry_after_s``)
-    │   └── StoreUnavailable        the database is unreachable or locked
+    │   ├── StoreUnavailable        the database is unreachable or locked
+    │   └── SpoolUnavailable        the local spool cannot take frames (full, io, locked)
     └── PermanentError              retrying the same thing will not help
         ├── AuthRejected            401/403 from TTS (``status_code``, ``error_name``)
         ├── RequestRejected         other 4xx from TTS (``status_code``, ``error_name``)
@@ -94,6 +95,14 @@ class RateLimited(TransientError, TtsError):
 
 class StoreUnavailable(TransientError):
     """The database could not be reached or was locked."""
+
+
+class SpoolUnavailable(TransientError):
+    """The local spool cannot take frames: full, a disk error, or locked by another process."""
+
+    def __init__(self, message: str | None = None, *, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class AuthRejected(PermanentError, TtsError):

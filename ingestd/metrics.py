@@ -14,7 +14,7 @@ import socket
 from collections.abc import Awaitable, Callable, Generator
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -31,6 +31,9 @@ from prometheus_client import (
 
 from ingestd import __version__
 from ingestd.models import Batch, CommitResult
+
+if TYPE_CHECKING:
+    from ingestd.spool import Spool
 
 log = structlog.get_logger()
 
@@ -136,6 +139,24 @@ DOWNLINK_PUSH_SECONDS = Histogram(
     "ingestd_downlink_push_seconds",
     "Duration of one downlink push request.",
     buckets=PUSH_BUCKETS_S,
+    registry=REGISTRY,
+)
+SPOOL_BYTES = Gauge(
+    "ingestd_spool_bytes",
+    "Bytes in the stream's local spool: frames read while the database stalled, not yet stored.",
+    ("stream",),
+    registry=REGISTRY,
+)
+SPOOL_FRAMES = Gauge(
+    "ingestd_spool_frames",
+    "Frames in the stream's local spool not yet stored.",
+    ("stream",),
+    registry=REGISTRY,
+)
+SPOOL_OLDEST_AGE = Gauge(
+    "ingestd_spool_oldest_age_seconds",
+    "Age of the oldest frame in the stream's local spool not yet stored (0 when empty).",
+    ("stream",),
     registry=REGISTRY,
 )
 BUILD_INFO = Info(
@@ -320,6 +341,17 @@ class MetricsServer:
             healthy, details = False, {"error": type(exc).__name__}
         body = {**details, "status": "ok" if healthy else "unavailable"}
         return (200 if healthy else 503), orjson.dumps(body, default=str)
+
+
+def track_spool(stream: str, spool: Spool | None) -> None:
+    """Report ``spool``'s depth and age, read at scrape time (nothing on the hot path)."""
+    if spool is None:
+        for gauge in (SPOOL_BYTES, SPOOL_FRAMES, SPOOL_OLDEST_AGE):
+            gauge.labels(stream).set(0)
+        return
+    SPOOL_BYTES.labels(stream).set_function(lambda: spool.bytes)
+    SPOOL_FRAMES.labels(stream).set_function(lambda: spool.frames)
+    SPOOL_OLDEST_AGE.labels(stream).set_function(spool.oldest_age_s)
 
 
 def record_commit(

@@ -61,8 +61,16 @@ class Service:
             limits=httpx.Limits(max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=20),
             headers={"User-Agent": f"ingestd/{__version__}"},
         )
+        spool_root = s.spool.root(s.database.url) if s.spool.enabled else None
         self.consumers = [
-            StreamConsumer(stream, store=store, client=self.client, batching=s.database)
+            StreamConsumer(
+                stream,
+                store=store,
+                client=self.client,
+                batching=s.database,
+                spool_root=spool_root,
+                spool_max_bytes=s.spool.max_bytes,
+            )
             for stream in s.streams
         ]
         return self

@@ -32,7 +32,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from ingestd import migrate, outbox, schema
+from ingestd import migrate, outbox, schema, spool
 from ingestd.config import Settings
 from ingestd.db import create_engine
 
@@ -133,6 +133,10 @@ def collect_status(engine: Engine, settings: Settings, *, now: datetime) -> dict
             _stream_status(conn, name, cursors.get(name), configured.get(name), now=now)
             for name in names
         ]
+    root = settings.spool.root(settings.database.url)
+    for s in streams:  # frames received while the database stalled, not yet stored
+        stats = spool.inspect(spool.stream_dir(root, s["name"]))
+        s["spool"] = _spool_status(stats, now)
     counts = outbox.outbox_counts(engine)
     waiting = sum(counts[s] for s in schema.OUTBOX_ACTIVE_STATUSES)
     oldest = outbox.oldest_pending_age_s(engine, now) if waiting else None
@@ -203,6 +207,15 @@ def _stream_status(
         "rejected_last_24h": conn.execute(
             sa.select(count).where(rej.c.stream == name, rej.c.received_at > day_ago)
         ).scalar_one(),
+    }
+
+
+def _spool_status(stats: spool.SpoolStats | None, now: datetime) -> dict[str, Any]:
+    oldest = stats.oldest_appended_at if stats is not None else None
+    return {
+        "frames": stats.frames if stats is not None else 0,
+        "bytes": stats.bytes if stats is not None else 0,
+        "oldest_age_s": None if oldest is None else round(max(now.timestamp() - oldest, 0), 3),
     }
 
 
@@ -281,6 +294,12 @@ def render(report: dict[str, Any]) -> list[str]:
             details.append(
                 f"  {s['name']}: latest of {s['gaps_total']} gaps: {_clock(gap['gap_start'])} -> "
                 f"{_clock(gap['gap_end'])} {gap['reason']} (detected {_clock(gap['detected_at'])})"
+            )
+        held = s.get("spool") or {}
+        if held.get("frames"):
+            details.append(
+                f"  {s['name']}: {held['frames']:,} frames ({held['bytes']:,} bytes) spooled, "
+                f"not yet stored; oldest {_duration(held['oldest_age_s'])}"
             )
         if s["rejected_last_24h"]:
             details.append(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +20,7 @@ from ingestd.config import (
     MetricsSettings,
     Secret,
     Settings,
+    SpoolSettings,
     StreamSettings,
 )
 from ingestd.db import create_engine
@@ -33,12 +37,23 @@ FAST_STREAM = {
 }
 
 
+_spool_dirs = itertools.count()
+
+
+def fresh_spool_dir() -> str:
+    """A spool directory of one test's own (created only if a test spools; removed when
+    drained), so that tests running in parallel never share a stream's spool."""
+    name = f"ingestd-test-spool-{os.getpid()}-{next(_spool_dirs)}"
+    return os.path.join(tempfile.gettempdir(), name)
+
+
 def make_settings(
     sim: Simulator,
     db_url: str,
     *,
     streams: list[dict[str, Any]] | None = None,
     downlinks: DownlinkSettings | None = None,
+    spool: SpoolSettings | None = None,
     **db: Any,
 ) -> Settings:
     """Settings for a daemon on ``db_url`` following ``sim``: one app stream by default."""
@@ -59,6 +74,7 @@ def make_settings(
         streams=stream_settings,
         downlinks=downlinks or DownlinkSettings(),
         metrics=MetricsSettings(listen=""),
+        spool=spool or SpoolSettings(dir=fresh_spool_dir()),
     )
 
 

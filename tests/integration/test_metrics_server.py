@@ -122,6 +122,9 @@ async def test_every_documented_metric_is_exposed(client: httpx.AsyncClient) -> 
         "ingestd_outbox_rows": "gauge",
         "ingestd_downlink_pushes": "counter",
         "ingestd_downlink_push_seconds": "histogram",
+        "ingestd_spool_bytes": "gauge",
+        "ingestd_spool_frames": "gauge",
+        "ingestd_spool_oldest_age_seconds": "gauge",
         "ingestd_build_info": "gauge",  # an Info, in the text format
     }
 
