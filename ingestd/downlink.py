@@ -245,11 +245,17 @@ class DownlinkWorker:
             await self._fail(item, f"no API key configured for {item.application_id}",
                              reason="no_api_key")
             return
+        try:
+            request = push_request(item, base_url, key, user_agent=USER_AGENT)
+        except (TypeError, ValueError) as exc:  # orjson: e.g. a payload nested too deep
+            await self._fail(item, f"invalid row: cannot encode the push request: {exc}",
+                             reason="invalid")
+            return
         if item.verify_before_push:  # an earlier push got no answer: did TTS take it?
             verdict = await self._reconcile(item, base_url, key)
             if verdict != "absent":
                 return
-        outcome = await self._push(item, base_url, key)
+        outcome = await self._push(request)
         await self._record(item, outcome)
 
     def _gate_open(self, item: outbox.OutboxItem) -> bool:
@@ -306,8 +312,8 @@ class DownlinkWorker:
         log.info("downlink_reconciled", found=True, source=source, attempts=item.attempts)
         return "accepted"
 
-    async def _push(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> Outcome:
-        url, headers, body = push_request(item, base_url, key, user_agent=USER_AGENT)
+    async def _push(self, request: tuple[str, dict[str, str], bytes]) -> Outcome:
+        url, headers, body = request
         self.pushes += 1
         started = time.monotonic()
         try:

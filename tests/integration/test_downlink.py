@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from outbox_rows import insert_unreadable, unreadable_values
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
@@ -161,6 +162,47 @@ async def test_invalid_rows_fail_without_calling_tts(engine: Engine, sim: Simula
         assert last_error.startswith("invalid row: ")
         assert reason in last_error
     assert sim.downlink_requests == []
+
+
+async def test_unreadable_rows_fail_by_id_and_hold_back_nothing(
+    engine: Engine, sim: Simulator
+) -> None:
+    """A value the claim cannot read, a device id with a trailing newline (it passed the id
+    check's `$`) or a payload nested deeper than JSON encoders go: each used to stop the
+    outbox or cycle one row through verify forever. Each now fails by id with a reason,
+    and the good rows around them are pushed once."""
+    (good_before,) = insert(engine, "dev-0001")
+    reasons: dict[int, str] = {}
+    for i, (column, literal, reason) in enumerate(unreadable_values(engine)):
+        outbox_id = insert_unreadable(engine, column, literal, app=APP,
+                                      device_id=f"dev-{i + 10:04d}")
+        reasons[outbox_id] = reason
+    (newline,) = insert(engine, "dev-0003\n")
+    reasons[newline] = "device_id 'dev-0003\\n' is not a TTS id"
+    deep = '{"a": ' * 300 + "{}" + "}" * 300  # valid JSON; orjson writes at most 254 levels
+    (nested,) = insert(engine, "dev-0004")
+    cast = "CAST(:deep AS jsonb)" if engine.dialect.name == "postgresql" else ":deep"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE downlink_outbox SET frm_payload = NULL, "
+                             f"decoded_payload = {cast} WHERE id = :id"),
+                     {"deep": deep, "id": nested})
+    reasons[nested] = "cannot encode the push request"
+    (good_after,) = insert(engine, "dev-0002")
+
+    def done() -> bool:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(T.c.id, T.c.status)).all()
+        return all(r.status in ("failed", "queued") for r in rows)
+
+    await run_until(worker(engine, settings_for(sim), concurrency=2), done)
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(sa.select(T.c.id, T.c.status, T.c.last_error))}
+    for outbox_id, reason in reasons.items():
+        assert rows[outbox_id].status == "failed"
+        assert rows[outbox_id].last_error.startswith("invalid row: ")
+        assert reason in rows[outbox_id].last_error
+    assert rows[good_before].status == rows[good_after].status == "queued"
+    assert sorted(r.device_id for r in pushes(sim)) == ["dev-0001", "dev-0002"]
 
 
 async def test_refusals_fail_the_row_with_the_tts_error_name(
