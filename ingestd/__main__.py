@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ingestd import __version__
-from ingestd.errors import ConfigError, IngestdError
+from ingestd.errors import ConfigError, IngestdError, UsageError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as exc:
+    except (ConfigError, UsageError) as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except IngestdError as exc:

@@ -594,3 +594,104 @@ def test_an_env_key_file_stands_in_for_an_unset_var_in_the_file(tmp_path: Path) 
     assert without.tts.api_key is None
     with pytest.raises(ConfigError, match="TTS_API_KEY is not set"):
         without.require_credentials()  # run and check do
+
+
+# --- values that used to pass and then broke at run time -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("application_id", "acme-water\\n"),
+        ("device_ids", ["wm-0001\\n"]),
+        ("names", ["as.up.data.forward\\n"]),
+    ],
+)
+def test_a_trailing_newline_does_not_pass_the_id_and_name_checks(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    """`$` matched before a final newline; TTS then refused every request for the id."""
+    rendered = f'"{value}"' if isinstance(value, str) else f'["{value[0]}"]'  # type: ignore[index]
+    lines = ['name = "s"', 'application_id = "acme-water"']
+    lines = [line for line in lines if not line.startswith(key)] + [f"{key} = {rendered}"]
+    path = write(tmp_path / "c.toml", "[[streams]]\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(path, environ={})
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith(f"{path}: streams[0].{key}: ")
+    assert "\\n" in problem  # the value is shown with its newline visible
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://eu1.cloud.thethings.network/api/v3",
+        "https://eu1.cloud.thethings.network/console/",
+        "https://eu1.cloud.thethings.network?tenant=x",
+        "https://eu1.cloud.thethings.network/?",
+        "https://eu1.cloud.thethings.network#frag",
+    ],
+)
+def test_base_url_with_a_path_query_or_fragment_is_rejected(url: str) -> None:
+    """ingestd appends /api/v3/...: a path doubled it, a query or fragment swallowed it."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(environ={"INGESTD_TTS__BASE_URL": url})
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith("env INGESTD_TTS__BASE_URL: must be the server's root URL")
+    assert repr(url) in problem
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://eu1.cloud.thethings.network:99999", "has an invalid port"),
+        ("https://eu1.cloud.thethings.network:x", "has an invalid port"),
+        ("https://eu1.cloud.thethings.network\t", None),  # surrounding whitespace is trimmed
+        ("https://eu1.cloud\n.thethings.network", "must not contain spaces or control"),
+    ],
+)
+def test_base_url_ports_and_whitespace(url: str, why: str | None) -> None:
+    environ = {"INGESTD_TTS__BASE_URL": url}
+    if why is None:
+        assert load_settings(environ=environ).tts.base_url == url.strip()
+        return
+    with pytest.raises(ConfigError, match=why):
+        load_settings(environ=environ)
+
+
+def test_base_url_trailing_slash_is_dropped() -> None:
+    settings = load_settings(environ={"INGESTD_TTS__BASE_URL": "http://127.0.0.1:1885/"})
+    assert settings.tts.base_url == "http://127.0.0.1:1885"
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "must not be empty"),
+        ("   ", "must not be empty"),
+        ("s" * 201, "is 201 characters long; at most 200 fit the database's stream columns"),
+        ("water\\u0000", "must not contain control characters, got 'water\\x00'"),
+        ("wa\\nter", "must not contain control characters, got 'wa\\nter'"),
+        ("water\\u001b[31m", "must not contain control characters, got 'water\\x1b[31m'"),
+    ],
+)
+def test_stream_names_must_fit_the_stream_columns(tmp_path: Path, name: str, problem: str) -> None:
+    """A name over 200 characters made PostgreSQL refuse every batch of the stream."""
+    path = write(tmp_path / "c.toml", f'[[streams]]\nname = "{name}"\napplication_id = "acme"\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(path, environ={})
+    assert problems_of(excinfo) == [f"{path}: streams[0].name: {problem}"]
+
+
+def test_the_longest_stream_name_is_the_stream_columns_size(tmp_path: Path) -> None:
+    from ingestd import schema
+    from ingestd.config_values import STREAM_NAME_MAX_CHARS
+
+    sizes = {
+        t.c.stream.type.length  # type: ignore[attr-defined]
+        for t in (schema.events, schema.stream_cursors, schema.stream_gaps, schema.rejected_events)
+    }
+    assert sizes == {STREAM_NAME_MAX_CHARS}
+    name = "ü" * STREAM_NAME_MAX_CHARS  # characters, not bytes, on both databases
+    path = write(tmp_path / "c.toml", f'[[streams]]\nname = "{name}"\napplication_id = "acme"\n')
+    assert load_settings(path, environ={}).streams[0].name == name
