@@ -63,10 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ConfigError, UsageError) as exc:
-        print(f"ingestd: {exc}", file=sys.stderr)
+        print(_masked(f"ingestd: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except IngestdError as exc:
-        print(f"ingestd: error: {exc}", file=sys.stderr)
+        print(_masked(f"ingestd: error: {exc}"), file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
@@ -74,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `ingestd status | head`: the reader left; exit quietly (Python docs' recipe).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+
+
+def _masked(text: str) -> str:
+    """``text`` with configured secrets masked (an error may quote what TTS echoed)."""
+    from ingestd.logs import redact
+
+    return redact(text)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

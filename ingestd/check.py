@@ -118,6 +118,7 @@ def check_config(settings: Settings) -> list[CheckLine]:
             detail=f"{settings.source} ({n} stream{'' if n == 1 else 's'}, downlinks {downlinks})",
         )
     ]
+    lines += [CheckLine(word="warn", subject="config", detail=w) for w in settings.warnings]
     if not settings.streams:
         lines.append(
             CheckLine(word="note", subject="config", detail="no [[streams]]: nothing to ingest")

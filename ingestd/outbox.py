@@ -33,6 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ingestd import schema
 from ingestd.db import is_postgres
+from ingestd.logs import redact
 from ingestd.normalize import OUTBOX_CID_PREFIX, outbox_id_from
 from ingestd.store import map_db_errors
 
@@ -197,6 +198,8 @@ def _literal_in(column: sa.ColumnElement[Any], values: Iterable[str]) -> sa.Colu
 
 
 def _clip(error: str) -> str:
+    """``error`` as ``last_error`` stores it: secrets masked (TTS may echo a key), clipped."""
+    error = redact(error)
     return error if len(error) <= ERROR_MAX_CHARS else error[: ERROR_MAX_CHARS - 3] + "..."
 
 

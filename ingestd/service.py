@@ -253,6 +253,8 @@ def run_service(settings: Settings, *, migrate_first: bool = True) -> int:
     :class:`AlreadyRunning` (PostgreSQL coordinates several through leadership locks).
     """
     settings.require_credentials()
+    for warning in settings.warnings:
+        log.warning("config_exposes_secrets", warning=warning)
     lock = sqlite_run_lock_path(settings.database.url)
     with _exclusive(lock, settings.database.safe_url) if lock is not None else nullcontext():
         _migrate_or_check(settings, migrate_first=migrate_first)

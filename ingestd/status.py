@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from ingestd import migrate, outbox, schema
 from ingestd.config import Settings
 from ingestd.db import create_engine
+from ingestd.logs import redact
 
 LAST_HOUR = timedelta(hours=1)
 RECENT_GAPS = timedelta(hours=24)
@@ -97,26 +98,16 @@ def db_error_text(exc: BaseException) -> str:
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret ``settings`` holds (API keys, their secret part, the database password)."""
-    found: list[str] = []
-    keys = [settings.tts.api_key, *(s.api_key for s in settings.streams)]
-    for key in keys:
-        if key is not None:
-            value = key.reveal()
-            found += [value, value.rpartition(".")[2]]
-    try:
-        password = sa.make_url(settings.database.url).password
-    except sa.exc.ArgumentError:
-        password = None
-    if password:
-        found.append(str(password))
-    return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
+    return settings.secret_values()
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every known secret and anything shaped like a TTS API key masked."""
+    """``text`` with every known secret and anything shaped like a TTS API key masked
+    (and whatever :func:`ingestd.logs.redact` masks: registered secrets, tokens, URL
+    passwords)."""
     for secret in secrets:
         text = text.replace(secret, "***")
-    return _KEY_PATTERN.sub("NNSXS.***", text)
+    return redact(_KEY_PATTERN.sub("NNSXS.***", text))
 
 
 # -- collecting -------------------------------------------------------------------------------

@@ -572,6 +572,7 @@ def test_example_config_is_valid_and_documents_every_field_with_its_default() ->
     assert {f.name for f in dataclasses.fields(Settings)} - {
         "source",
         "credential_problems",
+        "warnings",
     } <= set(re.findall(r"^#?\s*\[+([a-z]+)\]+", text, flags=re.MULTILINE))
 
 
@@ -695,3 +696,54 @@ def test_the_longest_stream_name_is_the_stream_columns_size(tmp_path: Path) -> N
     name = "ü" * STREAM_NAME_MAX_CHARS  # characters, not bytes, on both databases
     path = write(tmp_path / "c.toml", f'[[streams]]\nname = "{name}"\napplication_id = "acme"\n')
     assert load_settings(path, environ={}).streams[0].name == name
+
+
+# --- secrets: masked by value, and a file that shows them to every user --------------------
+
+
+def test_loading_settings_registers_their_secrets_for_masking(tmp_path: Path) -> None:
+    from ingestd.logs import redact
+
+    path = write(
+        tmp_path / "c.toml",
+        f'[database]\nurl = "postgresql://u:{DB_PASSWORD}@db/x"\n[tts]\napi_key = "plain-key-1"\n'
+        f'{STREAM}api_key = "${{OTHER}}"\n',
+    )
+    path.chmod(0o600)
+    settings = load_settings(path, environ={"OTHER": "other-key-2"})
+    assert settings.warnings == ()
+    text = f"401: plain-key-1 / other-key-2 / {DB_PASSWORD} / {KEY}"
+    assert redact(text) == "401: *** / *** / *** / NNSXS.***"
+
+
+@pytest.mark.parametrize(
+    ("body", "environ", "held"),
+    [
+        ('[tts]\napi_key = "literal-key"\n', {}, "an API key in tts.api_key"),
+        (f'{STREAM}api_key = "literal-key"\n', {}, "an API key in streams[0].api_key"),
+        (f'[database]\nurl = "postgresql://u:{DB_PASSWORD}@db/x"\n', {},
+         "a password in database.url"),
+        ('[tts]\napi_key = "${K}"\n', {"K": "from-env"}, None),
+        ('[tts]\napi_key = "${K:-}"\n', {}, None),
+        ('[database]\nurl = "postgresql://u:${PW}@db/x"\n', {"PW": "pw-from-env"}, None),
+        ('[database]\nurl = "postgresql://u@db/x"\n', {}, None),
+        ('[tts]\napi_key = "literal-key"\n', {"INGESTD_TTS__API_KEY": "env-key"}, None),
+    ],
+)
+def test_a_world_readable_file_with_a_literal_secret_is_warned_about(
+    tmp_path: Path, body: str, environ: dict[str, str], held: str | None
+) -> None:
+    path = write(tmp_path / "c.toml", body)
+    path.chmod(0o644)
+    warnings = load_settings(path, environ=environ).warnings
+    if held is None:
+        assert warnings == ()
+        return
+    (warning,) = warnings
+    assert warning == (
+        f"{path} is readable by every user (mode 644) and holds {held}: move secrets to "
+        f"${{VAR}} or api_key_file, or run `chmod o-r {path}`"
+    )
+    assert "literal-key" not in warning and DB_PASSWORD not in warning
+    path.chmod(0o640)
+    assert load_settings(path, environ=environ).warnings == ()
