@@ -325,9 +325,10 @@ def _exposure_warnings(file: Path, label: str, raw: RawConfig) -> list[str]:
     if not mode & stat.S_IROTH:
         return []
     held: list[str] = []
-    for section, entries in [("tts", raw.sections["tts"]), *(
-        (f"streams[{i}]", entries) for i, entries in enumerate(raw.streams)
-    )]:
+    for section, entries in [
+        ("tts", raw.sections["tts"]),
+        *((f"streams[{i}]", entries) for i, entries in enumerate(raw.streams)),
+    ]:
         entry = entries.get("api_key")
         if entry is not None and _literal(entry, label) and str(entry.value).strip():
             held.append(f"an API key in {section}.api_key")

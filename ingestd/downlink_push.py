@@ -59,8 +59,10 @@ def validate(item: OutboxItem) -> str | None:
             and len(value) <= TTS_ID_MAX_CHARS
             and _TTS_ID_RE.fullmatch(value)
         ):
-            return (f"{what} {value!r} is not a TTS id (lowercase letters, digits and single "
-                    f"dashes, 3-{TTS_ID_MAX_CHARS} characters)")
+            return (
+                f"{what} {value!r} is not a TTS id (lowercase letters, digits and single "
+                f"dashes, 3-{TTS_ID_MAX_CHARS} characters)"
+            )
     if not isinstance(item.f_port, int) or not F_PORT_MIN <= item.f_port <= F_PORT_MAX:
         return f"f_port {item.f_port!r} is outside {F_PORT_MIN}-{F_PORT_MAX}"
     if item.frm_payload is not None and not isinstance(item.frm_payload, bytes):
@@ -68,11 +70,16 @@ def validate(item: OutboxItem) -> str | None:
     has_frm = bool(item.frm_payload)
     has_decoded = item.decoded_payload is not None
     if has_frm == has_decoded:
-        return ("set exactly one of frm_payload and decoded_payload"
-                if has_frm else "no payload: set frm_payload (non-empty) or decoded_payload")
+        return (
+            "set exactly one of frm_payload and decoded_payload"
+            if has_frm
+            else "no payload: set frm_payload (non-empty) or decoded_payload"
+        )
     if has_frm and len(item.frm_payload or b"") > FRM_PAYLOAD_MAX_BYTES:
-        return (f"frm_payload is {len(item.frm_payload or b'')} bytes; at most "
-                f"{FRM_PAYLOAD_MAX_BYTES} fit a LoRaWAN downlink")
+        return (
+            f"frm_payload is {len(item.frm_payload or b'')} bytes; at most "
+            f"{FRM_PAYLOAD_MAX_BYTES} fit a LoRaWAN downlink"
+        )
     if has_decoded and not isinstance(item.decoded_payload, Mapping):
         return "decoded_payload must be a JSON object (the input of the downlink formatter)"
     if item.priority not in TX_PRIORITIES:
@@ -109,8 +116,7 @@ def push_request(
         downlink["frm_payload"] = base64.b64encode(item.frm_payload).decode()
     else:
         downlink["decoded_payload"] = item.decoded_payload
-    path = PUSH_PATH.format(app=item.application_id, dev=item.device_id,
-                            operation=item.operation)
+    path = PUSH_PATH.format(app=item.application_id, dev=item.device_id, operation=item.operation)
     headers = _headers(key, user_agent) | {
         "Content-Type": "application/json",
         "X-Request-ID": request_id(item),
@@ -138,9 +144,7 @@ def queue_has(content: bytes, item: OutboxItem) -> bool | None:
     if not isinstance(downlinks, list):
         return None
     cid = outbox_correlation_id(item.id)
-    return any(
-        isinstance(d, dict) and cid in (d.get("correlation_ids") or ()) for d in downlinks
-    )
+    return any(isinstance(d, dict) and cid in (d.get("correlation_ids") or ()) for d in downlinks)
 
 
 def classify_response(response: httpx.Response) -> Outcome:

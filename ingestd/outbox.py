@@ -124,8 +124,9 @@ def _read_bytes(name: str, value: Any) -> _Read:
     if value is None or isinstance(value, bytes):
         return value, None
     kind = "text" if isinstance(value, str) else type(value).__name__
-    return None, (f"{name} is {kind}, not bytes (write a blob: X'0102' in SQL or a bytes "
-                  "parameter)")
+    return None, (
+        f"{name} is {kind}, not bytes (write a blob: X'0102' in SQL or a bytes parameter)"
+    )
 
 
 def _read_json(name: str, value: Any) -> _Read:
@@ -185,8 +186,7 @@ def _returned(postgres: bool) -> tuple[sa.ColumnElement[Any], ...]:
     """The columns an item is read from: raw values, checked by :func:`_item`."""
     if postgres:
         return tuple(
-            sa.cast(c, sa.Text).label(c.name) if c.name == "decoded_payload" else c
-            for c in _T.c
+            sa.cast(c, sa.Text).label(c.name) if c.name == "decoded_payload" else c for c in _T.c
         )
     return tuple(sa.type_coerce(c, sa.types.NullType()).label(c.name) for c in _T.c)
 
@@ -287,7 +287,11 @@ def _claim_statement(postgres: bool) -> sa.Update:
 
 
 def release_claim(
-    engine: Engine, outbox_id: int, *, next_attempt_at: datetime, now: datetime,
+    engine: Engine,
+    outbox_id: int,
+    *,
+    next_attempt_at: datetime,
+    now: datetime,
     note: str | None = None,
 ) -> bool:
     """Give a claimed row back untouched (no push was attempted): the attempt is not counted.
@@ -306,7 +310,11 @@ def release_claim(
 
 
 def _move(
-    engine: Engine, outbox_id: int, sources: tuple[str, ...], values: dict[str, Any], *,
+    engine: Engine,
+    outbox_id: int,
+    sources: tuple[str, ...],
+    values: dict[str, Any],
+    *,
     now: datetime,
 ) -> bool:
     """Update one row if its status is in ``sources`` and drop its claim; True if it moved."""
@@ -376,7 +384,12 @@ def _mark_queued_statement() -> sa.Update:
 
 
 def mark_retry(
-    engine: Engine, outbox_id: int, *, error: str, next_attempt_at: datetime, now: datetime,
+    engine: Engine,
+    outbox_id: int,
+    *,
+    error: str,
+    next_attempt_at: datetime,
+    now: datetime,
     outcome_unknown: bool = False,
 ) -> bool:
     """A transient failure: back to ``pending`` until ``next_attempt_at``.
@@ -385,15 +398,23 @@ def mark_retry(
     ``verify_before_push``; a clear refusal clears it. Only a row still ``pushing`` moves
     (an event may have moved it forward meanwhile).
     """
-    values = {"status": "pending", "last_error": _clip(error), "next_attempt_at": next_attempt_at,
-              "verify_before_push": outcome_unknown}
+    values = {
+        "status": "pending",
+        "last_error": _clip(error),
+        "next_attempt_at": next_attempt_at,
+        "verify_before_push": outcome_unknown,
+    }
     return _move(engine, outbox_id, ("pushing",), values, now=now)
 
 
 def mark_failed(engine: Engine, outbox_id: int, *, error: str, now: datetime) -> bool:
     """A permanent failure (or retries exhausted): ``failed`` with ``last_error``."""
-    values = {"status": "failed", "last_error": _clip(error), "finished_at": now,
-              "verify_before_push": False}
+    values = {
+        "status": "failed",
+        "last_error": _clip(error),
+        "finished_at": now,
+        "verify_before_push": False,
+    }
     return _move(engine, outbox_id, _ACTIVE, values, now=now)
 
 
@@ -455,8 +476,9 @@ _TRANSITIONS: dict[str, _Transition] = {
     # drop of a push request is that request's refusal: its HTTP answer decided (and the
     # worker may have retried since), so such drops move nothing (see _is_push_refusal).
     "drop": _Transition("dropped", ("queued", "sent"), None, sets_error=True),
-    "ack": _Transition("acked", tuple(s for s in schema.OUTBOX_STATUSES if s != "acked"),
-                       "acked_at"),
+    "ack": _Transition(
+        "acked", tuple(s for s in schema.OUTBOX_STATUSES if s != "acked"), "acked_at"
+    ),
 }
 
 

@@ -284,9 +284,7 @@ def _exclusive(path: Path, database: str) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise AlreadyRunning(
-            f"cannot create the run lock {path}: {exc.strerror or exc}"
-        ) from None
+        raise AlreadyRunning(f"cannot create the run lock {path}: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

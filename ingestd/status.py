@@ -238,8 +238,17 @@ def render(report: dict[str, Any]) -> list[str]:
     now = datetime.fromisoformat(report["generated_at"])
     db = report["database"]
     lines = [f"database  {db['url']} (schema {db['schema_revision']}), as of {_clock(now)}", ""]
-    headers = ["STREAM", "APPLICATION", "CURSOR", "LAG", "STATE", "EVENTS/1H", "UPLINKS/1H",
-               "EVENTS", "GAPS/24H"]
+    headers = [
+        "STREAM",
+        "APPLICATION",
+        "CURSOR",
+        "LAG",
+        "STATE",
+        "EVENTS/1H",
+        "UPLINKS/1H",
+        "EVENTS",
+        "GAPS/24H",
+    ]
     rows = []
     details = []
     for s in report["streams"]:
@@ -253,17 +262,19 @@ def render(report: dict[str, Any]) -> list[str]:
         elif s["cursor_updated_at"]:
             # Progress after the last error, and not connected now: the daemon stopped.
             state = f"stopped {_ago(now, s['cursor_updated_at'])} ago"
-        rows.append([
-            s["name"],
-            s["application_id"] or "(not configured)",
-            _clock(s["cursor_time"]),
-            _duration(s["lag_s"]),
-            state,
-            f"{s['events_last_hour']:,}",
-            f"{s['uplinks_last_hour']:,}",
-            f"{s['events_total']:,}",
-            f"{s['gaps_last_24h']:,}",
-        ])
+        rows.append(
+            [
+                s["name"],
+                s["application_id"] or "(not configured)",
+                _clock(s["cursor_time"]),
+                _duration(s["lag_s"]),
+                state,
+                f"{s['events_last_hour']:,}",
+                f"{s['uplinks_last_hour']:,}",
+                f"{s['events_total']:,}",
+                f"{s['gaps_last_24h']:,}",
+            ]
+        )
         if s["last_error"]:
             when = _clock(s["last_error_at"])
             details.append(f"  {s['name']}: last error at {when}: {s['last_error']}")
@@ -295,8 +306,10 @@ def _table(headers: list[str], rows: list[list[str]], *, numeric: set[int]) -> l
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: list[str]) -> str:
-        out = [c.rjust(w) if i in numeric else c.ljust(w)
-               for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        out = [
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(out).rstrip()
 
     return [line(headers), *(line(r) for r in rows)]

@@ -29,23 +29,26 @@ def sim() -> Iterator[Simulator]:
 def _config(tmp_path: Path, sim: Simulator, database: Path) -> Path:
     path = tmp_path / "ingestd.toml"
     path.write_text(
-        "\n".join([
-            "[database]",
-            f'url = "sqlite:///{database}"',
-            "batch_max_delay_s = 0.05",
-            "[tts]",
-            f'base_url = "{sim.base_url}"',
-            'api_key = "${SIM_KEY}"',
-            "reconnect_min_s = 0.05",
-            "reconnect_max_s = 0.5",
-            "[[streams]]",
-            'name = "app"',
-            f'application_id = "{sim.application_id}"',
-            "[metrics]",
-            'listen = ""',
-            "[logging]",
-            'format = "json"',
-        ]) + "\n"
+        "\n".join(
+            [
+                "[database]",
+                f'url = "sqlite:///{database}"',
+                "batch_max_delay_s = 0.05",
+                "[tts]",
+                f'base_url = "{sim.base_url}"',
+                'api_key = "${SIM_KEY}"',
+                "reconnect_min_s = 0.05",
+                "reconnect_max_s = 0.5",
+                "[[streams]]",
+                'name = "app"',
+                f'application_id = "{sim.application_id}"',
+                "[metrics]",
+                'listen = ""',
+                "[logging]",
+                'format = "json"',
+            ]
+        )
+        + "\n"
     )
     return path
 
@@ -60,7 +63,9 @@ class Run:
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ingestd", "--config", str(config), "run"],
-            env=env, stdout=self._out, stderr=self._out,
+            env=env,
+            stdout=self._out,
+            stderr=self._out,
         )
 
     def wait_connected(self, sim: Simulator, requests_before: int) -> None:

@@ -32,15 +32,20 @@ class _EchoingTts(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         self.rfile.read(length)
         token = (self.headers.get("authorization") or "").partition(" ")[2]
-        body = json.dumps({
-            "code": 16,
-            "message": f"error:pkg/auth:token_invalid (token `{token}` is not valid)",
-            "details": [{
-                "namespace": "pkg/auth", "name": "token_invalid",
-                "message_format": "token `{token}` is not valid",
-                "attributes": {"token": token},
-            }],
-        }).encode()
+        body = json.dumps(
+            {
+                "code": 16,
+                "message": f"error:pkg/auth:token_invalid (token `{token}` is not valid)",
+                "details": [
+                    {
+                        "namespace": "pkg/auth",
+                        "name": "token_invalid",
+                        "message_format": "token `{token}` is not valid",
+                        "attributes": {"token": token},
+                    }
+                ],
+            }
+        ).encode()
         self.send_response(401)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -72,7 +77,11 @@ def _ingestd(*args: str, config: Path, **kw: object) -> subprocess.CompletedProc
     env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
     return subprocess.run(
         [sys.executable, "-m", "ingestd", "--config", str(config), *args],
-        env=env, capture_output=True, text=True, timeout=60, **kw,  # type: ignore[arg-type]
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -82,22 +91,25 @@ def test_a_differently_shaped_key_echoed_in_a_401_is_masked_everywhere(
     host, port = echoing_tts.server_address[:2]
     config = tmp_path / "ingestd.toml"
     config.write_text(
-        "\n".join([
-            "[database]",
-            f'url = "{db_url}"',
-            "[tts]",
-            f'base_url = "http://{host}:{port}"',
-            f'api_key = "{KEY}"',  # literal, in a world-readable file: warned about
-            "auth_retry_s = 0.1",
-            "reconnect_min_s = 0.05",
-            "[[streams]]",
-            'name = "app"',
-            'application_id = "acme-app"',
-            "[metrics]",
-            'listen = ""',
-            "[logging]",
-            'format = "json"',
-        ]) + "\n"
+        "\n".join(
+            [
+                "[database]",
+                f'url = "{db_url}"',
+                "[tts]",
+                f'base_url = "http://{host}:{port}"',
+                f'api_key = "{KEY}"',  # literal, in a world-readable file: warned about
+                "auth_retry_s = 0.1",
+                "reconnect_min_s = 0.05",
+                "[[streams]]",
+                'name = "app"',
+                'application_id = "acme-app"',
+                "[metrics]",
+                'listen = ""',
+                "[logging]",
+                'format = "json"',
+            ]
+        )
+        + "\n"
     )
     config.chmod(0o644)
     env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
@@ -105,7 +117,9 @@ def test_a_differently_shaped_key_echoed_in_a_401_is_masked_everywhere(
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ingestd", "--config", str(config), "run"],
-            env=env, stdout=out, stderr=out,
+            env=env,
+            stdout=out,
+            stderr=out,
         )
         engine = sa.create_engine(db_url)
         try:

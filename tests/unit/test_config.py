@@ -721,8 +721,11 @@ def test_loading_settings_registers_their_secrets_for_masking(tmp_path: Path) ->
     [
         ('[tts]\napi_key = "literal-key"\n', {}, "an API key in tts.api_key"),
         (f'{STREAM}api_key = "literal-key"\n', {}, "an API key in streams[0].api_key"),
-        (f'[database]\nurl = "postgresql://u:{DB_PASSWORD}@db/x"\n', {},
-         "a password in database.url"),
+        (
+            f'[database]\nurl = "postgresql://u:{DB_PASSWORD}@db/x"\n',
+            {},
+            "a password in database.url",
+        ),
         ('[tts]\napi_key = "${K}"\n', {"K": "from-env"}, None),
         ('[tts]\napi_key = "${K:-}"\n', {}, None),
         ('[database]\nurl = "postgresql://u:${PW}@db/x"\n', {"PW": "pw-from-env"}, None),
