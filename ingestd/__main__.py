@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ingestd import __version__
-from ingestd.errors import ConfigError, IngestdError
+from ingestd.errors import ConfigError, IngestdError, UsageError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -62,11 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as exc:
-        print(f"ingestd: {exc}", file=sys.stderr)
+    except (ConfigError, UsageError) as exc:
+        print(_masked(f"ingestd: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except IngestdError as exc:
-        print(f"ingestd: error: {exc}", file=sys.stderr)
+        print(_masked(f"ingestd: error: {exc}"), file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
@@ -74,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `ingestd status | head`: the reader left; exit quietly (Python docs' recipe).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+
+
+def _masked(text: str) -> str:
+    """``text`` with configured secrets masked (an error may quote what TTS echoed)."""
+    from ingestd.logs import redact
+
+    return redact(text)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

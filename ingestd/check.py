@@ -118,6 +118,7 @@ def check_config(settings: Settings) -> list[CheckLine]:
             detail=f"{settings.source} ({n} stream{'' if n == 1 else 's'}, downlinks {downlinks})",
         )
     ]
+    lines += [CheckLine(word="warn", subject="config", detail=w) for w in settings.warnings]
     if not settings.streams:
         lines.append(
             CheckLine(word="note", subject="config", detail="no [[streams]]: nothing to ingest")
@@ -178,8 +179,7 @@ def _downlinks_note(settings: Settings) -> CheckLine:
     return CheckLine(
         word="note",
         subject="downlinks",
-        detail=f"enabled: {d.workers} worker(s) push outbox rows for {scope}; "
-        "check does not push",
+        detail=f"enabled: {d.workers} worker(s) push outbox rows for {scope}; check does not push",
     )
 
 
@@ -245,8 +245,12 @@ async def check_stream(stream: StreamSettings, client: httpx.AsyncClient) -> lis
     lines = [CheckLine(word="ok", subject=subject, detail=detail)]
     if name != STREAM_START:
         lines.append(
-            CheckLine(word="warn", subject=subject, detail=f"first frame was {name!r}, "
-                      f"not {STREAM_START} (a proxy re-framing the stream?)")
+            CheckLine(
+                word="warn",
+                subject=subject,
+                detail=f"first frame was {name!r}, "
+                f"not {STREAM_START} (a proxy re-framing the stream?)",
+            )
         )
     for warning in warnings:
         text = f"X-Warning: {warning}"
@@ -301,4 +305,3 @@ def _safe_base_url(url: str) -> str:
     except httpx.InvalidURL:
         return "<invalid base_url>"
     return str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else url
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from contextlib import ExitStack
@@ -11,7 +12,9 @@ from typing import IO
 
 from ingestd import migrate as migrations
 from ingestd.config import Settings, load_settings
+from ingestd.config_values import stream_name_problem
 from ingestd.db import create_engine
+from ingestd.errors import UsageError
 from ingestd.ingest import ImportSummary, import_stream
 from ingestd.logs import configure_logging
 from ingestd.store import Store
@@ -46,16 +49,18 @@ def migrate(args: argparse.Namespace) -> int:
 def import_(args: argparse.Namespace) -> int:
     """``ingestd import FILE|-``: ingest a recorded stream body and print what was stored."""
     settings = _settings(args)
-    engine = create_engine(settings.database.url)
+    problem = stream_name_problem(args.stream)
+    if problem is not None:
+        raise UsageError(f"import: --stream {problem}")
     with ExitStack() as stack:
-        stack.callback(engine.dispose)
         if args.file == "-":
             source: IO[bytes] = sys.stdin.buffer
             total = None
         else:
-            path = Path(args.file)
-            source = stack.enter_context(path.open("rb"))
-            total = path.stat().st_size
+            source, total = _open_input(Path(args.file))
+            stack.enter_context(source)
+        engine = create_engine(settings.database.url)
+        stack.callback(engine.dispose)
         migrations.upgrade(engine)
         progress = _Progress(total) if sys.stderr.isatty() else None
         started = time.perf_counter()
@@ -71,6 +76,17 @@ def import_(args: argparse.Namespace) -> int:
             progress.done()
     _print_import_summary(args, summary, elapsed)
     return 0
+
+
+def _open_input(path: Path) -> tuple[IO[bytes], int]:
+    """``path`` opened for reading with its size; a ``UsageError`` (one line) if it cannot be."""
+    if path.is_dir():
+        raise UsageError(f"import: {path} is a directory, not a capture file")
+    try:
+        source = path.open("rb")
+    except OSError as exc:
+        raise UsageError(f"import: cannot read {path}: {exc.strerror or exc}") from None
+    return source, os.fstat(source.fileno()).st_size
 
 
 def _print_import_summary(args: argparse.Namespace, summary: ImportSummary, elapsed: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -52,6 +53,7 @@ from ingestd.config_values import (
     tts_ids,
 )
 from ingestd.errors import ConfigError
+from ingestd.logs import SECRET_MIN_CHARS, register_secrets
 
 CONFIG_ENV = "INGESTD_CONFIG"
 DEFAULT_CONFIG_FILE = "ingestd.toml"
@@ -249,6 +251,24 @@ class Settings:
     # ``${VAR}`` problems of API keys, raised by require_credentials (run/check need a key;
     # migrate, status and import do not).
     credential_problems: tuple[str, ...] = ()
+    # What `run` logs and `check` prints as warnings: secrets exposed by the config file.
+    warnings: tuple[str, ...] = ()
+
+    def secret_values(self) -> list[str]:
+        """Every secret held: each API key (and a TTS key's secret part), the database
+        password; longest first."""
+        found: set[str] = set()
+        for key in (self.tts.api_key, *(s.api_key for s in self.streams)):
+            if key is not None:
+                value = key.reveal()
+                found |= {value, value.rpartition(".")[2]}
+        try:
+            password = sa.make_url(self.database.url).password
+        except ArgumentError:
+            password = None
+        if password:
+            found.add(str(password))
+        return sorted((s for s in found if len(s) >= SECRET_MIN_CHARS), key=len, reverse=True)
 
     def credentials_for(self, application_id: str) -> tuple[str, Secret | None]:
         """``(base_url, api_key)`` of the first stream for ``application_id``, else ``[tts]``'s."""
@@ -292,6 +312,7 @@ def load_settings(
     problems = Problems()
     file, label, origin = _locate(path, env, problems)
     raw = RawConfig(sections={name: {} for name in _SECTIONS})
+    warnings: list[str] = []
     if file is not None:
         doc = load_toml(file, label, problems)
         if doc is not None:
@@ -304,6 +325,8 @@ def load_settings(
                 problems=problems,
             )
     apply_env_overrides(raw, env, exclusive=_KEY_FIELDS, problems=problems)
+    if file is not None:
+        warnings += _exposure_warnings(file, label, raw)
     key_problems = report_unresolved(raw, problems, defer=_KEY_FIELDS)
     credential = _systemd_credential(raw, env)
     settings = _build(raw, problems)
@@ -314,7 +337,52 @@ def load_settings(
         source += " + env " + ", ".join(raw.env_used)
     if credential:
         source += f" + credential {CREDENTIAL_NAME}"
-    return dataclasses.replace(settings, source=source, credential_problems=tuple(key_problems))
+    settings = dataclasses.replace(
+        settings,
+        source=source,
+        credential_problems=tuple(key_problems),
+        warnings=tuple(warnings),
+    )
+    register_secrets(settings.secret_values())
+    return settings
+
+
+def _exposure_warnings(file: Path, label: str, raw: RawConfig) -> list[str]:
+    """A world-readable config file that holds a secret literally (not as ``${VAR}``)."""
+    try:
+        mode = file.stat().st_mode
+    except OSError:
+        return []
+    if not mode & stat.S_IROTH:
+        return []
+    held: list[str] = []
+    for section, entries in [
+        ("tts", raw.sections["tts"]),
+        *((f"streams[{i}]", entries) for i, entries in enumerate(raw.streams)),
+    ]:
+        entry = entries.get("api_key")
+        if entry is not None and _literal(entry, label) and str(entry.value).strip():
+            held.append(f"an API key in {section}.api_key")
+    url = raw.sections["database"].get("url")
+    if url is not None and _literal(url, label) and isinstance(url.value, str):
+        try:
+            has_password = bool(sa.make_url(url.value.strip()).password)
+        except ArgumentError:
+            has_password = False
+        if has_password:
+            held.append("a password in database.url")
+    if not held:
+        return []
+    return [
+        f"{label} is readable by every user (mode {stat.S_IMODE(mode):o}) and holds "
+        f"{' and '.join(held)}: move secrets to ${{VAR}} or api_key_file, or run "
+        f"`chmod o-r {label}`"
+    ]
+
+
+def _literal(entry: Raw, label: str) -> bool:
+    """Written in the file as is (not a ``${VAR}`` expansion, not an env override)."""
+    return not entry.text and entry.where.startswith(f"{label}: ")
 
 
 def _locate(

@@ -12,6 +12,7 @@ import difflib
 import math
 import re
 import tomllib
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,13 @@ from ingestd.logs import redact
 _TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 _FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 _SHOWN_CHARS_MAX = 60
-_TTS_ID_RE = re.compile(r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$")
+# Both matched with fullmatch: `$` also matches before a trailing newline ("app\n").
+_TTS_ID_RE = re.compile(r"[a-z0-9](?:-?[a-z0-9]){2,}")
 _TTS_ID_MAX_CHARS = 36
-_EVENT_NAME_RE = re.compile(r"^[a-z0-9_]+(?:\.[a-z0-9_]+)+$")
+_EVENT_NAME_RE = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+")
+# The size of every `stream` column (events, stream_cursors, stream_gaps, rejected_events):
+# a longer name made PostgreSQL refuse every batch of the stream.
+STREAM_NAME_MAX_CHARS = 200
 _PORT_MAX = 65535
 
 
@@ -249,7 +254,7 @@ def non_negative(value: float) -> str | None:
 
 
 def tts_id_problem(value: str) -> str | None:
-    if _TTS_ID_RE.match(value) and len(value) <= _TTS_ID_MAX_CHARS:
+    if _TTS_ID_RE.fullmatch(value) and len(value) <= _TTS_ID_MAX_CHARS:
         return None
     return f"{value!r} is not a valid TTS id (lowercase a-z0-9 and single dashes, 3-36 chars)"
 
@@ -267,7 +272,7 @@ def event_names(values: tuple[str, ...]) -> str | None:
                 re.compile(entry[1:-1])
             except re.error as exc:
                 bad.append(f"{entry!r} is not a valid regexp: {exc.msg}")
-        elif not _EVENT_NAME_RE.match(entry):
+        elif not _EVENT_NAME_RE.fullmatch(entry):
             bad.append(
                 f"{entry!r} is neither a dotted event name (as.up.data.forward) nor a /regexp/"
             )
@@ -275,22 +280,55 @@ def event_names(values: tuple[str, ...]) -> str | None:
 
 
 def base_url(raw: Raw) -> str:
+    """The server's root URL; ingestd appends ``/api/v3/...`` itself, so no path, query or
+    fragment (a trailing ``/`` is dropped)."""
     text = as_str(raw).strip()
+    example = "e.g. https://eu1.cloud.thethings.network"
+    if _has_control_or_space(text):
+        raise Invalid(f"must not contain spaces or control characters, got {show(text)}")
     parts = urlsplit(text)
     if parts.username is not None or parts.password is not None:
         raise Invalid("must not contain credentials; use api_key or api_key_file")
     if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Invalid(f"expected an http(s) URL ({example}), got {text!r}")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise Invalid(f"has an invalid port, got {text!r}") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment or text.endswith(("?", "#")):
         raise Invalid(
-            f"expected an http(s) URL (e.g. https://eu1.cloud.thethings.network), got {text!r}"
+            f"must be the server's root URL without a path, query or fragment ({example}; "
+            f"ingestd adds /api/v3/...), got {text!r}"
         )
     return text.rstrip("/")
 
 
+def _has_control_or_space(text: str) -> bool:
+    return any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
+
+
 def stream_name(raw: Raw) -> str:
+    """A cursor key: stored in every row of the stream, shown by ``status``."""
     text = as_str(raw).strip()
-    if not text:
-        raise Invalid("must not be empty")
+    problem = stream_name_problem(text)
+    if problem is not None:
+        raise Invalid(problem)
     return text
+
+
+def stream_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot key a stream (empty, too long for the columns, control
+    characters); None when it can."""
+    if not name:
+        return "must not be empty"
+    if len(name) > STREAM_NAME_MAX_CHARS:
+        return (
+            f"is {len(name)} characters long; at most {STREAM_NAME_MAX_CHARS} fit the "
+            "database's stream columns"
+        )
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
+        return f"must not contain control characters, got {show(name)}"
+    return None
 
 
 def database_url(raw: Raw) -> str:

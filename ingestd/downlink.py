@@ -126,14 +126,18 @@ class DownlinkWorker:
         listener = None
         if is_postgres(self._engine):
             listener = asyncio.create_task(self._listen(stop), name="downlink:listen")
-        log.info("downlink_worker_started", worker_id=self._worker_id,
-                 concurrency=self._concurrency)
+        log.info(
+            "downlink_worker_started", worker_id=self._worker_id, concurrency=self._concurrency
+        )
         try:
             # `concurrency` independent slots, each claim → push → mark: a slow push holds
             # up only its own slot, and the claims never give two slots the same device.
-            slots = [asyncio.create_task(self._slot(stop, housekeeper=(i == 0)),
-                                         name=f"downlink:slot:{i}")
-                     for i in range(self._concurrency)]
+            slots = [
+                asyncio.create_task(
+                    self._slot(stop, housekeeper=(i == 0)), name=f"downlink:slot:{i}"
+                )
+                for i in range(self._concurrency)
+            ]
             try:
                 await asyncio.gather(*slots)
             finally:
@@ -166,8 +170,9 @@ class DownlinkWorker:
                 await sleep_or_stop(delay, stop)
                 continue
             if not found:
-                await wait_any(stop.wait(), self._wakeup.wait(),
-                               timeout_s=self._cfg.poll_interval_s)
+                await wait_any(
+                    stop.wait(), self._wakeup.wait(), timeout_s=self._cfg.poll_interval_s
+                )
 
     @property
     def _stale_check_interval_s(self) -> float:
@@ -178,7 +183,11 @@ class DownlinkWorker:
         # insert is missed between this claim and the next wait.
         self._wakeup.clear()
         items = await self._db(
-            outbox.claim_due, self._engine, worker_id=self._worker_id, limit=1, now=_now(),
+            outbox.claim_due,
+            self._engine,
+            worker_id=self._worker_id,
+            limit=1,
+            now=_now(),
         )
         if not items:
             return False
@@ -232,8 +241,10 @@ class DownlinkWorker:
             await self._release(item, 0.0, None)
             return
         if not self._gate_open(item):
-            note = (f"waiting for a connected event stream of {item.application_id} "
-                    "(downlinks.require_stream)")
+            note = (
+                f"waiting for a connected event stream of {item.application_id} "
+                "(downlinks.require_stream)"
+            )
             await self._release(item, self._stream_recheck_s, note)
             return
         paused_s = self._paused_until.get(item.application_id, 0.0) - time.monotonic()
@@ -242,14 +253,22 @@ class DownlinkWorker:
             return
         base_url, key = self._settings.credentials_for(item.application_id)
         if key is None:
-            await self._fail(item, f"no API key configured for {item.application_id}",
-                             reason="no_api_key")
+            await self._fail(
+                item, f"no API key configured for {item.application_id}", reason="no_api_key"
+            )
+            return
+        try:
+            request = push_request(item, base_url, key, user_agent=USER_AGENT)
+        except (TypeError, ValueError) as exc:  # orjson: e.g. a payload nested too deep
+            await self._fail(
+                item, f"invalid row: cannot encode the push request: {exc}", reason="invalid"
+            )
             return
         if item.verify_before_push:  # an earlier push got no answer: did TTS take it?
             verdict = await self._reconcile(item, base_url, key)
             if verdict != "absent":
                 return
-        outcome = await self._push(item, base_url, key)
+        outcome = await self._push(request)
         await self._record(item, outcome)
 
     def _gate_open(self, item: outbox.OutboxItem) -> bool:
@@ -289,8 +308,12 @@ class DownlinkWorker:
             if found is None:
                 error = classify_response(response).error or "unreadable device queue listing"
         if error is not None:
-            await self._retry(item, f"could not check the device queue before re-pushing: "
-                              f"{error}", self._backoff.delay_s(item.attempts), unknown=True)
+            await self._retry(
+                item,
+                f"could not check the device queue before re-pushing: {error}",
+                self._backoff.delay_s(item.attempts),
+                unknown=True,
+            )
             return "wait"
         if accepted is None:
             log.info("downlink_verify_waiting", recheck_s=VERIFY_RECHECK_S)
@@ -300,20 +323,22 @@ class DownlinkWorker:
         return "absent"
 
     async def _reconciled(self, item: outbox.OutboxItem, source: str) -> str:
-        await self._db(outbox.mark_queued, self._engine, item.id,
-                       request_id=request_id(item), now=_now())
+        await self._db(
+            outbox.mark_queued, self._engine, item.id, request_id=request_id(item), now=_now()
+        )
         metrics.DOWNLINK_PUSHES.labels("reconciled").inc()
         log.info("downlink_reconciled", found=True, source=source, attempts=item.attempts)
         return "accepted"
 
-    async def _push(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> Outcome:
-        url, headers, body = push_request(item, base_url, key, user_agent=USER_AGENT)
+    async def _push(self, request: tuple[str, dict[str, str], bytes]) -> Outcome:
+        url, headers, body = request
         self.pushes += 1
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._cfg.request_timeout_s):
-                response = await self._client.post(url, content=body, headers=headers,
-                                                   timeout=self._timeout)
+                response = await self._client.post(
+                    url, content=body, headers=headers, timeout=self._timeout
+                )
         except (httpx.HTTPError, TimeoutError) as exc:
             return transport_outcome(exc)
         finally:
@@ -323,8 +348,9 @@ class DownlinkWorker:
 
     async def _record(self, item: outbox.OutboxItem, outcome: Outcome) -> None:
         if outcome.kind == "queued":
-            await self._db(outbox.mark_queued, self._engine, item.id,
-                           request_id=request_id(item), now=_now())
+            await self._db(
+                outbox.mark_queued, self._engine, item.id, request_id=request_id(item), now=_now()
+            )
             log.info("downlink_queued", attempts=item.attempts)
             metrics.DOWNLINK_PUSHES.labels("queued").inc()
             return
@@ -347,16 +373,26 @@ class DownlinkWorker:
         self, item: outbox.OutboxItem, error: str, delay_s: float, *, unknown: bool = False
     ) -> None:
         if self._backoff.gives_up(item.attempts + 1):
-            await self._fail(item, f"{error} (gave up after {item.attempts} attempts)",
-                             reason="attempts_exhausted")
+            await self._fail(
+                item,
+                f"{error} (gave up after {item.attempts} attempts)",
+                reason="attempts_exhausted",
+            )
             return
         now = _now()
-        await self._db(outbox.mark_retry, self._engine, item.id, error=error,
-                       next_attempt_at=now + timedelta(seconds=delay_s), now=now,
-                       outcome_unknown=unknown)
+        await self._db(
+            outbox.mark_retry,
+            self._engine,
+            item.id,
+            error=error,
+            next_attempt_at=now + timedelta(seconds=delay_s),
+            now=now,
+            outcome_unknown=unknown,
+        )
         metrics.DOWNLINK_PUSHES.labels("retry").inc()
-        log.warning("downlink_retry", error=error, attempts=item.attempts,
-                    retry_in_s=round(delay_s, 3))
+        log.warning(
+            "downlink_retry", error=error, attempts=item.attempts, retry_in_s=round(delay_s, 3)
+        )
 
     async def _fail(self, item: outbox.OutboxItem, error: str, *, reason: str) -> None:
         await self._db(outbox.mark_failed, self._engine, item.id, error=error, now=_now())
@@ -365,8 +401,14 @@ class DownlinkWorker:
 
     async def _release(self, item: outbox.OutboxItem, delay_s: float, note: str | None) -> None:
         now = _now()
-        await self._db(outbox.release_claim, self._engine, item.id,
-                       next_attempt_at=now + timedelta(seconds=delay_s), now=now, note=note)
+        await self._db(
+            outbox.release_claim,
+            self._engine,
+            item.id,
+            next_attempt_at=now + timedelta(seconds=delay_s),
+            now=now,
+            note=note,
+        )
 
     def _log_warnings(self, response: httpx.Response | None) -> None:
         if response is None:
@@ -387,9 +429,7 @@ class DownlinkWorker:
         failures = 0
         while not stop.is_set():
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    conninfo, autocommit=True
-                ) as conn:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     failures = 0
                     self._wakeup.set()  # rows may have arrived while we were not listening
@@ -398,32 +438,39 @@ class DownlinkWorker:
             except Exception as exc:  # the loop's top; polling goes on meanwhile
                 failures += 1
                 delay = backoff.delay_s(failures)
-                log.warning("outbox_listen_failed", error=type(exc).__name__,
-                            retry_in_s=round(delay, 3))
+                log.warning(
+                    "outbox_listen_failed", error=type(exc).__name__, retry_in_s=round(delay, 3)
+                )
                 await sleep_or_stop(delay, stop)
 
     async def _release_stale(self, *, startup: bool) -> None:
         now = _now()
         released = await self._db(
-            outbox.release_stale_claims, self._engine,
-            older_than=now - timedelta(seconds=self._cfg.stale_claim_s), now=now,
+            outbox.release_stale_claims,
+            self._engine,
+            older_than=now - timedelta(seconds=self._cfg.stale_claim_s),
+            now=now,
         )
         if startup:
             # A request of our own earlier life (same worker_id) cannot still be in flight
             # once the longest a row can take has passed.
             released += await self._db(
-                outbox.release_stale_claims, self._engine,
-                older_than=now - timedelta(seconds=self._row_max_s), now=now,
+                outbox.release_stale_claims,
+                self._engine,
+                older_than=now - timedelta(seconds=self._row_max_s),
+                now=now,
                 claimed_by=self._worker_id,
             )
         for item in released:
-            log.warning("downlink_claim_expired", outbox_id=item.id,
-                        application_id=item.application_id, device_id=item.device_id)
+            log.warning(
+                "downlink_claim_expired",
+                outbox_id=item.id,
+                application_id=item.application_id,
+                device_id=item.device_id,
+            )
 
     async def _db(self, fn: Callable[..., _R], /, *args: Any, **kwargs: Any) -> _R:
         return await asyncio.to_thread(fn, *args, **kwargs)
-
-
 
 
 def _now() -> datetime:

@@ -29,7 +29,8 @@ F_PORT_MIN = 1
 F_PORT_MAX = 223  # TTS accepts 1-255 except 224; the docs say up to 223 (TTS_WIRE 5.3)
 FRM_PAYLOAD_MAX_BYTES = 242  # EU868: 250 - 8 (TTS_WIRE 5.3); lower data rates allow less
 TTS_ID_MAX_CHARS = 36
-_TTS_ID_RE = re.compile(r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$")
+# Matched with fullmatch: `$` would also accept a trailing newline ("dev-1\n").
+_TTS_ID_RE = re.compile(r"[a-z0-9](?:-?[a-z0-9]){2,}")
 _PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409, 412, 413, 422})
 
 PUSH_PATH = "/api/v3/as/applications/{app}/devices/{dev}/down/{operation}"
@@ -50,24 +51,35 @@ class Outcome:
 
 def validate(item: OutboxItem) -> str | None:
     """Why TTS would refuse this row, checked before any HTTP call; None when it is fine."""
+    if item.problem is not None:
+        return item.problem
     for what, value in (("application_id", item.application_id), ("device_id", item.device_id)):
         if not (
             isinstance(value, str)
             and len(value) <= TTS_ID_MAX_CHARS
-            and _TTS_ID_RE.match(value)
+            and _TTS_ID_RE.fullmatch(value)
         ):
-            return (f"{what} {value!r} is not a TTS id (lowercase letters, digits and single "
-                    f"dashes, 3-{TTS_ID_MAX_CHARS} characters)")
-    if item.f_port is None or not F_PORT_MIN <= item.f_port <= F_PORT_MAX:
+            return (
+                f"{what} {value!r} is not a TTS id (lowercase letters, digits and single "
+                f"dashes, 3-{TTS_ID_MAX_CHARS} characters)"
+            )
+    if not isinstance(item.f_port, int) or not F_PORT_MIN <= item.f_port <= F_PORT_MAX:
         return f"f_port {item.f_port!r} is outside {F_PORT_MIN}-{F_PORT_MAX}"
+    if item.frm_payload is not None and not isinstance(item.frm_payload, bytes):
+        return "frm_payload must be bytes"
     has_frm = bool(item.frm_payload)
     has_decoded = item.decoded_payload is not None
     if has_frm == has_decoded:
-        return ("set exactly one of frm_payload and decoded_payload"
-                if has_frm else "no payload: set frm_payload (non-empty) or decoded_payload")
+        return (
+            "set exactly one of frm_payload and decoded_payload"
+            if has_frm
+            else "no payload: set frm_payload (non-empty) or decoded_payload"
+        )
     if has_frm and len(item.frm_payload or b"") > FRM_PAYLOAD_MAX_BYTES:
-        return (f"frm_payload is {len(item.frm_payload or b'')} bytes; at most "
-                f"{FRM_PAYLOAD_MAX_BYTES} fit a LoRaWAN downlink")
+        return (
+            f"frm_payload is {len(item.frm_payload or b'')} bytes; at most "
+            f"{FRM_PAYLOAD_MAX_BYTES} fit a LoRaWAN downlink"
+        )
     if has_decoded and not isinstance(item.decoded_payload, Mapping):
         return "decoded_payload must be a JSON object (the input of the downlink formatter)"
     if item.priority not in TX_PRIORITIES:
@@ -104,8 +116,7 @@ def push_request(
         downlink["frm_payload"] = base64.b64encode(item.frm_payload).decode()
     else:
         downlink["decoded_payload"] = item.decoded_payload
-    path = PUSH_PATH.format(app=item.application_id, dev=item.device_id,
-                            operation=item.operation)
+    path = PUSH_PATH.format(app=item.application_id, dev=item.device_id, operation=item.operation)
     headers = _headers(key, user_agent) | {
         "Content-Type": "application/json",
         "X-Request-ID": request_id(item),
@@ -133,9 +144,7 @@ def queue_has(content: bytes, item: OutboxItem) -> bool | None:
     if not isinstance(downlinks, list):
         return None
     cid = outbox_correlation_id(item.id)
-    return any(
-        isinstance(d, dict) and cid in (d.get("correlation_ids") or ()) for d in downlinks
-    )
+    return any(isinstance(d, dict) and cid in (d.get("correlation_ids") or ()) for d in downlinks)
 
 
 def classify_response(response: httpx.Response) -> Outcome:

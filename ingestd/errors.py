@@ -4,6 +4,7 @@ Retries are decided by class, never by message::
 
     IngestdError
     ├── ConfigError                 bad configuration (exit 2); names every bad key
+    ├── UsageError                  a bad command line: a missing input file, … (exit 2)
     ├── TtsError                    mixin: TTS answered (``status_code``, ``error_name``)
     ├── TransientError              worth retrying with backoff
     │   ├── StreamDisconnected      transport error, idle timeout, server closed the stream
@@ -17,7 +18,8 @@ Retries are decided by class, never by message::
         ├── StreamError             an ``{"error": …}`` frame ended the stream
         ├── MalformedEvent          an event that cannot be normalized (goes to rejected_events)
         ├── EventNamesRejected      a ``names`` filter TTS would answer 400 (``error_name``)
-        └── SchemaNotReady          the database is not migrated to this version's head
+        ├── SchemaNotReady          the database is not migrated to this version's head
+        └── AlreadyRunning          another `ingestd run` holds this SQLite database
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class ConfigError(IngestdError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class UsageError(IngestdError):
+    """The command line asks for something impossible (exit 2, one line)."""
 
 
 class TransientError(IngestdError):
@@ -136,3 +142,7 @@ class EventNamesRejected(PermanentError):
         self.error_name = error_name
         self.attributes = dict(attributes)
         super().__init__(message)
+
+
+class AlreadyRunning(PermanentError):
+    """Another ``ingestd run`` already writes to this SQLite database."""

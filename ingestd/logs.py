@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import quote
 
 import orjson
 import structlog
@@ -48,11 +49,53 @@ ROUTED_LOGGERS = (
 )
 
 
+# Secrets shorter than this are not masked by value: "abc" would garble every log line.
+SECRET_MIN_CHARS = 4
+_secrets: tuple[str, ...] = ()  # longest first, so a secret's prefix never masks it half
+
+
+def register_secrets(values: Iterable[str]) -> None:
+    """Mask these values wherever :func:`redact` runs (logs, ``last_error`` columns,
+    ``status``/``check`` output), whatever their shape.
+
+    The patterns below only know TTS-shaped keys; a key of another shape (a proxy's
+    token, a test key) echoed in a 401 body went to the log and to ``last_error``. Called
+    with every configured API key and the database password when settings are loaded;
+    values accumulate for the life of the process. Their JSON-, URL- and repr-escaped
+    forms are masked too.
+    """
+    global _secrets
+    found = set(_secrets)
+    for value in values:
+        if len(value) < SECRET_MIN_CHARS:
+            continue
+        found |= {
+            value,
+            orjson.dumps(value).decode()[1:-1],
+            quote(value, safe=""),
+            repr(value)[1:-1],
+        }
+    _secrets = tuple(
+        sorted((v for v in found if len(v) >= SECRET_MIN_CHARS), key=len, reverse=True)
+    )
+
+
+def forget_secrets() -> None:
+    """Drop every registered secret (for tests, which load many settings in one process)."""
+    global _secrets
+    _secrets = ()
+
+
 def redact(text: str) -> str:
-    """``text`` with TTS keys/tokens, ``Bearer`` tokens and URL passwords masked."""
+    """``text`` with TTS keys/tokens, ``Bearer`` tokens, URL passwords and the registered
+    secrets masked (the patterns first, so a TTS key keeps its telling ``NNSXS.***``)."""
     text = _TTS_TOKEN_RE.sub(lambda m: f"{m.group(1)}.{MASK}", text)
     text = _BEARER_RE.sub(lambda m: f"{m.group(1)} {MASK}", text)
-    return _URL_PASSWORD_RE.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
+    text = _URL_PASSWORD_RE.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
 
 
 def _redact_value(value: Any) -> Any:

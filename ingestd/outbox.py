@@ -27,11 +27,13 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ingestd import schema
 from ingestd.db import is_postgres
+from ingestd.logs import redact
 from ingestd.normalize import OUTBOX_CID_PREFIX, outbox_id_from
 from ingestd.store import map_db_errors
 
@@ -69,14 +71,124 @@ class OutboxItem:
     finished_at: datetime | None
     request_id: str | None
     verify_before_push: bool
+    # Why the row as stored cannot be read (a value of the wrong type written by hand:
+    # text in an integer or blob column, a decoded_payload that is not JSON, …); the
+    # worker fails such a row by id with this reason instead of failing every claim.
+    problem: str | None = None
 
 
-_ITEM_FIELDS = tuple(f.name for f in fields(OutboxItem))
+_ITEM_FIELDS = tuple(f.name for f in fields(OutboxItem) if f.name != "problem")
 
 
 def _item(row: sa.Row[Any]) -> OutboxItem:
+    """An item from a row of :func:`_returned` columns; unreadable values become ``problem``.
+
+    SQLite stores whatever a hand-written INSERT gives it (its columns only have type
+    affinity), so its values arrive raw and are checked here, column by column: one bad
+    row must not fail the claim of the good ones. PostgreSQL's types hold, except that a
+    ``jsonb`` number (``1e999``) can be beyond what JSON decoders read, so its
+    ``decoded_payload`` arrives as text too.
+    """
     m = row._mapping
-    return OutboxItem(**{name: m[name] for name in _ITEM_FIELDS})
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name in _ITEM_FIELDS:
+        value, problem = _READERS.get(name, _as_is)(name, m[name])
+        values[name] = value
+        if problem is not None:
+            problems.append(problem)
+    return OutboxItem(**values, problem="; ".join(problems) or None)
+
+
+_Read = tuple[Any, str | None]
+
+
+def _as_is(_name: str, value: Any) -> _Read:
+    return value, None
+
+
+def _read_int(name: str, value: Any) -> _Read:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value, None
+    return None, f"{name} {_shown(value)} is not an integer"
+
+
+def _read_bool(name: str, value: Any) -> _Read:
+    if value in (0, 1) and not isinstance(value, float):
+        return bool(value), None
+    # Unreadable verify_before_push reads as True: when in doubt, ask TTS before pushing.
+    return name == "verify_before_push", f"{name} {_shown(value)} is not a boolean (0 or 1)"
+
+
+def _read_bytes(name: str, value: Any) -> _Read:
+    if value is None or isinstance(value, bytes):
+        return value, None
+    kind = "text" if isinstance(value, str) else type(value).__name__
+    return None, (
+        f"{name} is {kind}, not bytes (write a blob: X'0102' in SQL or a bytes parameter)"
+    )
+
+
+def _read_json(name: str, value: Any) -> _Read:
+    if value is None:
+        return None, None
+    if isinstance(value, str | bytes):
+        try:
+            return orjson.loads(value), None
+        except orjson.JSONDecodeError as exc:
+            return None, f"{name} is not valid JSON ({exc})"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value, None  # a bare SQL number: valid JSON, refused later as no object
+    return None, f"{name} is {type(value).__name__}, not JSON text"
+
+
+def _read_time(name: str, value: Any) -> _Read:
+    if value is None or isinstance(value, datetime):
+        return value, None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is None:
+                return parsed.replace(tzinfo=UTC), None
+            return parsed.astimezone(UTC), None
+    return None, f"{name} {_shown(value)} is not a time (ISO 8601, UTC)"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _readers() -> dict[str, Any]:
+    readers: dict[str, Any] = {}
+    for column in _T.c:
+        if isinstance(column.type, schema.UtcDateTime):
+            readers[column.name] = _read_time
+        elif isinstance(column.type, sa.Boolean):
+            readers[column.name] = _read_bool
+        elif isinstance(column.type, sa.LargeBinary):
+            readers[column.name] = _read_bytes
+        elif isinstance(column.type, sa.JSON):
+            readers[column.name] = _read_json
+        elif isinstance(column.type, sa.Integer):
+            readers[column.name] = _read_int
+    return readers
+
+
+_READERS = _readers()
+
+
+@functools.cache
+def _returned(postgres: bool) -> tuple[sa.ColumnElement[Any], ...]:
+    """The columns an item is read from: raw values, checked by :func:`_item`."""
+    if postgres:
+        return tuple(
+            sa.cast(c, sa.Text).label(c.name) if c.name == "decoded_payload" else c for c in _T.c
+        )
+    return tuple(sa.type_coerce(c, sa.types.NullType()).label(c.name) for c in _T.c)
 
 
 def _literal_in(column: sa.ColumnElement[Any], values: Iterable[str]) -> sa.ColumnElement[bool]:
@@ -86,6 +198,8 @@ def _literal_in(column: sa.ColumnElement[Any], values: Iterable[str]) -> sa.Colu
 
 
 def _clip(error: str) -> str:
+    """``error`` as ``last_error`` stores it: secrets masked (TTS may echo a key), clipped."""
+    error = redact(error)
     return error if len(error) <= ERROR_MAX_CHARS else error[: ERROR_MAX_CHARS - 3] + "..."
 
 
@@ -100,11 +214,29 @@ def claim_due(engine: Engine, *, worker_id: str, limit: int, now: datetime) -> l
     correlation id ``ingestd:outbox:<id>``. PostgreSQL locks candidates with ``FOR UPDATE
     SKIP LOCKED`` (concurrent claimers take different rows instead of waiting); SQLite runs
     one ``UPDATE … RETURNING`` under ``BEGIN IMMEDIATE``, which serialises claimers.
+
+    A row whose stored values cannot be read is claimed like any other, with ``problem``
+    set, so that the worker fails it by id; it never fails the claim of the other rows.
     """
     params = {"b_worker": worker_id, "b_limit": limit, "b_now": now}
     with map_db_errors(), engine.begin() as conn:
-        rows = conn.execute(_claim_statement(is_postgres(conn)), params).all()
+        postgres = is_postgres(conn)
+        if postgres:
+            conn.exec_driver_sql(PG_CLAIM_PLAN)
+        rows = conn.execute(_claim_statement(postgres), params).all()
     return sorted((_item(r) for r in rows), key=lambda i: i.id)
+
+
+# The claim must walk ix_downlink_outbox_pending_due in claim order and stop after `limit`
+# device heads. Without statistics (a bulk INSERT of 1M rows, before autovacuum's ANALYZE)
+# PostgreSQL estimated ~150 candidates and chose a bitmap scan plus a sort, evaluating the
+# per-device head check for every pending row first: 8 s per claim instead of 1 ms.
+# Switched off for the claim's own transaction, a sort is not an option, and the only plan
+# left that yields (next_attempt_at, id) order is that index (SET LOCAL ends with COMMIT).
+PG_CLAIM_PLAN = (
+    "SET LOCAL enable_sort = off; SET LOCAL enable_incremental_sort = off; "
+    "SET LOCAL enable_bitmapscan = off"
+)
 
 
 @functools.cache
@@ -151,11 +283,15 @@ def _claim_statement(postgres: bool) -> sa.Update:
         stmt = sa.update(_T).where(_T.c.id == cte.c.id)
     else:
         stmt = sa.update(_T).where(_T.c.id.in_(candidates.scalar_subquery()))
-    return stmt.values(values).returning(*_T.c)
+    return stmt.values(values).returning(*_returned(postgres))
 
 
 def release_claim(
-    engine: Engine, outbox_id: int, *, next_attempt_at: datetime, now: datetime,
+    engine: Engine,
+    outbox_id: int,
+    *,
+    next_attempt_at: datetime,
+    now: datetime,
     note: str | None = None,
 ) -> bool:
     """Give a claimed row back untouched (no push was attempted): the attempt is not counted.
@@ -174,7 +310,11 @@ def release_claim(
 
 
 def _move(
-    engine: Engine, outbox_id: int, sources: tuple[str, ...], values: dict[str, Any], *,
+    engine: Engine,
+    outbox_id: int,
+    sources: tuple[str, ...],
+    values: dict[str, Any],
+    *,
     now: datetime,
 ) -> bool:
     """Update one row if its status is in ``sources`` and drop its claim; True if it moved."""
@@ -211,10 +351,9 @@ def release_stale_claims(
             verify_before_push=True,
             updated_at=now,
         )
-        .returning(*_T.c)
     )
     with map_db_errors(), engine.begin() as conn:
-        rows = conn.execute(stmt).all()
+        rows = conn.execute(stmt.returning(*_returned(is_postgres(conn)))).all()
     return sorted((_item(r) for r in rows), key=lambda i: i.id)
 
 
@@ -245,7 +384,12 @@ def _mark_queued_statement() -> sa.Update:
 
 
 def mark_retry(
-    engine: Engine, outbox_id: int, *, error: str, next_attempt_at: datetime, now: datetime,
+    engine: Engine,
+    outbox_id: int,
+    *,
+    error: str,
+    next_attempt_at: datetime,
+    now: datetime,
     outcome_unknown: bool = False,
 ) -> bool:
     """A transient failure: back to ``pending`` until ``next_attempt_at``.
@@ -254,15 +398,23 @@ def mark_retry(
     ``verify_before_push``; a clear refusal clears it. Only a row still ``pushing`` moves
     (an event may have moved it forward meanwhile).
     """
-    values = {"status": "pending", "last_error": _clip(error), "next_attempt_at": next_attempt_at,
-              "verify_before_push": outcome_unknown}
+    values = {
+        "status": "pending",
+        "last_error": _clip(error),
+        "next_attempt_at": next_attempt_at,
+        "verify_before_push": outcome_unknown,
+    }
     return _move(engine, outbox_id, ("pushing",), values, now=now)
 
 
 def mark_failed(engine: Engine, outbox_id: int, *, error: str, now: datetime) -> bool:
     """A permanent failure (or retries exhausted): ``failed`` with ``last_error``."""
-    values = {"status": "failed", "last_error": _clip(error), "finished_at": now,
-              "verify_before_push": False}
+    values = {
+        "status": "failed",
+        "last_error": _clip(error),
+        "finished_at": now,
+        "verify_before_push": False,
+    }
     return _move(engine, outbox_id, _ACTIVE, values, now=now)
 
 
@@ -324,8 +476,9 @@ _TRANSITIONS: dict[str, _Transition] = {
     # drop of a push request is that request's refusal: its HTTP answer decided (and the
     # worker may have retried since), so such drops move nothing (see _is_push_refusal).
     "drop": _Transition("dropped", ("queued", "sent"), None, sets_error=True),
-    "ack": _Transition("acked", tuple(s for s in schema.OUTBOX_STATUSES if s != "acked"),
-                       "acked_at"),
+    "ack": _Transition(
+        "acked", tuple(s for s in schema.OUTBOX_STATUSES if s != "acked"), "acked_at"
+    ),
 }
 
 

@@ -10,9 +10,13 @@ reading and commit the batch in flight with its cursor; the downlink worker gets
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -20,12 +24,12 @@ import httpx
 import sqlalchemy as sa
 import structlog
 
-from ingestd import __version__, metrics, migrate, sdnotify
+from ingestd import __version__, db, metrics, migrate, sdnotify
 from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
 from ingestd.config import Settings
 from ingestd.consumer import StreamConsumer
 from ingestd.db import create_engine
-from ingestd.errors import SchemaNotReady
+from ingestd.errors import AlreadyRunning, SchemaNotReady
 from ingestd.signals import install_stop_handlers
 from ingestd.store import Store
 
@@ -148,6 +152,8 @@ class Service:
         finally:
             sdnotify.stopping()
             stop.set()
+            if self.engine is not None:
+                db.shorten_waits(self.engine)  # a locked SQLite must not hold the shutdown
             streams = [t for n, t in tasks.items() if n.startswith("stream:")]
             await asyncio.gather(*streams, return_exceptions=True)
             downlinks = [t for n, t in tasks.items() if n.startswith("downlink:")]
@@ -249,8 +255,62 @@ def _downlink_hook() -> Any:
 
 
 def run_service(settings: Settings, *, migrate_first: bool = True) -> int:
-    """``ingestd run``: migrate, then serve until SIGTERM/SIGINT. Returns the exit code."""
+    """``ingestd run``: migrate, then serve until SIGTERM/SIGINT. Returns the exit code.
+
+    On SQLite, only one ``run`` per database file: a second one raises
+    :class:`AlreadyRunning` (PostgreSQL coordinates several through leadership locks).
+    """
     settings.require_credentials()
+    for warning in settings.warnings:
+        log.warning("config_exposes_secrets", warning=warning)
+    lock = sqlite_run_lock_path(settings.database.url)
+    with _exclusive(lock, settings.database.safe_url) if lock is not None else nullcontext():
+        _migrate_or_check(settings, migrate_first=migrate_first)
+        code = asyncio.run(_main(settings))
+    return code
+
+
+RUN_LOCK_SUFFIX = ".ingestd-run.lock"
+
+
+def sqlite_run_lock_path(url: str) -> Path | None:
+    """``<database>.ingestd-run.lock`` for a SQLite file database, else None."""
+    sa_url = sa.make_url(url)
+    database = sa_url.database or ""
+    if sa_url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    if database.startswith("file:"):  # a URI filename: leave it to the user
+        return None
+    path = Path(database).resolve()
+    return path.with_name(path.name + RUN_LOCK_SUFFIX)
+
+
+@contextmanager
+def _exclusive(path: Path, database: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (the kernel drops it when the process dies,
+    so a SIGKILLed daemon never leaves a stale lock behind)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise AlreadyRunning(f"cannot create the run lock {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise AlreadyRunning(
+                f"another `ingestd run`{pid} is already using {database} "
+                f"(lock file {path}); stop it first, or give this one its own database"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _migrate_or_check(settings: Settings, *, migrate_first: bool) -> None:
     engine = create_engine(settings.database.url)
     try:
         if migrate_first:
@@ -264,7 +324,6 @@ def run_service(settings: Settings, *, migrate_first: bool = True) -> int:
                 )
     finally:
         engine.dispose()
-    return asyncio.run(_main(settings))
 
 
 async def _main(settings: Settings) -> int:

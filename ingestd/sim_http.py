@@ -38,7 +38,7 @@ CHUNK_FRAMES = 256  # frames joined into one write when a reader lags
 OUT_OF_ORDER_WAIT_S = 0.02  # how long to gather a window before shuffling it
 MIN_BUFFER, MAX_BUFFER = 8, 1024  # TTS: clamp(tail, 8, 1024)
 _ID_KINDS = ("application", "client", "device", "gateway", "organization", "user")
-_ID_PATTERN = r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$"
+_ID_PATTERN = r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$"  # Go RE2: `$` is the end of text
 _RIGHTS_RE = re.compile(r"^/api/v3/applications/([^/]+)/rights$")
 _DOWN_RE = re.compile(r"^/api/v3/as/applications/([^/]+)/devices/([^/]+)/down(/push|/replace)?$")
 _SECURITY_HEADERS = [("referrer-policy", "strict-origin-when-cross-origin"),
@@ -138,7 +138,7 @@ def _validate_identifiers(idents: list[dict[str, Any]]) -> None:
             [str(inner.get("device_id", "")),
              str(inner.get("application_ids", {}).get("application_id", ""))]
             if kinds[0] == "device" else [str(inner.get(f"{kinds[0]}_id", ""))])
-        bad = not values or any(not re.match(_ID_PATTERN, v) or len(v) > 36 for v in values)
+        bad = not values or any(not re.fullmatch(_ID_PATTERN, v) or len(v) > 36 for v in values)
         if bad:
             reason = f'value does not match regex pattern "{_ID_PATTERN}"'
             cause = error_details("validation", {

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from ingestd import migrate, outbox, schema, spool
 from ingestd.config import Settings
 from ingestd.db import create_engine
+from ingestd.logs import redact
 
 LAST_HOUR = timedelta(hours=1)
 RECENT_GAPS = timedelta(hours=24)
@@ -97,26 +98,16 @@ def db_error_text(exc: BaseException) -> str:
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret ``settings`` holds (API keys, their secret part, the database password)."""
-    found: list[str] = []
-    keys = [settings.tts.api_key, *(s.api_key for s in settings.streams)]
-    for key in keys:
-        if key is not None:
-            value = key.reveal()
-            found += [value, value.rpartition(".")[2]]
-    try:
-        password = sa.make_url(settings.database.url).password
-    except sa.exc.ArgumentError:
-        password = None
-    if password:
-        found.append(str(password))
-    return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
+    return settings.secret_values()
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every known secret and anything shaped like a TTS API key masked."""
+    """``text`` with every known secret and anything shaped like a TTS API key masked
+    (and whatever :func:`ingestd.logs.redact` masks: registered secrets, tokens, URL
+    passwords)."""
     for secret in secrets:
         text = text.replace(secret, "***")
-    return _KEY_PATTERN.sub("NNSXS.***", text)
+    return redact(_KEY_PATTERN.sub("NNSXS.***", text))
 
 
 # -- collecting -------------------------------------------------------------------------------
@@ -260,8 +251,17 @@ def render(report: dict[str, Any]) -> list[str]:
     now = datetime.fromisoformat(report["generated_at"])
     db = report["database"]
     lines = [f"database  {db['url']} (schema {db['schema_revision']}), as of {_clock(now)}", ""]
-    headers = ["STREAM", "APPLICATION", "CURSOR", "LAG", "STATE", "EVENTS/1H", "UPLINKS/1H",
-               "EVENTS", "GAPS/24H"]
+    headers = [
+        "STREAM",
+        "APPLICATION",
+        "CURSOR",
+        "LAG",
+        "STATE",
+        "EVENTS/1H",
+        "UPLINKS/1H",
+        "EVENTS",
+        "GAPS/24H",
+    ]
     rows = []
     details = []
     for s in report["streams"]:
@@ -275,17 +275,19 @@ def render(report: dict[str, Any]) -> list[str]:
         elif s["cursor_updated_at"]:
             # Progress after the last error, and not connected now: the daemon stopped.
             state = f"stopped {_ago(now, s['cursor_updated_at'])} ago"
-        rows.append([
-            s["name"],
-            s["application_id"] or "(not configured)",
-            _clock(s["cursor_time"]),
-            _duration(s["lag_s"]),
-            state,
-            f"{s['events_last_hour']:,}",
-            f"{s['uplinks_last_hour']:,}",
-            f"{s['events_total']:,}",
-            f"{s['gaps_last_24h']:,}",
-        ])
+        rows.append(
+            [
+                s["name"],
+                s["application_id"] or "(not configured)",
+                _clock(s["cursor_time"]),
+                _duration(s["lag_s"]),
+                state,
+                f"{s['events_last_hour']:,}",
+                f"{s['uplinks_last_hour']:,}",
+                f"{s['events_total']:,}",
+                f"{s['gaps_last_24h']:,}",
+            ]
+        )
         if s["last_error"]:
             when = _clock(s["last_error_at"])
             details.append(f"  {s['name']}: last error at {when}: {s['last_error']}")
@@ -323,8 +325,10 @@ def _table(headers: list[str], rows: list[list[str]], *, numeric: set[int]) -> l
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: list[str]) -> str:
-        out = [c.rjust(w) if i in numeric else c.ljust(w)
-               for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        out = [
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(out).rstrip()
 
     return [line(headers), *(line(r) for r in rows)]

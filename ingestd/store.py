@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ingestd import schema
 from ingestd.errors import StoreUnavailable
+from ingestd.logs import redact
 from ingestd.models import Batch, CommitResult, Cursor, Gap, Row
 
 log = structlog.get_logger()
@@ -197,8 +198,8 @@ class Store:
         """Record connection state and the last error for ``ingestd status``."""
         now = datetime.now(UTC)
         values: dict[str, Any] = {"connected_since": connected_since, "updated_at": now}
-        if last_error is not None:
-            values |= {"last_error": last_error[:2000], "last_error_at": now}
+        if last_error is not None:  # a TTS error may echo the key: mask configured secrets
+            values |= {"last_error": redact(last_error)[:2000], "last_error_at": now}
         with map_db_errors(), self.engine.begin() as conn:
             # An upsert, not UPDATE-then-INSERT: the stream's first cursor is written
             # concurrently, and an INSERT that lost that race would drop this state.

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
 
-from ingestd import migrate
+from ingestd import logs, migrate
 from ingestd.db import create_engine
 
 PG_URL_ENV = "INGESTD_TEST_PG_URL"
@@ -132,7 +132,10 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 @pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
-    """Every test starts with structlog's defaults, so capture_logs works and nothing leaks."""
+    """Every test starts with structlog's defaults, so capture_logs works and nothing leaks
+    (nor do the secrets an earlier test's settings registered for masking)."""
     structlog.reset_defaults()
+    logs.forget_secrets()
     yield
     structlog.reset_defaults()
+    logs.forget_secrets()

@@ -62,6 +62,7 @@ def _write_config(
     lines += ["[downlinks]", f"enabled = {q(downlinks)}", "[metrics]", 'listen = ""']
     path = tmp_path / "ingestd.toml"
     path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # it holds the key literally: check warns about a world-readable one
     return path
 
 

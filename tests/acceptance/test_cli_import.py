@@ -171,3 +171,32 @@ def test_the_bundled_sample_capture_imports_every_family(db_url: str, tmp_path: 
     assert _line(res.stdout, "joins") == 1
     assert _line(res.stdout, "downlink events") == 8
     assert _line(res.stdout, "rejected") == 0
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("captures", "ingestd: import: {path} is a directory, not a capture file"),
+        ("missing.txt", "ingestd: import: cannot read {path}: No such file or directory"),
+    ],
+)
+def test_an_unreadable_input_exits_2_with_one_line(
+    tmp_path: Path, target: str, message: str
+) -> None:
+    """A directory or a missing file printed a traceback."""
+    (tmp_path / "captures").mkdir()
+    path = tmp_path / target
+    res = _ingestd("import", str(path), cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [message.format(path=path)]
+    assert res.stdout == ""
+    assert not (tmp_path / "ingestd.db").exists()  # nothing was created either
+
+
+def test_an_import_stream_name_that_does_not_fit_exits_2(tmp_path: Path) -> None:
+    res = _ingestd("import", "--stream", "s" * 201, "-", cwd=tmp_path, input="")
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "ingestd: import: --stream is 201 characters long; at most 200 fit the database's "
+        "stream columns"
+    ]

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from outbox_rows import insert_unreadable, unreadable_values
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
@@ -38,19 +39,29 @@ def sim() -> Iterator[Simulator]:
 
 def settings_for(sim: Simulator, **downlinks: Any) -> Settings:
     values: dict[str, Any] = {
-        "enabled": True, "poll_interval_s": 0.05, "max_attempts": 4, "retry_base_s": 0.05,
-        "retry_max_s": 0.2, "request_timeout_s": 2.0, "shutdown_grace_s": 1.0,
-        "require_stream": False, "stale_claim_s": 30.0,
+        "enabled": True,
+        "poll_interval_s": 0.05,
+        "max_attempts": 4,
+        "retry_base_s": 0.05,
+        "retry_max_s": 0.2,
+        "request_timeout_s": 2.0,
+        "shutdown_grace_s": 1.0,
+        "require_stream": False,
+        "stale_claim_s": 30.0,
     } | downlinks
-    return Settings(tts=TtsSettings(base_url=sim.base_url, api_key=Secret(sim.api_key)),
-                    downlinks=DownlinkSettings(**values))
+    return Settings(
+        tts=TtsSettings(base_url=sim.base_url, api_key=Secret(sim.api_key)),
+        downlinks=DownlinkSettings(**values),
+    )
 
 
 def insert(engine: Engine, device_id: str = "dev-0001", n: int = 1, **values: Any) -> list[int]:
     row = {"application_id": APP, "device_id": device_id, "f_port": 5, "frm_payload": b"\x01"}
     with engine.begin() as conn:
-        return [conn.execute(sa.insert(T).values(row | values).returning(T.c.id)).scalar_one()
-                for _ in range(n)]
+        return [
+            conn.execute(sa.insert(T).values(row | values).returning(T.c.id)).scalar_one()
+            for _ in range(n)
+        ]
 
 
 def row(engine: Engine, outbox_id: int) -> Any:
@@ -79,8 +90,9 @@ def ingest(sim: Simulator, engine: Engine) -> None:
     Store(engine, downlink_hook=outbox.apply_downlink_events).commit_batch(builder.take())
 
 
-async def run_until(worker: DownlinkWorker, done: Callable[[], bool],
-                    timeout_s: float = WAIT_S) -> None:
+async def run_until(
+    worker: DownlinkWorker, done: Callable[[], bool], timeout_s: float = WAIT_S
+) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
@@ -110,14 +122,20 @@ def worker(engine: Engine, settings: Settings, **kw: Any) -> DownlinkWorker:
 
 
 async def test_push_then_stream_events_take_a_row_to_acked(engine: Engine, sim: Simulator) -> None:
-    confirmed = insert(engine, decoded_payload={"interval": 15}, frm_payload=None,
-                       confirmed=True, priority="HIGH")[0]
+    confirmed = insert(
+        engine, decoded_payload={"interval": 15}, frm_payload=None, confirmed=True, priority="HIGH"
+    )[0]
     plain = insert(engine, "dev-0002", frm_payload=b"\x01\x02")[0]
     await run_until(worker(engine, settings_for(sim)), settled(engine, "queued"))
     sent = {r.device_id: r for r in pushes(sim)}
     body = sent["dev-0001"].body["downlinks"][0]
-    assert body == {"f_port": 5, "decoded_payload": {"interval": 15}, "confirmed": True,
-                    "priority": "HIGH", "correlation_ids": [f"ingestd:outbox:{confirmed}"]}
+    assert body == {
+        "f_port": 5,
+        "decoded_payload": {"interval": 15},
+        "confirmed": True,
+        "priority": "HIGH",
+        "correlation_ids": [f"ingestd:outbox:{confirmed}"],
+    }
     assert sent["dev-0002"].body["downlinks"][0]["frm_payload"] == "AQI="
     assert sent["dev-0001"].request_id == f"ingestd-outbox-{confirmed}-1"
     assert sent["dev-0001"].headers["user-agent"] == f"ingestd/{__version__}"
@@ -134,8 +152,11 @@ async def test_push_then_stream_events_take_a_row_to_acked(engine: Engine, sim: 
     assert r.queued_at <= r.sent_at <= r.acked_at
     assert row(engine, plain).status == "sent"
     with engine.connect() as conn:
-        kinds = conn.execute(sa.select(schema.downlink_events.c.kind)
-                             .where(schema.downlink_events.c.outbox_id == confirmed)).scalars()
+        kinds = conn.execute(
+            sa.select(schema.downlink_events.c.kind).where(
+                schema.downlink_events.c.outbox_id == confirmed
+            )
+        ).scalars()
         assert {"receive", "sent", "ack"} <= set(kinds)
 
 
@@ -163,14 +184,59 @@ async def test_invalid_rows_fail_without_calling_tts(engine: Engine, sim: Simula
     assert sim.downlink_requests == []
 
 
+async def test_unreadable_rows_fail_by_id_and_hold_back_nothing(
+    engine: Engine, sim: Simulator
+) -> None:
+    """A value the claim cannot read, a device id with a trailing newline (it passed the id
+    check's `$`) or a payload nested deeper than JSON encoders go: each used to stop the
+    outbox or cycle one row through verify forever. Each now fails by id with a reason,
+    and the good rows around them are pushed once."""
+    (good_before,) = insert(engine, "dev-0001")
+    reasons: dict[int, str] = {}
+    for i, (column, literal, reason) in enumerate(unreadable_values(engine)):
+        outbox_id = insert_unreadable(
+            engine, column, literal, app=APP, device_id=f"dev-{i + 10:04d}"
+        )
+        reasons[outbox_id] = reason
+    (newline,) = insert(engine, "dev-0003\n")
+    reasons[newline] = "device_id 'dev-0003\\n' is not a TTS id"
+    deep = '{"a": ' * 300 + "{}" + "}" * 300  # valid JSON; orjson writes at most 254 levels
+    (nested,) = insert(engine, "dev-0004")
+    cast = "CAST(:deep AS jsonb)" if engine.dialect.name == "postgresql" else ":deep"
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"UPDATE downlink_outbox SET frm_payload = NULL, "
+                f"decoded_payload = {cast} WHERE id = :id"
+            ),
+            {"deep": deep, "id": nested},
+        )
+    reasons[nested] = "cannot encode the push request"
+    (good_after,) = insert(engine, "dev-0002")
+
+    def done() -> bool:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(T.c.id, T.c.status)).all()
+        return all(r.status in ("failed", "queued") for r in rows)
+
+    await run_until(worker(engine, settings_for(sim), concurrency=2), done)
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(sa.select(T.c.id, T.c.status, T.c.last_error))}
+    for outbox_id, reason in reasons.items():
+        assert rows[outbox_id].status == "failed"
+        assert rows[outbox_id].last_error.startswith("invalid row: ")
+        assert reason in rows[outbox_id].last_error
+    assert rows[good_before].status == rows[good_after].status == "queued"
+    assert sorted(r.device_id for r in pushes(sim)) == ["dev-0001", "dev-0002"]
+
+
 async def test_refusals_fail_the_row_with_the_tts_error_name(
     engine: Engine, sim: Simulator
 ) -> None:
     sim.fail_next_pushes["dev-0001"] = [503] * 9
     cases = {
         insert(engine, device_id="dev-9999")[0]: ("pkg/applicationserver:device_not_found", 1),
-        insert(engine, application_id="other-app")[0]: (
-            "pkg/auth/rights:no_application_rights", 1),
+        insert(engine, application_id="other-app")[0]: ("pkg/auth/rights:no_application_rights", 1),
         insert(engine, device_id="dev-0001")[0]: ("pkg/cluster:peer_unavailable", 3),
     }
     await run_until(worker(engine, settings_for(sim, max_attempts=3)), settled(engine, "failed"))
@@ -178,8 +244,16 @@ async def test_refusals_fail_the_row_with_the_tts_error_name(
         r = row(engine, outbox_id)
         assert r.last_error.startswith(error_name)
         assert r.attempts == attempts
-        assert len([p for p in pushes(sim) if p.body["downlinks"][0]["correlation_ids"] ==
-                    [f"ingestd:outbox:{outbox_id}"]]) == attempts
+        assert (
+            len(
+                [
+                    p
+                    for p in pushes(sim)
+                    if p.body["downlinks"][0]["correlation_ids"] == [f"ingestd:outbox:{outbox_id}"]
+                ]
+            )
+            == attempts
+        )
     assert r.last_error.endswith("(gave up after 3 attempts)")
 
 
@@ -226,8 +300,10 @@ async def test_rejected_key_fails_rows_logs_once_and_never_logs_the_key(
     insert(engine, "dev-0001")
     insert(engine, "dev-0002")
     wrong = sim.api_key[:-4] + "AAAA"
-    settings = Settings(tts=TtsSettings(base_url=sim.base_url, api_key=Secret(wrong)),
-                        downlinks=settings_for(sim).downlinks)
+    settings = Settings(
+        tts=TtsSettings(base_url=sim.base_url, api_key=Secret(wrong)),
+        downlinks=settings_for(sim).downlinks,
+    )
     with capture_logs() as logs:
         await run_until(worker(engine, settings), settled(engine, "failed"))
     assert all("invalid_authorization" in row(engine, i).last_error for i in statuses(engine))
@@ -254,8 +330,9 @@ async def test_crash_after_push_is_verified_not_pushed_again(
     # The restarted process (same worker id) takes its own claim back once no request of
     # its previous life can still be in flight (3 request timeouts: verify, push, marks).
     await asyncio.sleep(0.35)
-    await run_until(worker(engine, settings_for(sim, request_timeout_s=0.1)),
-                    settled(engine, "queued"))
+    await run_until(
+        worker(engine, settings_for(sim, request_timeout_s=0.1)), settled(engine, "queued")
+    )
     assert len(pushes(sim)) == 1
     assert [q.op for q in sim.downlink_requests] == ["push", "list"]
     assert row(engine, outbox_id).attempts == 2
@@ -270,7 +347,8 @@ async def test_crash_after_push_then_events_while_down_is_not_pushed_again(
     monkeypatch.undo()
     deadline = time.monotonic() + WAIT_S  # the device got it; the stream stored the events
     while sim.queue("dev-0001") or not any(
-            e["name"] == "as.down.data.sent.forward" for e in sim.events):
+        e["name"] == "as.down.data.sent.forward" for e in sim.events
+    ):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     await asyncio.to_thread(ingest, sim, engine)
@@ -287,8 +365,7 @@ async def test_claim_without_push_is_pushed_once_after_the_claim_expires(
     (outbox_id,) = insert(engine)
     outbox.claim_due(engine, worker_id="dead:1", limit=1, now=datetime.now(UTC))
     await asyncio.sleep(0.3)
-    await run_until(worker(engine, settings_for(sim, stale_claim_s=0.2)),
-                    settled(engine, "queued"))
+    await run_until(worker(engine, settings_for(sim, stale_claim_s=0.2)), settled(engine, "queued"))
     assert [q.op for q in sim.downlink_requests] == ["list", "push"]
     assert row(engine, outbox_id).attempts == 2
 
@@ -307,18 +384,24 @@ async def test_pushes_wait_for_a_connected_stream(engine: Engine, sim: Simulator
     await run_until(w, settled(engine, "queued"), timeout_s=5.0)
 
 
-async def test_two_workers_push_each_row_once_in_device_order(
-    db_url: str, sim: Simulator
-) -> None:
+async def test_two_workers_push_each_row_once_in_device_order(db_url: str, sim: Simulator) -> None:
     engines = [create_engine(db_url) for _ in range(2)]
     try:
         with engines[0].begin() as conn:
-            rows = [{"application_id": APP, "device_id": sim.device_ids[i % 5], "f_port": 1,
-                     "frm_payload": i.to_bytes(2, "big")} for i in range(200)]
+            rows = [
+                {
+                    "application_id": APP,
+                    "device_id": sim.device_ids[i % 5],
+                    "f_port": 1,
+                    "frm_payload": i.to_bytes(2, "big"),
+                }
+                for i in range(200)
+            ]
             conn.execute(sa.insert(T), rows)
         settings = settings_for(sim)
-        workers = [worker(e, settings, worker_id=f"w{k}", concurrency=2)
-                   for k, e in enumerate(engines)]
+        workers = [
+            worker(e, settings, worker_id=f"w{k}", concurrency=2) for k, e in enumerate(engines)
+        ]
         stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run(stop)) for w in workers]
         deadline = time.monotonic() + 20
@@ -327,12 +410,13 @@ async def test_two_workers_push_each_row_once_in_device_order(
             await asyncio.sleep(0.05)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
-        ids = [int(p.body["downlinks"][0]["correlation_ids"][0].rpartition(":")[2])
-               for p in pushes(sim)]
+        ids = [
+            int(p.body["downlinks"][0]["correlation_ids"][0].rpartition(":")[2])
+            for p in pushes(sim)
+        ]
         assert sorted(ids) == sorted(statuses(engines[0]))  # every row exactly once
         for device in sim.device_ids:
-            per_device = [i for p, i in zip(pushes(sim), ids, strict=True)
-                          if p.device_id == device]
+            per_device = [i for p, i in zip(pushes(sim), ids, strict=True) if p.device_id == device]
             assert per_device == sorted(per_device)
         assert all(w.pushes > 0 for w in workers)
     finally:
@@ -375,8 +459,13 @@ async def test_stop_lets_a_push_finish_within_the_grace_else_leaves_it_pushing(
     called = asyncio.Event()
     settings = Settings(
         tts=TtsSettings(base_url="http://tts.invalid", api_key=Secret("NNSXS.X.Y")),
-        downlinks=DownlinkSettings(enabled=True, poll_interval_s=0.05, shutdown_grace_s=0.5,
-                                   require_stream=False, request_timeout_s=10.0),
+        downlinks=DownlinkSettings(
+            enabled=True,
+            poll_interval_s=0.05,
+            shutdown_grace_s=0.5,
+            require_stream=False,
+            request_timeout_s=10.0,
+        ),
     )
     async with _slow_tts(push_s, called) as client:
         (outbox_id,) = insert(engine)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from outbox_rows import insert_unreadable, unreadable_values
 from sqlalchemy.engine import Engine
 
 from ingestd import outbox, schema
@@ -29,8 +30,13 @@ def _later(s: float = 1.0) -> datetime:
 
 def _insert(engine: Engine, device_id: str = "dev-1", n: int = 1, **values: Any) -> list[int]:
     rows = [
-        {"application_id": "app-1", "device_id": device_id, "f_port": 1,
-         "frm_payload": b"\x01", **values}
+        {
+            "application_id": "app-1",
+            "device_id": device_id,
+            "f_port": 1,
+            "frm_payload": b"\x01",
+            **values,
+        }
         for _ in range(n)
     ]
     with engine.begin() as conn:
@@ -64,7 +70,12 @@ def test_plain_sql_insert_gets_every_default(engine: Engine) -> None:
     assert rows[1].decoded_payload == {"interval_minutes": 15}
     for r in rows:
         assert (r.confirmed, r.priority, r.operation, r.status, r.attempts) == (
-            False, "NORMAL", "push", "pending", 0)
+            False,
+            "NORMAL",
+            "push",
+            "pending",
+            0,
+        )
         assert r.last_error is None
         assert r.correlation_id is None
         assert r.verify_before_push is False
@@ -103,8 +114,7 @@ def test_claims_one_row_per_device_in_insertion_order(engine: Engine) -> None:
     outbox.mark_queued(engine, a1, request_id="r", now=_now())
     assert _claim(engine) == [a2]
     # a2 fails transiently and backs off: it holds back a3 (no overtaking)
-    assert outbox.mark_retry(engine, a2, error="HTTP 503", next_attempt_at=_later(60),
-                             now=_now())
+    assert outbox.mark_retry(engine, a2, error="HTTP 503", next_attempt_at=_later(60), now=_now())
     assert _claim(engine) == []
     # once a2 has failed for good, a3 may go
     with engine.begin() as conn:
@@ -115,8 +125,7 @@ def test_claims_one_row_per_device_in_insertion_order(engine: Engine) -> None:
 def test_not_yet_due_rows_are_not_claimed(engine: Engine) -> None:
     (row,) = _insert(engine, next_attempt_at=_later(30))
     assert _claim(engine) == []
-    assert [i.id for i in outbox.claim_due(engine, worker_id="w", limit=5,
-                                           now=_later(31))] == [row]
+    assert [i.id for i in outbox.claim_due(engine, worker_id="w", limit=5, now=_later(31))] == [row]
 
 
 def test_concurrent_claims_never_take_the_same_row(db_url: str) -> None:
@@ -132,8 +141,10 @@ def test_concurrent_claims_never_take_the_same_row(db_url: str) -> None:
             start.wait(timeout=10)
             idle = 0
             while idle < 3:
-                got = [i.id for i in outbox.claim_due(engines[k], worker_id=f"w{k}", limit=7,
-                                                      now=_later())]
+                got = [
+                    i.id
+                    for i in outbox.claim_due(engines[k], worker_id=f"w{k}", limit=7, now=_later())
+                ]
                 for outbox_id in got:
                     outbox.mark_queued(engines[k], outbox_id, request_id="r", now=_now())
                 claims[k].extend(got)
@@ -172,15 +183,20 @@ def test_stale_claims_are_released_for_verification(engine: Engine) -> None:
     (theirs,) = _insert(engine, "dev-b")
     outbox.claim_due(engine, worker_id="w1", limit=1, now=_now())
     outbox.claim_due(engine, worker_id="w2", limit=1, now=_now())
-    assert outbox.release_stale_claims(engine, older_than=_now() - timedelta(seconds=60),
-                                       now=_now()) == []
-    only_w1 = outbox.release_stale_claims(engine, older_than=_later(), now=_now(),
-                                          claimed_by="w1")
+    assert (
+        outbox.release_stale_claims(engine, older_than=_now() - timedelta(seconds=60), now=_now())
+        == []
+    )
+    only_w1 = outbox.release_stale_claims(engine, older_than=_later(), now=_now(), claimed_by="w1")
     assert [i.id for i in only_w1] == [mine]
     assert _row(engine, theirs).status == "pushing"
     released = _row(engine, mine)
-    assert (released.status, released.attempts, released.verify_before_push,
-            released.claimed_by) == ("pending", 1, True, None)
+    assert (
+        released.status,
+        released.attempts,
+        released.verify_before_push,
+        released.claimed_by,
+    ) == ("pending", 1, True, None)
     assert "claim expired" in released.last_error
     (again,) = outbox.claim_due(engine, worker_id="w3", limit=5, now=_later())
     assert (again.id, again.attempts, again.verify_before_push) == (mine, 2, True)
@@ -189,8 +205,9 @@ def test_stale_claims_are_released_for_verification(engine: Engine) -> None:
 def test_release_claim_does_not_count_the_attempt(engine: Engine) -> None:
     (row,) = _insert(engine)
     _claim(engine)
-    assert outbox.release_claim(engine, row, next_attempt_at=_later(5), now=_now(),
-                                note="waiting for a stream")
+    assert outbox.release_claim(
+        engine, row, next_attempt_at=_later(5), now=_now(), note="waiting for a stream"
+    )
     r = _row(engine, row)
     assert (r.status, r.attempts, r.last_error) == ("pending", 0, "waiting for a stream")
     assert _claim(engine) == []
@@ -203,21 +220,36 @@ def test_marks_record_outcomes_and_never_undo_event_progress(engine: Engine) -> 
     assert outbox.mark_failed(engine, bad[0], error="pkg/x:device_not_found: gone", now=_now())
     with engine.begin() as conn:  # an event moved it on while the push was in flight
         outbox.apply_downlink_events(conn, [_event("sent", moved[0])])
-    assert not outbox.mark_retry(engine, moved[0], error="timeout", next_attempt_at=_later(),
-                                 now=_now())
+    assert not outbox.mark_retry(
+        engine, moved[0], error="timeout", next_attempt_at=_later(), now=_now()
+    )
     assert not outbox.mark_failed(engine, moved[0], error="late", now=_now())
     r_ok, r_bad, r_moved = (_row(engine, i[0]) for i in (ok, bad, moved))
     assert (r_ok.status, r_ok.request_id, r_ok.queued_at is not None) == (
-        "queued", "ingestd-outbox-1-1", True)
+        "queued",
+        "ingestd-outbox-1-1",
+        True,
+    )
     assert (r_bad.status, r_bad.last_error) == ("failed", "pkg/x:device_not_found: gone")
     assert r_bad.finished_at is not None
     assert r_moved.status == "sent"
 
 
-def _event(kind: str, outbox_id: int | None, *, error: Any = None,
-           correlation_ids: list[str] | None = None, seconds: float = 0.0) -> dict[str, Any]:
-    return {"kind": kind, "outbox_id": outbox_id, "error": error,
-            "correlation_ids": correlation_ids or [], "time": _now() + timedelta(seconds=seconds)}
+def _event(
+    kind: str,
+    outbox_id: int | None,
+    *,
+    error: Any = None,
+    correlation_ids: list[str] | None = None,
+    seconds: float = 0.0,
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "outbox_id": outbox_id,
+        "error": error,
+        "correlation_ids": correlation_ids or [],
+        "time": _now() + timedelta(seconds=seconds),
+    }
 
 
 def _apply(engine: Engine, *events: dict[str, Any]) -> None:
@@ -225,9 +257,12 @@ def _apply(engine: Engine, *events: dict[str, Any]) -> None:
         outbox.apply_downlink_events(conn, list(events))
 
 
-FAILED = {"namespace": "pkg/networkserver", "name": "transmission",
-          "message_format": "transmission failed with result `{result}`",
-          "attributes": {"result": "TOO_LATE"}}
+FAILED = {
+    "namespace": "pkg/networkserver",
+    "name": "transmission",
+    "message_format": "transmission failed with result `{result}`",
+    "attributes": {"result": "TOO_LATE"},
+}
 
 
 TRANSITIONS = [  # (status before, events in order, status after, why)
@@ -248,8 +283,10 @@ TRANSITIONS = [  # (status before, events in order, status after, why)
 
 
 def test_events_only_move_statuses_forward(engine: Engine) -> None:
-    rows = [_insert(engine, f"dev-{i}", status=start)[0]
-            for i, (start, _, _, _) in enumerate(TRANSITIONS)]
+    rows = [
+        _insert(engine, f"dev-{i}", status=start)[0]
+        for i, (start, _, _, _) in enumerate(TRANSITIONS)
+    ]
     for outbox_id, (_, kinds, _, _) in zip(rows, TRANSITIONS, strict=True):
         for i, kind in enumerate(kinds):
             _apply(engine, _event(kind, outbox_id, error=FAILED, seconds=i))
@@ -259,8 +296,13 @@ def test_events_only_move_statuses_forward(engine: Engine) -> None:
 
 def test_one_batch_with_several_events_ends_in_the_latest_status(engine: Engine) -> None:
     (row,) = _insert(engine, status="pushing")
-    _apply(engine, _event("ack", row, seconds=2), _event("forward", row),
-           _event("sent", row, seconds=1), _event("forward", row))  # replayed duplicate
+    _apply(
+        engine,
+        _event("ack", row, seconds=2),
+        _event("forward", row),
+        _event("sent", row, seconds=1),
+        _event("forward", row),
+    )  # replayed duplicate
     r = _row(engine, row)
     assert r.status == "acked"
     assert r.queued_at < r.sent_at < r.acked_at
@@ -272,8 +314,15 @@ def test_a_late_drop_of_an_earlier_refused_push_does_not_drop_the_queued_row(
 ) -> None:
     """Attempt 1 was refused (queue full), attempt 2 queued; attempt 1's drop arrives late."""
     (row,) = _insert(engine, status="queued")
-    refusal = _event("drop", row, error=FAILED, correlation_ids=[
-        "as:downlink:01J", f"rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:ingestd-outbox-{row}-1"])
+    refusal = _event(
+        "drop",
+        row,
+        error=FAILED,
+        correlation_ids=[
+            "as:downlink:01J",
+            f"rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:ingestd-outbox-{row}-1",
+        ],
+    )
     _apply(engine, refusal)
     assert _row(engine, row).status == "queued"
     _apply(engine, _event("drop", row, error=FAILED, correlation_ids=["as:up:01K"]))
@@ -281,19 +330,27 @@ def test_a_late_drop_of_an_earlier_refused_push_does_not_drop_the_queued_row(
 
 
 def test_failed_and_invalidated_events_record_the_error_and_every_row(engine: Engine) -> None:
-    failed, inv1, inv2, other = (_insert(engine, f"dev-{i}", status="queued")[0]
-                                 for i in range(4))
-    _apply(engine,
-           _event("failed", failed, error=FAILED),
-           _event("queue_invalidated", inv1, correlation_ids=[
-               "as:downlink:01J", f"ingestd:outbox:{inv1}", f"ingestd:outbox:{inv2}"]),
-           _event("sent", None, correlation_ids=["someone-else:7"]))
+    failed, inv1, inv2, other = (_insert(engine, f"dev-{i}", status="queued")[0] for i in range(4))
+    _apply(
+        engine,
+        _event("failed", failed, error=FAILED),
+        _event(
+            "queue_invalidated",
+            inv1,
+            correlation_ids=["as:downlink:01J", f"ingestd:outbox:{inv1}", f"ingestd:outbox:{inv2}"],
+        ),
+        _event("sent", None, correlation_ids=["someone-else:7"]),
+    )
     r = _row(engine, failed)
     assert r.status == "failed"
-    assert r.last_error == ("failed: pkg/networkserver:transmission: "
-                            "transmission failed with result `TOO_LATE`")
+    assert r.last_error == (
+        "failed: pkg/networkserver:transmission: transmission failed with result `TOO_LATE`"
+    )
     assert [_row(engine, i).status for i in (inv1, inv2, other)] == [
-        "invalidated", "invalidated", "queued"]
+        "invalidated",
+        "invalidated",
+        "queued",
+    ]
 
 
 def test_accepted_per_events_ignores_a_lone_receive_once_settled(engine: Engine) -> None:
@@ -302,9 +359,16 @@ def test_accepted_per_events_ignores_a_lone_receive_once_settled(engine: Engine)
 
     def add(kind: str, age_s: float) -> None:
         with engine.begin() as conn:
-            conn.execute(sa.insert(e).values(
-                event_unique_id=f"{kind}-{age_s}", kind=kind, application_id="app-1",
-                device_id="dev-1", outbox_id=row, time=_now() - timedelta(seconds=age_s)))
+            conn.execute(
+                sa.insert(e).values(
+                    event_unique_id=f"{kind}-{age_s}",
+                    kind=kind,
+                    application_id="app-1",
+                    device_id="dev-1",
+                    outbox_id=row,
+                    time=_now() - timedelta(seconds=age_s),
+                )
+            )
 
     assert outbox.accepted_per_events(engine, row, now=_now()) is False
     add("receive", 3600)
@@ -325,3 +389,73 @@ def test_counts_and_oldest_pending_age(engine: Engine) -> None:
     assert (counts["pending"], counts["acked"], counts["failed"]) == (3, 1, 0)
     assert set(counts) == set(schema.OUTBOX_STATUSES)
     assert 89 <= outbox.oldest_pending_age_s(engine, _now()) < 120
+
+
+# -- rows a hand-written INSERT got wrong -----------------------------------------------------
+
+
+def test_an_unreadable_row_is_claimed_with_its_problem_not_failing_the_claim(
+    engine: Engine,
+) -> None:
+    """One bad value used to make every claim raise: the whole outbox stopped."""
+    (good_before,) = _insert(engine, "dev-good-1")
+    bad = {
+        insert_unreadable(engine, column, literal, app="app-1", device_id=f"dev-bad-{i}"): reason
+        for i, (column, literal, reason) in enumerate(unreadable_values(engine))
+    }
+    (good_after,) = _insert(engine, "dev-good-2")
+    claimed = {i.id: i for i in outbox.claim_due(engine, worker_id="w1", limit=20, now=_later())}
+    assert set(claimed) == {good_before, good_after, *bad}
+    assert claimed[good_before].problem is None
+    assert claimed[good_after].problem is None
+    for outbox_id, reason in bad.items():
+        assert reason in (claimed[outbox_id].problem or ""), claimed[outbox_id]
+        assert claimed[outbox_id].status == "pushing"
+    # A stale release reads the rows back the same way (it rewrites next_attempt_at, so
+    # that one is readable again); failing one by id works.
+    released = outbox.release_stale_claims(engine, older_than=_later(60), now=_now())
+    assert {i.id for i in released} == set(claimed)
+    assert {i.id for i in released if i.problem} <= set(bad)
+    for outbox_id in bad:
+        assert outbox.mark_failed(engine, outbox_id, error="invalid row", now=_now())
+
+
+@pytest.mark.postgres
+def test_postgres_claim_walks_the_pending_index_on_a_table_without_statistics(
+    pg_url: str,
+) -> None:
+    """After a bulk insert, before ANALYZE, PostgreSQL planned a bitmap scan and a sort that
+    ran the per-device head check on every pending row: 5-8 s per claim on 1M rows."""
+    engine = create_engine(pg_url)
+    plans: list[str] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _explain(_conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        # EXPLAIN the claim itself, in its own transaction (after its SET LOCALs).
+        if statement.lstrip().startswith("WITH claimable"):
+            cursor.execute("EXPLAIN " + statement, parameters)
+            plans.append("\n".join(r[0] for r in cursor.fetchall()))
+
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE downlink_outbox SET (autovacuum_enabled = false)")
+            conn.exec_driver_sql(
+                "INSERT INTO downlink_outbox (application_id, device_id, f_port, frm_payload) "
+                "SELECT 'app-1', 'dev-' || mod(g, 1000), 1, '\\x01'::bytea "
+                "FROM generate_series(1, 200000) g"
+            )
+            analysed = conn.exec_driver_sql(
+                "SELECT last_analyze, last_autoanalyze FROM pg_stat_user_tables "
+                "WHERE relname = 'downlink_outbox'"
+            ).one()
+        assert analysed == (None, None)
+        started = time.monotonic()
+        claimed = outbox.claim_due(engine, worker_id="w1", limit=5, now=_later())
+        elapsed = time.monotonic() - started
+        assert len(claimed) == 5
+        (plan,) = plans
+        assert "Index Scan using ix_downlink_outbox_pending_due" in plan, plan
+        assert "Sort" not in plan and "Bitmap" not in plan, plan
+        assert elapsed < 1.0, f"claim took {elapsed:.3f} s"
+    finally:
+        engine.dispose()

@@ -572,6 +572,7 @@ def test_example_config_is_valid_and_documents_every_field_with_its_default() ->
     assert {f.name for f in dataclasses.fields(Settings)} - {
         "source",
         "credential_problems",
+        "warnings",
     } <= set(re.findall(r"^#?\s*\[+([a-z]+)\]+", text, flags=re.MULTILINE))
 
 
@@ -594,3 +595,158 @@ def test_an_env_key_file_stands_in_for_an_unset_var_in_the_file(tmp_path: Path) 
     assert without.tts.api_key is None
     with pytest.raises(ConfigError, match="TTS_API_KEY is not set"):
         without.require_credentials()  # run and check do
+
+
+# --- values that used to pass and then broke at run time -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("application_id", "acme-water\\n"),
+        ("device_ids", ["wm-0001\\n"]),
+        ("names", ["as.up.data.forward\\n"]),
+    ],
+)
+def test_a_trailing_newline_does_not_pass_the_id_and_name_checks(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    """`$` matched before a final newline; TTS then refused every request for the id."""
+    rendered = f'"{value}"' if isinstance(value, str) else f'["{value[0]}"]'  # type: ignore[index]
+    lines = ['name = "s"', 'application_id = "acme-water"']
+    lines = [line for line in lines if not line.startswith(key)] + [f"{key} = {rendered}"]
+    path = write(tmp_path / "c.toml", "[[streams]]\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(path, environ={})
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith(f"{path}: streams[0].{key}: ")
+    assert "\\n" in problem  # the value is shown with its newline visible
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://eu1.cloud.thethings.network/api/v3",
+        "https://eu1.cloud.thethings.network/console/",
+        "https://eu1.cloud.thethings.network?tenant=x",
+        "https://eu1.cloud.thethings.network/?",
+        "https://eu1.cloud.thethings.network#frag",
+    ],
+)
+def test_base_url_with_a_path_query_or_fragment_is_rejected(url: str) -> None:
+    """ingestd appends /api/v3/...: a path doubled it, a query or fragment swallowed it."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(environ={"INGESTD_TTS__BASE_URL": url})
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith("env INGESTD_TTS__BASE_URL: must be the server's root URL")
+    assert repr(url) in problem
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://eu1.cloud.thethings.network:99999", "has an invalid port"),
+        ("https://eu1.cloud.thethings.network:x", "has an invalid port"),
+        ("https://eu1.cloud.thethings.network\t", None),  # surrounding whitespace is trimmed
+        ("https://eu1.cloud\n.thethings.network", "must not contain spaces or control"),
+    ],
+)
+def test_base_url_ports_and_whitespace(url: str, why: str | None) -> None:
+    environ = {"INGESTD_TTS__BASE_URL": url}
+    if why is None:
+        assert load_settings(environ=environ).tts.base_url == url.strip()
+        return
+    with pytest.raises(ConfigError, match=why):
+        load_settings(environ=environ)
+
+
+def test_base_url_trailing_slash_is_dropped() -> None:
+    settings = load_settings(environ={"INGESTD_TTS__BASE_URL": "http://127.0.0.1:1885/"})
+    assert settings.tts.base_url == "http://127.0.0.1:1885"
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "must not be empty"),
+        ("   ", "must not be empty"),
+        ("s" * 201, "is 201 characters long; at most 200 fit the database's stream columns"),
+        ("water\\u0000", "must not contain control characters, got 'water\\x00'"),
+        ("wa\\nter", "must not contain control characters, got 'wa\\nter'"),
+        ("water\\u001b[31m", "must not contain control characters, got 'water\\x1b[31m'"),
+    ],
+)
+def test_stream_names_must_fit_the_stream_columns(tmp_path: Path, name: str, problem: str) -> None:
+    """A name over 200 characters made PostgreSQL refuse every batch of the stream."""
+    path = write(tmp_path / "c.toml", f'[[streams]]\nname = "{name}"\napplication_id = "acme"\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(path, environ={})
+    assert problems_of(excinfo) == [f"{path}: streams[0].name: {problem}"]
+
+
+def test_the_longest_stream_name_is_the_stream_columns_size(tmp_path: Path) -> None:
+    from ingestd import schema
+    from ingestd.config_values import STREAM_NAME_MAX_CHARS
+
+    sizes = {
+        t.c.stream.type.length  # type: ignore[attr-defined]
+        for t in (schema.events, schema.stream_cursors, schema.stream_gaps, schema.rejected_events)
+    }
+    assert sizes == {STREAM_NAME_MAX_CHARS}
+    name = "ü" * STREAM_NAME_MAX_CHARS  # characters, not bytes, on both databases
+    path = write(tmp_path / "c.toml", f'[[streams]]\nname = "{name}"\napplication_id = "acme"\n')
+    assert load_settings(path, environ={}).streams[0].name == name
+
+
+# --- secrets: masked by value, and a file that shows them to every user --------------------
+
+
+def test_loading_settings_registers_their_secrets_for_masking(tmp_path: Path) -> None:
+    from ingestd.logs import redact
+
+    path = write(
+        tmp_path / "c.toml",
+        f'[database]\nurl = "postgresql://u:{DB_PASSWORD}@db/x"\n[tts]\napi_key = "plain-key-1"\n'
+        f'{STREAM}api_key = "${{OTHER}}"\n',
+    )
+    path.chmod(0o600)
+    settings = load_settings(path, environ={"OTHER": "other-key-2"})
+    assert settings.warnings == ()
+    text = f"401: plain-key-1 / other-key-2 / {DB_PASSWORD} / {KEY}"
+    assert redact(text) == "401: *** / *** / *** / NNSXS.***"
+
+
+@pytest.mark.parametrize(
+    ("body", "environ", "held"),
+    [
+        ('[tts]\napi_key = "literal-key"\n', {}, "an API key in tts.api_key"),
+        (f'{STREAM}api_key = "literal-key"\n', {}, "an API key in streams[0].api_key"),
+        (
+            f'[database]\nurl = "postgresql://u:{DB_PASSWORD}@db/x"\n',
+            {},
+            "a password in database.url",
+        ),
+        ('[tts]\napi_key = "${K}"\n', {"K": "from-env"}, None),
+        ('[tts]\napi_key = "${K:-}"\n', {}, None),
+        ('[database]\nurl = "postgresql://u:${PW}@db/x"\n', {"PW": "pw-from-env"}, None),
+        ('[database]\nurl = "postgresql://u@db/x"\n', {}, None),
+        ('[tts]\napi_key = "literal-key"\n', {"INGESTD_TTS__API_KEY": "env-key"}, None),
+    ],
+)
+def test_a_world_readable_file_with_a_literal_secret_is_warned_about(
+    tmp_path: Path, body: str, environ: dict[str, str], held: str | None
+) -> None:
+    path = write(tmp_path / "c.toml", body)
+    path.chmod(0o644)
+    warnings = load_settings(path, environ=environ).warnings
+    if held is None:
+        assert warnings == ()
+        return
+    (warning,) = warnings
+    assert warning == (
+        f"{path} is readable by every user (mode 644) and holds {held}: move secrets to "
+        f"${{VAR}} or api_key_file, or run `chmod o-r {path}`"
+    )
+    assert "literal-key" not in warning and DB_PASSWORD not in warning
+    path.chmod(0o640)
+    assert load_settings(path, environ=environ).warnings == ()

@@ -55,6 +55,12 @@ def test_a_valid_row_passes() -> None:
         ({"f_port": None}, "f_port None is outside 1-223"),
         ({"application_id": "ab"}, "application_id 'ab' is not a TTS id"),
         ({"device_id": "-dev"}, "is not a TTS id"),
+        # `$` matched before a trailing newline; the row then cycled through verify forever
+        ({"device_id": "wm-0001\n"}, "device_id 'wm-0001\\n' is not a TTS id"),
+        ({"application_id": "acme-app\n"}, "application_id 'acme-app\\n' is not a TTS id"),
+        ({"f_port": "10"}, "f_port '10' is outside 1-223"),
+        ({"frm_payload": "AQI="}, "frm_payload must be bytes"),
+        ({"problem": "decoded_payload is not valid JSON"}, "decoded_payload is not valid JSON"),
     ],
 )
 def test_invalid_values_are_named(changes: dict[str, object], reason: str) -> None:

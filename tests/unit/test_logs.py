@@ -254,3 +254,26 @@ def test_redact_processor_walks_nested_values_and_keeps_other_types() -> None:
         "ok": True,
         "data": {"a": ["NNSXS.***", ("Bearer ***", 1)], "b": None},
     }
+
+
+def test_registered_secrets_are_masked_by_value_whatever_their_shape() -> None:
+    """Only TTS-shaped keys were masked: another key echoed in a 401 reached the log."""
+    from ingestd.logs import register_secrets
+
+    odd_key = 'proxy-token"with\\quotes'
+    register_secrets([odd_key, "abc"])  # too short to mask by value: ignored
+    out = configure()
+    log = structlog.get_logger()
+    log.error("stream_auth_rejected", error=f"token {odd_key} is not valid")
+    log.error("stream_auth_rejected", body={"echo": [odd_key]})
+    try:
+        raise RuntimeError(f"refused {odd_key!r}")
+    except RuntimeError:
+        log.exception("task_failed")
+    logging.getLogger("httpx").warning("sent %s", odd_key)
+    text = out.getvalue()
+    # JSON escapes the quote and backslash, repr() escapes the backslash: all masked.
+    assert "proxy-token" not in text
+    assert text.count("***") >= 5
+    assert redact("abc and abcd") == "abc and abcd"
+    assert redact(f"key={odd_key}&x=1") == "key=***&x=1"
