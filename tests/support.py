@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +129,7 @@ def with_stream(settings: Settings, **changes: Any) -> Settings:
 # --- processes ------------------------------------------------------------------------------
 
 PROCESS_STOP_TIMEOUT_S = 10.0
+SETPRIV = shutil.which("setpriv") if sys.platform == "linux" else None
 
 
 class ProcessTracker:
@@ -141,6 +143,14 @@ class ProcessTracker:
         self.started: list[subprocess.Popen[Any]] = []
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """``subprocess.Popen(args)``, which also dies if this process is killed outright.
+
+        Teardown never runs when pytest itself is SIGKILLed (a CI timeout); the child then
+        gets SIGKILL from the kernel (``setpriv --pdeathsig``, which execs, so the pid is
+        the command's). Call it from the main thread: the signal follows the forking thread.
+        """
+        if SETPRIV is not None:
+            args = [SETPRIV, "--pdeathsig", "KILL", "--", *args]
         proc: subprocess.Popen[Any] = subprocess.Popen(args, **kwargs)
         self.started.append(proc)
         return proc

@@ -10,7 +10,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+
+import pytest
+from support import SETPRIV
 
 TESTS = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 60.0
@@ -110,6 +114,28 @@ def test_the_session_fails_when_a_child_outlives_it_even_an_orphan(tmp_path: Pat
     assert "processes still running at the end of the test session" in out, out
     pid = int((tmp_path / "pid").read_text())
     assert f"pid {pid}:" in out, out
+    assert not _alive(pid)
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs setpriv --pdeathsig (Linux util-linux)")
+def test_a_process_started_through_procs_dies_with_a_killed_test_run(tmp_path: Path) -> None:
+    res = _session(
+        tmp_path,
+        f"""
+        import os, signal
+        from pathlib import Path
+
+        def test_then_pytest_is_killed(procs):
+            p = procs.popen({SLEEPER!r})
+            Path("pid").write_text(str(p.pid))
+            os.kill(os.getpid(), signal.SIGKILL)  # no teardown, no session end
+        """,
+    )
+    assert res.returncode == -9, res.stdout + res.stderr
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert not _alive(pid)
 
 
