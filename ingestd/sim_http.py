@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 CHUNK_FRAMES = 256  # frames joined into one write when a reader lags
 OUT_OF_ORDER_WAIT_S = 0.02  # how long to gather a window before shuffling it
+PAUSE_POLL_S = 0.05  # a stalled stream re-checks its stall deadline this often
 MIN_BUFFER, MAX_BUFFER = 8, 1024  # TTS: clamp(tail, 8, 1024)
 _ID_KINDS = ("application", "client", "device", "gateway", "organization", "user")
 _ID_PATTERN = r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$"  # Go RE2: `$` is the end of text
@@ -267,6 +268,9 @@ async def _pump(sim: Simulator, send: Callable[[dict[str, Any]], Any], conn: Str
         if fault == "stall":
             await _wait(conn, disconnect)
             continue
+        if sim.stall_until > time.monotonic():
+            await _pause(sim, conn, disconnect)
+            continue
         batch = sim.event_store.take(sub, CHUNK_FRAMES)
         if not batch:
             conn.wake.clear()
@@ -322,6 +326,15 @@ async def _wait(conn: StreamConn, disconnect: asyncio.Future[None]) -> None:
         await asyncio.wait([waiter, disconnect], return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
+
+
+async def _pause(sim: Simulator, conn: StreamConn, disconnect: asyncio.Future[None]) -> None:
+    """Send nothing until ``sim.stall_until`` (a mid-stream stall; the socket stays open)."""
+    while not conn.closing and not disconnect.done():
+        left = sim.stall_until - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.wait([disconnect], timeout=min(left, PAUSE_POLL_S))
 
 
 async def _wait_disconnect(receive: Callable[[], Any]) -> None:

@@ -249,10 +249,16 @@ class EventStore:
         self.entity_ttl_s = 86400.0
         self._last_publish: dict[EntityKey, float] = {}
 
-    def publish(self, event: dict[str, Any]) -> None:
-        """Store ``event`` in its entities' streams and notify matching subscriptions."""
+    def publish(self, event: dict[str, Any], *, frame: bytes | None = None,
+                keys: list[EntityKey] | None = None) -> None:
+        """Store ``event`` in its entities' streams and notify matching subscriptions.
+
+        ``frame`` replaces the bytes sent for it (a poison frame that is not the event's
+        JSON); ``keys`` replaces the entity keys read from its identifiers (for identifiers
+        too malformed to route).
+        """
         name = str(event.get("name", ""))
-        full = orjson.dumps(event)
+        full = orjson.dumps(event) if frame is None else frame
         propagates = PROPAGATES.get(name, False)
         time_ms = _time_ms(event)
         with self.lock:
@@ -262,11 +268,12 @@ class EventStore:
             entry_ms = max(int(time.time() * 1000), self._last_entry_ms)
             self._last_entry_ms = entry_ms
             targets: list[EntityKey] = []
-            for ids in event.get("identifiers") or []:
-                key = entity_key(ids)
-                keys = [key] + ([("application", key[1])] if key[0] == "device" and propagates
-                                else [])
-                for k in keys:
+            routed = keys if keys is not None else [
+                entity_key(ids) for ids in event.get("identifiers") or []]
+            for key in routed:
+                fanout = [key] + ([("application", key[1])] if key[0] == "device" and propagates
+                                  else [])
+                for k in fanout:
                     targets.append(k)
                     if self.enabled:
                         self._last_publish[k] = self.clock()

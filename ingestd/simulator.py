@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import structlog
 import uvicorn
 
 from ingestd import eventgen, rights, sim_fidelity, sim_http
 from ingestd.sim_downlink import DownlinkApi, DownlinkRequest, SimDevice
 from ingestd.sim_http import StreamConn, StreamRequest
-from ingestd.sim_store import EventStore, RateLimiter, SimError
+from ingestd.sim_store import EntityKey, EventStore, RateLimiter, SimError, entity_key
 
 log = structlog.get_logger()
 
@@ -37,6 +38,22 @@ START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 1.0
 CLOSE_GRACE_S = 0.2  # a stream gets this long to end cleanly before its socket is dropped
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
+# Malformed uplinks ``Simulator.poison`` can publish. The first two are refused per event
+# by any parser; the last three are the inputs of issue 8 items 1 and 2: identifiers that
+# are not objects, an f_cnt above 2^63 (SQLite cannot bind it), a NUL in the unique_id
+# (PostgreSQL text cannot hold it). ``unique_id`` of a "nul" poison is its ULID prefix.
+POISON_KINDS = ("bad_field", "truncated", "bad_identifiers", "huge_f_cnt", "nul")
+
+
+@dataclass(frozen=True)
+class Poison:
+    """One poison event the simulator published."""
+
+    kind: str
+    unique_id: str  # without the NUL of a "nul" poison
+    time: str
 
 
 def fake_api_key(rng: random.Random | None = None) -> str:
@@ -73,6 +90,7 @@ class Simulator:
     error_frame_name: str = "api_key_expired"
     fragment_frames: bool = False  # split every write in two chunks at a random byte
     fail_next_requests: list[int] = field(default_factory=list)  # statuses for next streams
+    stall_until: float = 0.0  # time.monotonic() deadline: until then no stream sends a frame
     api_key_expired: bool = False  # every request then gets 401 api_key_expired
     stream_requests: list[StreamRequest] = field(default_factory=list)
     # --- fidelity (issue 11; sim_fidelity) ---
@@ -83,6 +101,7 @@ class Simulator:
     gzip_stream: bool = False  # gzip the stream when the client sends Accept-Encoding: gzip
     h2c: bool = False  # serve with hypercorn: HTTP/2 prior knowledge (and HTTP/1.1) on plain TCP
     abrupt_close_after_n_frames: int | None = None  # drop the socket, no final chunk, after N
+    poisoned: list[Poison] = field(default_factory=list)  # every poison event published
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -213,6 +232,29 @@ class Simulator:
                 if not conn.done.is_set():
                     conn.abort()
 
+    def reset_streams(self) -> None:
+        """Cut every open stream's TCP connection at once (no clean end, frames in flight lost)."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not self.conns:
+            return
+
+        async def _reset() -> None:
+            for conn in list(self.conns):
+                if conn.transport is not None:
+                    conn.abort()
+                else:
+                    conn.close()
+
+        asyncio.run_coroutine_threadsafe(_reset(), loop).result(timeout=STOP_TIMEOUT_S)
+
+    def stall_streams(self, seconds: float) -> None:
+        """Stop writing frames on every stream (open or opened meanwhile) for ``seconds``.
+
+        The connections stay open; events published meanwhile wait in each stream's bounded
+        buffer, which drops what does not fit, as TTS's does.
+        """
+        self.stall_until = max(self.stall_until, time.monotonic() + seconds)
+
     # --- scripting ---------------------------------------------------------------------
 
     def publish(self, event: dict[str, Any]) -> None:
@@ -228,6 +270,44 @@ class Simulator:
 
     def uplink(self, device_id: str, **fields: Any) -> dict[str, Any]:
         """Build an ``as.up.data.forward`` for ``device_id`` (fields override), publish, return."""
+        event = self._uplink_event(device_id, **fields)
+        self.publish(event)
+        return event
+
+    def poison(self, kind: str, device_id: str | None = None) -> Poison:
+        """Publish one malformed uplink of ``kind`` (see :data:`POISON_KINDS`) and return it.
+
+        Each is stored and replayed like any event, so a daemon that cannot cope meets it
+        again on every resume. Its ``unique_id`` appears in the frame, so a test can find
+        it in ``rejected_events``.
+        """
+        device_id = device_id or self.device_ids[0]
+        event = self._uplink_event(device_id)
+        uid = str(event["unique_id"])
+        frame: bytes | None = None
+        keys: list[EntityKey] | None = None
+        up = event["data"]["uplink_message"]
+        if kind == "bad_field":
+            up["f_port"] = "two"
+        elif kind == "truncated":
+            whole = orjson.dumps({"unique_id": uid, **event})
+            frame = whole[: max(len(whole) * 2 // 3, 120)]
+        elif kind == "bad_identifiers":
+            keys = [entity_key(event["identifiers"][0])]
+            event["identifiers"] = [{"device_ids": device_id}]
+        elif kind == "huge_f_cnt":
+            up["f_cnt"] = 2**63 + 7
+        elif kind == "nul":
+            event["unique_id"] = uid + "\x00"
+        else:
+            raise ValueError(f"unknown poison kind {kind!r}; known: {', '.join(POISON_KINDS)}")
+        poison = Poison(kind=kind, unique_id=uid, time=str(event["time"]))
+        with self._lock:
+            self.poisoned.append(poison)
+        self.event_store.publish(event, frame=frame, keys=keys)
+        return poison
+
+    def _uplink_event(self, device_id: str, **fields: Any) -> dict[str, Any]:
         dev = self._devices[device_id]
         with self._lock:
             dev.f_cnt_up += 1
@@ -249,9 +329,7 @@ class Simulator:
                             "hardware_version": "1.0", "firmware_version": "2.1.0",
                             "band_id": "EU_863_870"}}
         args.update(fields)
-        event = eventgen.uplink_event(**args)
-        self.publish(event)
-        return event
+        return eventgen.uplink_event(**args)
 
     def uplinks(self, n: int, *, devices: list[str] | None = None) -> list[dict[str, Any]]:
         """``n`` uplinks round-robin over ``devices`` (default all), strictly increasing times."""

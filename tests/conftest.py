@@ -9,7 +9,10 @@ isolated (procrastinate's setup_db).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
+from support import ProcessTracker
 
 from ingestd import logs, migrate
 from ingestd.db import create_engine
@@ -139,3 +143,98 @@ def _reset_structlog() -> Iterator[None]:
     yield
     structlog.reset_defaults()
     logs.forget_secrets()
+
+
+# --- processes: none may outlive its test, nor the session (issue 8 item 14) -----------------
+
+PR_SET_CHILD_SUBREAPER = 36
+_children_at_start: set[int] = set()
+_CALL_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    if call.when == "call":
+        item.stash[_CALL_PASSED] = report.passed
+    return report
+
+
+@pytest.fixture
+def procs(request: pytest.FixtureRequest) -> Iterator[ProcessTracker]:
+    """Start processes through this; whatever still runs when the test ends is killed.
+
+    A test that passed yet left a process running fails in teardown: it must stop what it
+    starts (in a finally) itself.
+    """
+    tracker = ProcessTracker()
+    yield tracker
+    left = tracker.kill_all()
+    if left and request.node.stash.get(_CALL_PASSED, False):
+        pytest.fail(
+            "the test left running: " + ", ".join(f"pid {p.pid} {p.args!r}" for p in left),
+            pytrace=False,
+        )
+
+
+def _live_descendants(pid: int) -> list[int]:
+    """Pids of ``pid``'s living (not zombie) descendants, from /proc."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            for kid in kids:
+                try:
+                    with open(f"/proc/{kid}/stat") as f:
+                        state = f.read().rpartition(")")[2].split()[0]
+                except OSError:
+                    continue
+                if state != "Z":
+                    found.append(kid)
+                todo.append(kid)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Orphans (a daemon whose parent script died) are re-parented to us rather than to
+    # init, so the check at the end sees them too. Linux only; elsewhere the check sees
+    # direct children.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _children_at_start.update(_live_descendants(os.getpid()))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any process it started is still alive; kill those."""
+    left = [p for p in _live_descendants(os.getpid()) if p not in _children_at_start]
+    if not left:
+        return
+    lines = [f"  pid {p}: {_cmdline(p)}" for p in left]
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = "processes still running at the end of the test session (killed now):"
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+        for line in lines:
+            reporter.write_line(line, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

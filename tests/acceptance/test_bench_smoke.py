@@ -27,6 +27,10 @@ def test_quick_run_exits_0_and_prints_the_table() -> None:
         proc.send_signal(signal.SIGTERM)  # the benchmark then stops its daemon and simulator
         out, _ = proc.communicate(timeout=STOP_TIMEOUT_S)
         raise AssertionError(f"benchmark hung:\n{out.decode()[-3000:]}") from None
+    finally:
+        if proc.poll() is None:  # it did not stop on SIGTERM either
+            proc.kill()
+            proc.wait(timeout=STOP_TIMEOUT_S)
     text = out.decode()
     assert proc.returncode == 0, text[-3000:]
     for header in ("target", "events/s", "x base", "p50 ms", "p99 ms", "RSS MiB", "missing"):

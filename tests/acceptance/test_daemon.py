@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from support import DaemonProcess, ProcessTracker, ingestd_env, stream_requests_ok
 
 from ingestd.simulator import Simulator
-
-START_TIMEOUT_S = 20.0
 
 
 def _config(path: Path, sim: Simulator, db_url: str, **extra: str) -> Path:
@@ -43,37 +40,14 @@ def _config(path: Path, sim: Simulator, db_url: str, **extra: str) -> Path:
     return path
 
 
-class Daemon:
-    """One ``python -m ingestd run`` process; stderr goes to a file we can read later."""
+@pytest.fixture
+def daemon_factory(procs: ProcessTracker, tmp_path: Path) -> Callable[..., DaemonProcess]:
+    """Start ``ingestd run`` processes; the ``procs`` fixture kills any left at teardown."""
 
-    def __init__(self, config: Path, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._logf = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingestd", "--config", str(config), "run"],
-            env=env,
-            stdout=self._logf,
-            stderr=self._logf,
-        )
+    def start(config: Path, env: dict[str, str], log: Path | None = None) -> DaemonProcess:
+        return DaemonProcess(procs, config, env, log or tmp_path / "daemon.log")
 
-    def wait_connected(self, sim: Simulator, requests_before: int) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len([r for r in sim.stream_requests if r.status == 200]) <= requests_before:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "daemon did not connect"
-            time.sleep(0.02)
-
-    def terminate(self) -> tuple[int, float]:
-        began = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=10)
-        self._logf.close()
-        return code, time.monotonic() - began
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._logf.close()
+    return start
 
 
 @pytest.fixture
@@ -85,9 +59,7 @@ def sim() -> Iterator[Simulator]:
 
 @pytest.fixture
 def env(sim: Simulator) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
-    e["SIM_KEY"] = sim.api_key
-    return e
+    return ingestd_env(SIM_KEY=sim.api_key)
 
 
 def _count(db_url: str, sql: str) -> int:
@@ -107,11 +79,15 @@ def _wait_count(db_url: str, sql: str, expected: int, timeout_s: float = 20.0) -
 
 
 def test_sigterm_exits_0_within_a_second_and_a_restart_resumes_without_duplicates(
-    sim: Simulator, env: dict[str, str], db_url: str, tmp_path: Path
+    sim: Simulator,
+    env: dict[str, str],
+    db_url: str,
+    tmp_path: Path,
+    daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
     config = _config(tmp_path / "ingestd.toml", sim, db_url)
     log = tmp_path / "daemon.log"
-    daemon = Daemon(config, env, log)
+    daemon = daemon_factory(config, env, log)
     daemon.wait_connected(sim, 0)
     first = sim.uplinks(120)
     _wait_count(db_url, "SELECT count(*) FROM uplinks", 120)
@@ -126,8 +102,8 @@ def test_sigterm_exits_0_within_a_second_and_a_restart_resumes_without_duplicate
     assert _count(db_url, "SELECT count(*) FROM stream_cursors WHERE connected_since IS NULL") == 1
 
     second = sim.uplinks(80)  # published while the daemon is down
-    requests = len([r for r in sim.stream_requests if r.status == 200])
-    daemon = Daemon(config, env, log)
+    requests = stream_requests_ok(sim)
+    daemon = daemon_factory(config, env, log)
     daemon.wait_connected(sim, requests)
     _wait_count(db_url, "SELECT count(*) FROM uplinks", 200)
     time.sleep(0.3)
@@ -141,15 +117,19 @@ def test_sigterm_exits_0_within_a_second_and_a_restart_resumes_without_duplicate
 
 
 def test_three_sigkills_at_random_points_lose_nothing_and_store_nothing_twice(
-    sim: Simulator, env: dict[str, str], db_url: str, tmp_path: Path
+    sim: Simulator,
+    env: dict[str, str],
+    db_url: str,
+    tmp_path: Path,
+    daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
     rng = random.Random(1234)
     config = _config(tmp_path / "ingestd.toml", sim, db_url)
     log = tmp_path / "daemon.log"
     published: list[dict[str, object]] = []
     for _round in range(3):
-        requests = len([r for r in sim.stream_requests if r.status == 200])
-        daemon = Daemon(config, env, log)
+        requests = stream_requests_ok(sim)
+        daemon = daemon_factory(config, env, log)
         daemon.wait_connected(sim, requests)
         deadline = time.monotonic() + rng.uniform(0.3, 1.5)
         while time.monotonic() < deadline:
@@ -157,8 +137,8 @@ def test_three_sigkills_at_random_points_lose_nothing_and_store_nothing_twice(
             time.sleep(rng.uniform(0.0, 0.05))
         daemon.kill()  # SIGKILL: no chance to commit anything in flight
         published += sim.uplinks(rng.randrange(0, 50))  # more while it is dead
-    requests = len([r for r in sim.stream_requests if r.status == 200])
-    daemon = Daemon(config, env, log)
+    requests = stream_requests_ok(sim)
+    daemon = daemon_factory(config, env, log)
     daemon.wait_connected(sim, requests)
     _wait_count(db_url, "SELECT count(*) FROM uplinks", len(published), timeout_s=30)
     time.sleep(0.3)
@@ -176,7 +156,10 @@ def test_three_sigkills_at_random_points_lose_nothing_and_store_nothing_twice(
 
 
 def test_systemd_notify_socket_gets_ready_and_stopping(
-    sim: Simulator, env: dict[str, str], tmp_path: Path
+    sim: Simulator,
+    env: dict[str, str],
+    tmp_path: Path,
+    daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
     sock_path = tmp_path / "notify.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -184,10 +167,12 @@ def test_systemd_notify_socket_gets_ready_and_stopping(
     listener.settimeout(15)
     try:
         config = _config(tmp_path / "ingestd.toml", sim, f"sqlite:///{tmp_path / 'n.db'}")
-        daemon = Daemon(config, {**env, "NOTIFY_SOCKET": str(sock_path)}, tmp_path / "d.log")
+        daemon = daemon_factory(
+            config, {**env, "NOTIFY_SOCKET": str(sock_path)}, tmp_path / "d.log"
+        )
         first = listener.recv(4096).decode()
         assert "READY=1" in first
-        assert len([r for r in sim.stream_requests if r.status == 200]) >= 1  # after connecting
+        assert stream_requests_ok(sim) >= 1  # after connecting
         code, _ = daemon.terminate()
         assert code == 0
         messages = []

@@ -191,12 +191,15 @@ async def test_unknown_paths_are_404_and_other_methods_405(client: httpx.AsyncCl
 async def test_stop_is_fast_with_an_idle_keepalive_connection(health: FakeHealth) -> None:
     srv = MetricsServer("127.0.0.1:0", health)
     await srv.start()
-    port = srv.port
-    async with httpx.AsyncClient(timeout=TIMEOUT) as c:
-        assert (await c.get(f"http://127.0.0.1:{port}/metrics")).status_code == 200
-        started = time.monotonic()
-        await srv.stop()
-        assert time.monotonic() - started < 1.0
+    try:
+        port = srv.port
+        async with httpx.AsyncClient(timeout=TIMEOUT) as c:
+            assert (await c.get(f"http://127.0.0.1:{port}/metrics")).status_code == 200
+            started = time.monotonic()
+            await srv.stop()
+            assert time.monotonic() - started < 1.0
+    finally:
+        await srv.stop()  # a no-op once stopped
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
 
@@ -212,13 +215,17 @@ async def test_stop_is_fast_while_a_healthz_request_hangs() -> None:
 
     srv = MetricsServer("127.0.0.1:0", hung)
     await srv.start()
-    async with httpx.AsyncClient(timeout=TIMEOUT) as c:
-        request = asyncio.create_task(c.get(f"http://127.0.0.1:{srv.port}/healthz"))
-        await asyncio.wait_for(entered.wait(), 5.0)
-        started = time.monotonic()
+    try:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as c:
+            request = asyncio.create_task(c.get(f"http://127.0.0.1:{srv.port}/healthz"))
+            await asyncio.wait_for(entered.wait(), 5.0)
+            started = time.monotonic()
+            await srv.stop()
+            assert time.monotonic() - started < 1.2
+            results = await asyncio.wait_for(asyncio.gather(request, return_exceptions=True), 5.0)
+    finally:
+        never.set()
         await srv.stop()
-        assert time.monotonic() - started < 1.2
-        results = await asyncio.wait_for(asyncio.gather(request, return_exceptions=True), 5.0)
     # Cut short rather than answered "ok": a 5xx or a dropped connection.
     assert isinstance(results[0], httpx.HTTPError) or results[0].status_code >= 500
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import random
 import socket
 import threading
@@ -88,6 +89,15 @@ class Stream:
         self.buf = b""
         return [orjson.loads(p) for p in parts]
 
+    def _raw_frame(self) -> bytes:
+        """The next frame's bytes, undecoded (it may be a poison frame)."""
+        while self.delim not in self.buf:
+            chunk = next(self.chunks, None)
+            assert chunk is not None, "stream ended"
+            self.buf += chunk
+        frame, self.buf = self.buf.split(self.delim, 1)
+        return frame
+
     def close(self) -> None:
         self.cm.__exit__(None, None, None)
         self.client.close()
@@ -97,6 +107,15 @@ class Stream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _stopping(sim: Simulator) -> Iterator[Simulator]:
+    """Stop ``sim`` on exit, whatever happened (stop() is idempotent)."""
+    try:
+        yield sim
+    finally:
+        sim.stop()
 
 
 def post(
@@ -416,6 +435,57 @@ def test_failed_requests_rate_limit_and_restart(sim: Simulator) -> None:
     assert sim.conns == set()
 
 
+def test_stall_streams_sends_nothing_for_a_while_on_an_open_connection(sim: Simulator) -> None:
+    with Stream(sim, {"identifiers": [APP_IDS], "tail": 10}) as s:
+        s.events(1)  # the stream start
+        sim.stall_streams(0.6)
+        started = time.monotonic()
+        sent = sim.uplinks(3)
+        got = s.events(3)  # arrive once the stall is over, on the same connection
+        assert time.monotonic() - started >= 0.5
+        assert [e["unique_id"] for e in got] == [e["unique_id"] for e in sent]
+        assert len(sim.conns) == 1
+
+
+def test_reset_streams_cuts_the_connection_without_a_clean_end(sim: Simulator) -> None:
+    with Stream(sim, {"identifiers": [APP_IDS], "tail": 10}) as s:
+        s.events(1)
+        sim.reset_streams()
+        with pytest.raises(httpx.RemoteProtocolError):
+            s.rest()
+    wait_for(lambda: not sim.conns)
+
+
+@pytest.mark.parametrize("kind", ["bad_field", "truncated", "bad_identifiers", "huge_f_cnt", "nul"])
+def test_poison_events_are_stored_and_replayed_with_their_unique_id_on_the_wire(
+    sim: Simulator, kind: str
+) -> None:
+    before = sim.uplinks(1)[0]
+    poison = sim.poison(kind, "dev-0002")
+    after = sim.uplinks(1)[0]
+    assert sim.poisoned == [poison]
+    with Stream(sim, {"identifiers": [APP_IDS], "tail": 10}) as s:
+        s.frames(1)  # the stream start
+        frames = [s._raw_frame() for _ in range(3)]
+    assert orjson.loads(frames[0])["result"]["unique_id"] == before["unique_id"]
+    assert orjson.loads(frames[2])["result"]["unique_id"] == after["unique_id"]
+    raw = frames[1]
+    assert poison.unique_id.encode() in raw
+    if kind == "truncated":
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(raw)
+        return
+    event = orjson.loads(raw)["result"]
+    if kind == "bad_field":
+        assert event["data"]["uplink_message"]["f_port"] == "two"
+    elif kind == "bad_identifiers":
+        assert event["identifiers"] == [{"device_ids": "dev-0002"}]
+    elif kind == "huge_f_cnt":
+        assert event["data"]["uplink_message"]["f_cnt"] == 2**63 + 7
+    else:
+        assert event["unique_id"] == poison.unique_id + "\x00"
+
+
 def test_rate_limited_stream_accepts_answer_429_with_retry_header() -> None:
     with Simulator(rate_limit_per_min=2, seed=3) as sim:
         for _ in range(2):
@@ -431,19 +501,22 @@ def test_rate_limited_stream_accepts_answer_429_with_retry_header() -> None:
 
 def test_stop_returns_within_a_second_with_a_stream_open() -> None:
     sim = Simulator(seed=5).start()
-    with Stream(sim, {"identifiers": [APP_IDS]}) as s:
-        s.events(1)
-        started = time.monotonic()
-        sim.stop()
-        assert time.monotonic() - started < 1.0
-        assert s.rest() == []
+    try:
+        with Stream(sim, {"identifiers": [APP_IDS]}) as s:
+            s.events(1)
+            started = time.monotonic()
+            sim.stop()
+            assert time.monotonic() - started < 1.0
+            assert s.rest() == []
+    finally:
+        sim.stop()  # a no-op once stopped; stops it when an assertion failed first
 
 
 def test_stop_returns_within_a_second_when_the_client_stopped_reading() -> None:
     sim = Simulator(seed=6, devices=5).start()
     host, port = sim.base_url.removeprefix("http://").split(":")
     body = orjson.dumps({"identifiers": [APP_IDS], "tail": 1024})
-    with socket.socket() as client:
+    with socket.socket() as client, _stopping(sim):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.connect((host, int(port)))
         client.sendall(b"POST /api/v3/events HTTP/1.1\r\nHost: sim\r\nAuthorization: Bearer "

@@ -222,7 +222,12 @@ async def test_healthcheck_passes_only_while_healthz_says_ok(
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        return await asyncio.wait_for(proc.wait(), TIMEOUT_S)
+        try:
+            return await asyncio.wait_for(proc.wait(), TIMEOUT_S)
+        finally:
+            if proc.returncode is None:  # timed out: it must not outlive the test
+                proc.kill()
+                await proc.wait()
 
     async with MetricsServer("127.0.0.1:0", health) as server:
         assert await check(server.port) == 0
