@@ -81,7 +81,6 @@ def test_values_the_database_cannot_store_lose_no_batch(
     )
 
 
-@pytest.mark.xfail(strict=False, reason="needs the durable spool from issue 8 item 3")
 def test_with_the_spool_a_database_stall_it_holds_leaves_no_gap(
     db_url: str, tmp_path: Path, procs: ProcessTracker
 ) -> None:
