@@ -355,6 +355,8 @@ async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
             error_name=_error_name(answer)))
         await _respond(send, status, base + extra, answer)
     elif (storage := STORAGE_RE.match(path)) and method == "GET" and sim.storage.enabled:
+        if sim.storage.delay_s:
+            await asyncio.sleep(sim.storage.delay_s)
         status, extra, data = sim.storage.handle(
             match=storage, query_string=scope["query_string"], headers=headers,
             authorize=sim.authorize)

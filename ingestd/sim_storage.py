@@ -113,6 +113,7 @@ class StorageApi:
     forbidden: bool = False
     fail_next: list[int] = field(default_factory=list)
     error_frame_after_n: int | None = None
+    delay_s: float = 0.0  # answer each request this much later (a slow storage backend)
     rate_limiter: RateLimiter | None = None
     clock: Callable[[], float] = time.monotonic
     wall_ns: Callable[[], int] = time.time_ns
