@@ -86,6 +86,18 @@ async def test_outage_longer_than_replay_is_healed_exactly_once(
     assert db.scalar("SELECT count(*) FROM uplink_receptions WHERE source = 'storage'") == (
         2 * from_storage
     )
+    # ingestd status says so.
+    from datetime import UTC, datetime
+
+    from ingestd.status import collect_status
+
+    report = collect_status(db.engine, settings, now=datetime.now(UTC))
+    (app,) = report["streams"]
+    assert (app["gaps_total"], app["gaps_healed"], app["gaps_recovered_rows"]) == (
+        1,
+        1,
+        from_storage,
+    )
 
 
 async def test_the_same_uplink_by_stream_and_by_storage_is_one_row(
