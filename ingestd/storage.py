@@ -186,7 +186,7 @@ class StorageClient:
                 seen_at_edge = {k for k in seen_at_edge if k[0] >= after}
                 continue
             times = {when for _, when in raw if since <= when <= until}
-            if len(times) != 1:
+            if len(times) != 1 or len(raw) < self.page_limit:
                 return  # nothing new: the window is done
             # A full page of one instant, all seen: more messages share that time than a
             # page holds. Read that instant device by device, then go past it.
