@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("file", metavar="FILE|-")
     imp.add_argument("--stream", default="import", help="cursor key for this import")
 
+    from ingestd import backfill
+
+    backfill.add_arguments(
+        sub.add_parser("backfill", help="fetch a time window from the Storage Integration")
+    )
+
     from ingestd import simulator
 
     simulator.add_arguments(sub.add_parser("simulate", help="serve a simulated TTS on loopback"))
@@ -97,6 +103,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "status": commands.status,
         "import": commands.import_,
         "demo": commands.demo,
+        "backfill": commands.backfill,
     }
     return handlers[args.command](args)
 

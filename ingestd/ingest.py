@@ -33,8 +33,9 @@ class BatchBuilder:
     batch are kept once.
     """
 
-    def __init__(self, stream: str, cursor: Cursor) -> None:
+    def __init__(self, stream: str, cursor: Cursor, *, source: str = "stream") -> None:
         self.stream = stream
+        self.source = source  # the derived rows' ``source``: stream or import
         self._last_time = cursor.last_time
         self._ids_at_last = set(cursor.unique_ids_at_last_time)
         self._cursor_moved = False
@@ -85,7 +86,7 @@ class BatchBuilder:
             return
         try:
             ev_row = event_row(event, stream=self.stream)
-            rows = normalize(event)
+            rows = normalize(event, self.source)
         except MalformedEvent as exc:
             self.reject(payload, str(exc), event=event)
             return
@@ -235,7 +236,7 @@ def import_stream(
     the error ends the import and is reported. Re-importing the same capture stores
     nothing twice.
     """
-    builder = BatchBuilder(stream, store.load_cursor(stream))
+    builder = BatchBuilder(stream, store.load_cursor(stream), source="import")
     summary = ImportSummary()
     # Commit batch N in a worker thread while batch N+1 is parsed: a pipeline of depth one
     # keeps commits in order (so the cursor only moves forward) and uses the second core.

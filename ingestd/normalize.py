@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ingestd.errors import MalformedEvent
+from ingestd.identity import uplink_id
 from ingestd.models import Row
 from ingestd.normalize_down import (
     DOWNLINK_KINDS,
@@ -47,6 +48,7 @@ __all__ = [
     "OUTBOX_CID_PREFIX",
     "event_row",
     "normalize",
+    "normalize_application_up",
     "outbox_correlation_id",
     "outbox_id_from",
     "parse_duration_s",
@@ -62,7 +64,7 @@ _NAME_MAX_CHARS = 200
 _NUMBER = (float, int)  # JSON numbers as orjson decodes them (bool is neither)
 _NO_ROW = Row("", {})
 
-_Handler = Callable[[Mapping[str, Any], Mapping[str, Any], str], list[Row]]
+_Handler = Callable[[Mapping[str, Any], Mapping[str, Any], str | None, str], list[Row]]
 
 
 def parse_time(value: str) -> datetime:
@@ -158,10 +160,11 @@ def event_row(event: Mapping[str, Any], *, stream: str) -> dict[str, Any]:
     }
 
 
-def normalize(event: Mapping[str, Any]) -> list[Row]:
+def normalize(event: Mapping[str, Any], source: str = "stream") -> list[Row]:
     """The derived rows of one event; ``[]`` for unknown names and sparse replays.
 
-    Row values are keyed exactly by the column names in :mod:`ingestd.schema`.
+    Row values are keyed exactly by the column names in :mod:`ingestd.schema`; ``source``
+    (``stream`` or ``import``) goes into every row's ``source`` column.
     """
     if type(event) is not dict and not isinstance(event, Mapping):
         raise MalformedEvent(f"event is not a JSON object: {show(event)}")
@@ -176,13 +179,43 @@ def normalize(event: Mapping[str, Any]) -> list[Row]:
     if type(data) is not dict:
         raise MalformedEvent(f"{name} {unique_id}: data is not an object: {show(data)}")
     try:
-        return handler(event, data, unique_id)
+        return handler(event, data, unique_id, source)
     except MalformedEvent as exc:
         raise MalformedEvent(f"{name} {unique_id}: {exc}") from None
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
         # A sub-object of the wrong JSON type somewhere the handlers do not check by hand.
         raise MalformedEvent(
             f"{name} {unique_id}: unexpected structure ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def normalize_application_up(up: Mapping[str, Any], source: str = "storage") -> list[Row]:
+    """The derived rows of a bare ApplicationUp (a Storage Integration result): no event.
+
+    Reads ``uplink_message`` and ``join_accept``; other members give ``[]``. The rows have
+    no ``event_unique_id``; their identity (:mod:`ingestd.identity`) is the one the same
+    message gets when it arrives as an event.
+    """
+    if type(up) is not dict and not isinstance(up, Mapping):
+        raise MalformedEvent(f"stored message is not a JSON object: {show(up)}")
+    if "uplink_message" in up:
+        handler, name = _uplink, "uplink_message"
+    elif "join_accept" in up:
+        handler, name = _join, "join_accept"
+    else:
+        return []
+    ids = up.get("end_device_ids")
+    # Stands in for the event the stream would have carried; its time (the fallback of
+    # received_at) is the message's own received_at.
+    pseudo = {"identifiers": [{"device_ids": ids}] if type(ids) is dict else [],
+              "time": up.get("received_at")}
+    try:
+        return handler(pseudo, up, None, source)
+    except MalformedEvent as exc:
+        raise MalformedEvent(f"stored {name}: {exc}") from None
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise MalformedEvent(
+            f"stored {name}: unexpected structure ({type(exc).__name__}: {exc})"
         ) from exc
 
 
@@ -245,9 +278,14 @@ def _member_object(data: Mapping[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -> list[Row]:
+def _uplink(
+    event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str | None, source: str
+) -> list[Row]:
     up = _member_object(data, "uplink_message")
     application_id, device_id, dev_eui, join_eui, dev_addr = _ids(event, data)
+    received_at = _received_at(up.get("received_at"), data, event)
+    f_cnt = uint_of(up, "f_cnt", "uplink_message")
+    uid = uplink_id(application_id, device_id, received_at, f_cnt)
 
     settings = up.get("settings") or EMPTY
     frequency = settings.get("frequency")  # uint64: a quoted decimal string
@@ -311,7 +349,8 @@ def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -
             altitude = location.get("altitude", 0.0)
         time = meta.get("time")
         rows.append(Row("uplink_receptions", {
-            "uplink_id": unique_id,
+            "uplink_id": uid,
+            "received_at": received_at,
             "reception_index": index,
             "gateway_id": gateway.get("gateway_id"),
             "gateway_eui": gateway.get("eui"),
@@ -323,6 +362,7 @@ def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -
             "latitude": latitude,
             "longitude": longitude,
             "altitude": altitude,
+            "source": source,
         }))
         if best_rssi is None or rssi > best_rssi:
             best_rssi = rssi
@@ -338,6 +378,7 @@ def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -
         raise MalformedEvent(f"uplink_message.packet_error_rate is not a number: "
                              f"{show(packet_error_rate)}")
     rows[0] = Row("uplinks", {
+        "uplink_id": uid,
         "event_unique_id": unique_id,
         "application_id": application_id,
         "device_id": device_id,
@@ -346,11 +387,11 @@ def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -
         "dev_addr": dev_addr,
         "session_key_id": up.get("session_key_id"),  # opaque; kept as TTS's base64
         "f_port": uint_of(up, "f_port", "uplink_message"),
-        "f_cnt": uint_of(up, "f_cnt", "uplink_message"),
+        "f_cnt": f_cnt,
         "frm_payload": bytes_of(up.get("frm_payload"), "uplink_message.frm_payload"),
         "decoded_payload": up.get("decoded_payload"),
         "confirmed": confirmed,
-        "received_at": _received_at(up.get("received_at"), data, event),
+        "received_at": received_at,
         "rssi": best_rssi,
         "snr": best_snr,
         "gateway_count": len(rx),
@@ -362,11 +403,14 @@ def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -
         "bit_rate": bit_rate,
         "consumed_airtime_s": None if airtime is None else parse_duration_s(airtime),
         "packet_error_rate": packet_error_rate,
+        "source": source,
     })
     return rows
 
 
-def _join(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -> list[Row]:
+def _join(
+    event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str | None, source: str
+) -> list[Row]:
     accept = _member_object(data, "join_accept")
     application_id, device_id, dev_eui, join_eui, dev_addr = _ids(event, data)
     return [Row("joins", {
@@ -378,13 +422,19 @@ def _join(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -> 
         "dev_addr": dev_addr,
         "session_key_id": accept.get("session_key_id"),
         "received_at": _received_at(accept.get("received_at"), data, event),
+        "source": source,
     })]
 
 
-def _downlink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -> list[Row]:
+def _downlink(
+    event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str | None, source: str
+) -> list[Row]:
     kind = DOWNLINK_KINDS[event["name"]]
     time = _time_of(event)
-    return [downlink_row(event, data, kind=kind, unique_id=unique_id, time=time)]
+    assert unique_id is not None  # downlink rows only come from events
+    row = downlink_row(event, data, kind=kind, unique_id=unique_id, time=time)
+    row.values["source"] = source
+    return [row]
 
 
 _HANDLERS: dict[str, _Handler] = {

@@ -9,8 +9,12 @@ Conventions:
 - Bytes are ``bytea`` / BLOB.
 - Times are timezone-aware UTC in Python (:class:`UtcDateTime`); ``timestamptz`` on
   PostgreSQL, ISO-8601 text in UTC on SQLite.
-- Rows derived from an event are keyed by the event's ``unique_id`` (a ULID), so every
-  insert is idempotent with ``ON CONFLICT DO NOTHING`` and needs no generated id.
+- Derived rows (uplinks, receptions, joins) are keyed by the message's natural identity
+  (:mod:`ingestd.identity`), the same from the event stream, the Storage Integration and
+  imports, so every insert is idempotent with ``ON CONFLICT DO NOTHING`` and needs no
+  generated id. Each such key includes the row's time column (``received_at``), as a
+  time-partitioned PostgreSQL table requires of every unique key. ``source`` says where a
+  row came from (``stream``, ``storage``, ``import``).
 """
 
 from __future__ import annotations
@@ -81,7 +85,9 @@ events = sa.Table(
 uplinks = sa.Table(
     "uplinks",
     metadata,
-    sa.Column("event_unique_id", sa.String(64), primary_key=True),
+    sa.Column("uplink_id", sa.String(32), primary_key=True),  # ingestd.identity.uplink_id
+    # None for rows from the Storage Integration, which carry no event.
+    sa.Column("event_unique_id", sa.String(64)),
     sa.Column("application_id", sa.String(64), nullable=False),
     sa.Column("device_id", sa.String(64), nullable=False),
     sa.Column("dev_eui", sa.String(16)),
@@ -93,7 +99,7 @@ uplinks = sa.Table(
     sa.Column("frm_payload", sa.LargeBinary),
     sa.Column("decoded_payload", JsonType),
     sa.Column("confirmed", sa.Boolean, nullable=False),
-    sa.Column("received_at", UtcDateTime(), nullable=False),
+    sa.Column("received_at", UtcDateTime(), primary_key=True),
     sa.Column("rssi", sa.Float),
     sa.Column("snr", sa.Float),
     sa.Column("gateway_count", sa.Integer, nullable=False),
@@ -105,6 +111,8 @@ uplinks = sa.Table(
     sa.Column("bit_rate", sa.Integer),  # FSK only
     sa.Column("consumed_airtime_s", sa.Float),
     sa.Column("packet_error_rate", sa.Float),
+    sa.Column("source", sa.String(16), nullable=False, server_default="stream"),
+    sa.Index(None, "event_unique_id", unique=True),
     sa.Index(None, "application_id", "device_id", "received_at"),
     sa.Index(None, "received_at"),
 )
@@ -112,12 +120,8 @@ uplinks = sa.Table(
 uplink_receptions = sa.Table(
     "uplink_receptions",
     metadata,
-    sa.Column(
-        "uplink_id",
-        sa.String(64),
-        sa.ForeignKey("uplinks.event_unique_id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    sa.Column("uplink_id", sa.String(32), primary_key=True),
+    sa.Column("received_at", UtcDateTime(), primary_key=True),  # the uplink's
     sa.Column("reception_index", sa.Integer, primary_key=True),  # position in rx_metadata
     sa.Column("gateway_id", sa.String(64)),
     sa.Column("gateway_eui", sa.String(16)),
@@ -129,21 +133,28 @@ uplink_receptions = sa.Table(
     sa.Column("latitude", sa.Float),
     sa.Column("longitude", sa.Float),
     sa.Column("altitude", sa.Float),
+    sa.Column("source", sa.String(16), nullable=False, server_default="stream"),
+    sa.ForeignKeyConstraint(
+        ["uplink_id", "received_at"],
+        ["uplinks.uplink_id", "uplinks.received_at"],
+        ondelete="CASCADE",
+    ),
     sa.Index(None, "gateway_id"),
 )
 
 joins = sa.Table(
     "joins",
     metadata,
-    sa.Column("event_unique_id", sa.String(64), primary_key=True),
-    sa.Column("application_id", sa.String(64), nullable=False),
-    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("event_unique_id", sa.String(64)),  # None: not from an event
+    sa.Column("application_id", sa.String(64), primary_key=True),
+    sa.Column("device_id", sa.String(64), primary_key=True),
     sa.Column("dev_eui", sa.String(16)),
     sa.Column("join_eui", sa.String(16)),
     sa.Column("dev_addr", sa.String(8)),
     sa.Column("session_key_id", sa.String(64)),
-    sa.Column("received_at", UtcDateTime(), nullable=False),
-    sa.Index(None, "application_id", "device_id", "received_at"),
+    sa.Column("received_at", UtcDateTime(), primary_key=True),
+    sa.Column("source", sa.String(16), nullable=False, server_default="stream"),
+    sa.Index(None, "event_unique_id", unique=True),
 )
 
 downlink_events = sa.Table(
@@ -163,6 +174,7 @@ downlink_events = sa.Table(
     sa.Column("outbox_id", sa.BigInteger),
     sa.Column("error", JsonType),
     sa.Column("time", UtcDateTime(), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False, server_default="stream"),
     sa.Index(None, "outbox_id"),
     sa.Index(None, "application_id", "device_id", "time"),
 )
@@ -190,6 +202,12 @@ stream_gaps = sa.Table(
     sa.Column("reason", sa.String(40), nullable=False),
     sa.Column("detail", sa.Text),
     sa.Column("detected_at", UtcDateTime(), nullable=False, server_default=NOW),
+    # Backfill from the Storage Integration (ingestd.backfill): when the last pass ended,
+    # rows it added over all passes, why it could not run (None: it did), passes done.
+    sa.Column("backfilled_at", UtcDateTime()),
+    sa.Column("recovered", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("backfill_error", sa.Text),
+    sa.Column("backfill_passes", sa.Integer, nullable=False, server_default="0"),
     sa.Index(None, "stream", "gap_start"),
 )
 

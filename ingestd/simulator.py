@@ -29,6 +29,7 @@ import uvicorn
 from ingestd import eventgen, rights, sim_fidelity, sim_http
 from ingestd.sim_downlink import DownlinkApi, DownlinkRequest, SimDevice
 from ingestd.sim_http import StreamConn, StreamRequest
+from ingestd.sim_storage import StorageApi
 from ingestd.sim_store import EntityKey, EventStore, RateLimiter, SimError, entity_key
 
 log = structlog.get_logger()
@@ -102,6 +103,10 @@ class Simulator:
     h2c: bool = False  # serve with hypercorn: HTTP/2 prior knowledge (and HTTP/1.1) on plain TCP
     abrupt_close_after_n_frames: int | None = None  # drop the socket, no final chunk, after N
     poisoned: list[Poison] = field(default_factory=list)  # every poison event published
+    # Storage Integration (ingestd.sim_storage); off like open-source TTS unless enabled:
+    storage_enabled: bool = False
+    storage_retention_s: float = 30 * 86400.0
+    storage_write_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -133,6 +138,10 @@ class Simulator:
             rate_limiter=RateLimiter(per_min) if per_min else None,
             rng=random.Random(self.rng.random()))
         self.downlink_requests: list[DownlinkRequest] = self.downlinks.requests
+        self.storage = StorageApi(
+            application_id=self.application_id, enabled=self.storage_enabled,
+            retention_s=self.storage_retention_s, write_delay_s=self.storage_write_delay_s,
+            rate_limiter=RateLimiter(per_min) if per_min else None)
         self.fail_next_pushes = self.downlinks.fail_next_pushes  # device → statuses
         self.failing_devices = self.downlinks.failing_devices  # → as.down.data.failed.forward
         self.nacking_devices = self.downlinks.nacking_devices  # confirmed → nack.forward
@@ -258,8 +267,9 @@ class Simulator:
     # --- scripting ---------------------------------------------------------------------
 
     def publish(self, event: dict[str, Any]) -> None:
-        """Store ``event`` and send it to every matching open stream."""
+        """Store ``event`` and send it to every matching open stream (and to storage)."""
         self.event_store.publish(event)
+        self.storage.record(event)
 
     def next_time(self) -> datetime:
         """Now, but strictly after the previous generated event (1 µs apart at least)."""
@@ -485,6 +495,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds an entity's history is kept after its last event (TTS entity-ttl)")
     add("--gzip", action="store_true", help="gzip streams for clients that accept it")
     add("--h2c", action="store_true", help="serve HTTP/2 with prior knowledge (needs hypercorn)")
+    add("--storage", action="store_true",
+        help="serve the Storage Integration API (TTS Cloud/Enterprise; off = open source)")
+    add("--storage-retention", type=float, default=30 * 86400.0,
+        help="seconds the storage keeps messages (default: 30 days)")
+    add("--storage-write-delay", type=float, default=0.0,
+        help="seconds until a message appears in storage (writes are batched)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -498,7 +514,9 @@ def run(args: argparse.Namespace) -> int:
         max_recorded_events=10_000, simulated_uplink_fraction=args.simulated_fraction,
         entity_ttl_s=args.entity_ttl, gzip_stream=args.gzip, h2c=args.h2c,
         api_key_rights=(tuple(r.strip() for r in args.key_rights.split(",") if r.strip())
-                        if args.key_rights else sim_fidelity.DEFAULT_KEY_RIGHTS))
+                        if args.key_rights else sim_fidelity.DEFAULT_KEY_RIGHTS),
+        storage_enabled=args.storage, storage_retention_s=args.storage_retention,
+        storage_write_delay_s=args.storage_write_delay)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
