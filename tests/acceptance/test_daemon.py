@@ -35,6 +35,8 @@ def _config(path: Path, sim: Simulator, db_url: str, **extra: str) -> Path:
         "[logging]",
         'level = "info"',
         'format = "json"',
+        "[spool]",  # the test's own directory, never one in the working tree
+        f'dir = "{path.parent / "spool"}"',
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
