@@ -79,10 +79,18 @@ class FrameDecoder:
                 self._parts_len = 0
                 self._line(line, frames)
             chunk = chunk[end + 1 :]
+        if chunk[:1] == b"\n" and chunk.count(b"\n") == len(chunk) and not self._data_lines:
+            self._discard_event = False  # only blank lines (a flood of them is no work)
+            return frames
         lines = chunk.split(b"\n")
         tail = lines.pop()
+        max_bytes = MAX_FRAME_BYTES
         for line in lines:
-            self._line(line, frames)
+            if line[:1] == b"{" and line[-1:] != b"\r" and len(line) <= max_bytes:
+                frames.append(line)  # fast path: TTS's own framing
+            elif line or self._data_lines or self._discard_event:
+                self._line(line, frames)
+            # else a blank line with no SSE event open: the "\n\n" framing's second newline
         if tail:
             self._parts.append(tail)
             self._parts_len = len(tail)
