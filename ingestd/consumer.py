@@ -52,6 +52,9 @@ LEADER_CHECK_S = 5.0  # the leader checks its lock's session this often
 OVERLAP_SHRINK = 4.0
 SHUTDOWN_COMMIT_ATTEMPTS = 3
 AUTH_ERROR_CODES = {7, 16}  # PermissionDenied, Unauthenticated: an error frame about the key
+# Connections that end so, with nothing past the cursor, were no progress for /healthz; the
+# network's own ends (idle timeout, a close, a transport error) are a quiet stream's life.
+NO_PROGRESS = frozenset({"no_frame", "bad_response", "stream_error", "error", "unexpected"})
 
 
 @dataclass(kw_only=True)
@@ -68,6 +71,11 @@ class StreamState:
     permanent_error: bool = False
     standby: bool = False  # another process leads this stream (PostgreSQL)
     leader_connected: bool = False  # while standby: the leader reports it is connected
+    # Progress, for /healthz (ingestd.metrics.stream_health says how each clock is judged):
+    following_since: datetime | None = None  # this process began following (a leader term)
+    last_frame_at: datetime | None = None  # the last valid frame: an event or a stream start
+    last_commit_at: datetime | None = None  # the last batch made durable (database or spool)
+    uncommitted_since: datetime | None = None  # the batch being made durable was taken then
 
     @property
     def receiving(self) -> bool:
@@ -199,9 +207,13 @@ class StreamConsumer:
 
     async def _connect_forever(self, stop: asyncio.Event) -> None:
         attempt = 0
+        self.state.following_since = datetime.now(UTC)
         while not stop.is_set():
             opened_at = self._builder_or_fail().cursor.last_time
             was_open = False
+            frame_at_open = self.state.last_frame_at
+            if self.state.retrying_since is None:  # the retry clock starts with the attempt
+                self.state.retrying_since = datetime.now(UTC)
             try:
                 async with self._stream.open(
                     self._builder_or_fail().cursor, overlap_s=self._overlap_s
@@ -218,21 +230,25 @@ class StreamConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the loop's top: classify, log, back off
-                if was_open:
-                    self._adapt_overlap(opened_at)
                 attempt += 1
                 delay, reason = self._delay_for(exc, attempt)
+                if was_open and not self._adapt_overlap(opened_at) and reason in NO_PROGRESS:
+                    # Its stream start (and any replayed duplicates) was no progress: a
+                    # stream wedged on one event must not look alive on /healthz.
+                    self.state.last_frame_at = frame_at_open
                 metrics.RECONNECTS.labels(self.settings.name, reason).inc()
                 self._set_disconnected(_describe(exc))
                 if await sleep_or_stop(delay, stop):
                     return
 
-    def _adapt_overlap(self, opened_at: datetime | None) -> None:
+    def _adapt_overlap(self, opened_at: datetime | None) -> bool:
+        """Adapt the next overlap to the connection that ended; True if it made progress."""
         now_at = self._builder_or_fail().cursor.last_time
         if opened_at is None or (now_at is not None and now_at > opened_at):
             self._overlap_s = self.settings.overlap_s  # progress: back to the full overlap
-        else:
-            self._overlap_s = max(self._overlap_s / OVERLAP_SHRINK, MIN_OVERLAP_S)
+            return True
+        self._overlap_s = max(self._overlap_s / OVERLAP_SHRINK, MIN_OVERLAP_S)
+        return False
 
     def _delay_for(self, exc: Exception, attempt: int) -> tuple[float, str]:
         s = self.settings
@@ -342,6 +358,7 @@ class StreamConsumer:
         builder = self._builder_or_fail()
         max_events = self._max_events
         async for payload in conn.frames:
+            rejected = builder.rejected_total
             error = builder.add_frame(payload)
             if error is not None:
                 raise StreamError(
@@ -350,6 +367,8 @@ class StreamConsumer:
                     error_name=error.name,
                     tts_message=error.message,
                 )
+            if builder.rejected_total == rejected:
+                self.state.last_frame_at = datetime.now(UTC)
             if builder.first_cursor_pending:
                 builder.first_cursor_pending = False
                 await self._start_flush()  # a new stream's first cursor, saved at once
@@ -381,6 +400,7 @@ class StreamConsumer:
     async def _commit(self, batch: Batch, names: dict[str, int]) -> None:
         name = self.settings.name
         attempt = 0
+        self.state.uncommitted_since = datetime.now(UTC)
         while True:
             started = asyncio.get_running_loop().time()
             try:
@@ -396,6 +416,8 @@ class StreamConsumer:
                 log.warning("store_unavailable", error=str(exc), retry_in_s=round(delay, 2))
                 await sleep_or_stop(delay, self._halt)  # a shutdown must not wait 30 s
         elapsed = asyncio.get_running_loop().time() - started
+        self.state.last_commit_at = datetime.now(UTC)
+        self.state.uncommitted_since = None
         metrics.record_commit(name, batch, result, received=names, elapsed_s=elapsed)
         for gap in batch.gaps:
             log.warning(
