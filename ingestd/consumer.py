@@ -216,7 +216,7 @@ class StreamConsumer:
                 self.state.retrying_since = datetime.now(UTC)
             try:
                 async with self._stream.open(
-                    self._builder_or_fail().cursor, overlap_s=self._overlap_s
+                    self._builder_or_fail().cursor, overlap_s=self._overlap_s, stop=stop
                 ) as conn:
                     attempt = 0
                     was_open = True
@@ -230,6 +230,8 @@ class StreamConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the loop's top: classify, log, back off
+                if stop.is_set():
+                    return  # e.g. a connect cut short by the stop
                 attempt += 1
                 delay, reason = self._delay_for(exc, attempt)
                 if was_open and not self._adapt_overlap(opened_at) and reason in NO_PROGRESS:

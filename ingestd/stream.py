@@ -33,6 +33,7 @@ import httpx
 import structlog
 
 from ingestd import framing, tts
+from ingestd.aio import wait_any
 from ingestd.config import StreamSettings
 from ingestd.errors import AuthRejected, StreamDisconnected
 from ingestd.framing import FrameDecoder
@@ -99,9 +100,17 @@ class EventStream:
 
     @contextlib.asynccontextmanager
     async def open(
-        self, cursor: Cursor, *, overlap_s: float | None = None
+        self,
+        cursor: Cursor,
+        *,
+        overlap_s: float | None = None,
+        stop: asyncio.Event | None = None,
     ) -> AsyncIterator[OpenStream]:
-        """Open the stream; raise a mapped error for anything but an event stream."""
+        """Open the stream; raise a mapped error for anything but an event stream.
+
+        ``stop`` cuts a connect short (reason ``stopping``): shutting down must not wait
+        for a server that is slow to answer.
+        """
         s = self.settings
         if s.api_key is None:
             raise AuthRejected(f"stream {s.name!r} has no API key configured")
@@ -115,15 +124,7 @@ class EventStream:
             headers=headers,
             timeout=self._timeout,
         )
-        headers_timeout_s = HEADERS_TIMEOUT_FACTOR * s.connect_timeout_s
-        try:
-            async with asyncio.timeout(headers_timeout_s):
-                with tts.map_transport_errors(idle_timeout_s=s.idle_timeout_s):
-                    response = await self._client.send(request, stream=True)
-        except TimeoutError as exc:
-            raise StreamDisconnected(
-                f"no response headers within {headers_timeout_s} s", reason="headers_timeout"
-            ) from exc
+        response = await self._send(request, stop)
         try:
             if response.status_code != 200:
                 with tts.map_transport_errors(idle_timeout_s=s.idle_timeout_s):
@@ -140,6 +141,23 @@ class EventStream:
             )
         finally:
             await response.aclose()
+
+    async def _send(self, request: httpx.Request, stop: asyncio.Event | None) -> httpx.Response:
+        """Send; return once the status line and headers are in, within their deadline."""
+        s = self.settings
+        headers_timeout_s = HEADERS_TIMEOUT_FACTOR * s.connect_timeout_s
+        send = asyncio.ensure_future(self._client.send(request, stream=True))
+        try:
+            async with asyncio.timeout(headers_timeout_s):
+                await wait_any(send, *([stop.wait()] if stop is not None else []))
+        except TimeoutError as exc:  # wait_any cancelled the send on its way out
+            raise StreamDisconnected(
+                f"no response headers within {headers_timeout_s} s", reason="headers_timeout"
+            ) from exc
+        if send.cancelled():
+            raise StreamDisconnected("stopped while connecting", reason="stopping")
+        with tts.map_transport_errors(idle_timeout_s=s.idle_timeout_s):
+            return send.result()
 
     async def _frames(self, response: httpx.Response, *, gzipped: bool) -> AsyncIterator[bytes]:
         """The frames of the body, with the frame-progress bounds from the module docstring.
