@@ -201,3 +201,13 @@ def test_a_line_past_16_mib_fed_in_1_kib_chunks_is_rejected_in_linear_time() -> 
     elapsed_s, frames = _feed_timed(runaway)
     assert frames == [OVERSIZED_FRAME]
     assert elapsed_s < 20 * baseline_s + 0.25, (elapsed_s, baseline_s)
+
+
+def test_chunks_of_only_blank_lines_end_an_open_sse_event_and_are_otherwise_skipped() -> None:
+    dec = FrameDecoder()
+    assert dec.feed(b"data: " + EV1 + b"\n") == []
+    assert dec.feed(b"\n\n\n\n") == [EV1]  # the first blank line ends the event
+    for _ in range(1000):  # a flood of nothing but newlines: no frames, nothing held
+        assert dec.feed(b"\n" * 65536) == []
+    assert dec.pending_bytes == 0
+    assert dec.feed(EV2 + b"\n\n") == [EV2]
