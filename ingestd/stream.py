@@ -15,9 +15,10 @@ the connection rather than hang it or fill our memory, so every step has a bound
 - the body is read raw and gunzipped here, :data:`INFLATE_STEP_BYTES` at a time, yielding
   to the event loop between steps (httpx would inflate a whole chunk, or chained layers, in
   one call);
-- a frame must complete within ``idle_timeout_s`` of reading: bytes trickling in without one
-  end the connection (reason ``no_frame``) just as silence does (``idle_timeout``), and so do
-  :data:`NO_FRAME_SLACK_BYTES` past the frame bound without a frame (a flood of blank lines).
+- a frame must complete within ``idle_timeout_s`` of reading: a frame begun and trickling in
+  without end ends the connection (reason ``no_frame``) just as silence or a proxy's bare
+  keep-alives do (``idle_timeout``), and so do :data:`NO_FRAME_SLACK_BYTES` past the frame
+  bound without a frame (a flood of blank lines or of ``data:`` lines).
 """
 
 from __future__ import annotations
@@ -127,8 +128,11 @@ class EventStream:
         response = await self._send(request, stop)
         try:
             if response.status_code != 200:
-                with tts.map_transport_errors(idle_timeout_s=s.idle_timeout_s):
-                    err_body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
+                err_body = b""  # if it trickles in past the deadline, the status must do
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(HEADERS_TIMEOUT_FACTOR * s.connect_timeout_s):
+                        with tts.map_transport_errors(idle_timeout_s=s.idle_timeout_s):
+                            err_body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
                 raise tts.error_for_response(response, err_body)
             gzipped = _check_event_stream(response)
             warnings = tts.warnings_of(response)
@@ -173,7 +177,6 @@ class EventStream:
         inflate = _Gunzip().pieces if gzipped else None
         chunks = response.aiter_raw()
         unframed = 0  # bytes decoded since the last frame
-        raw_since_frame = False  # anything at all received since the last frame
         deadline = loop.time() + idle_s
         with tts.map_transport_errors(idle_timeout_s=idle_s):
             while True:
@@ -183,15 +186,15 @@ class EventStream:
                 except StopAsyncIteration:
                     break
                 except TimeoutError as exc:
-                    if raw_since_frame:
+                    if decoder.pending_bytes:  # a frame begun and never finished
                         raise StreamDisconnected(
                             f"no complete frame for {idle_s} s, only bytes", reason="no_frame"
                         ) from exc
+                    # Silence, or only a proxy's keep-alives (SSE comments, blank lines).
                     raise StreamDisconnected(
-                        f"no data for {idle_s} s (TTS sends no heartbeats)",
+                        f"no frame for {idle_s} s (TTS sends no heartbeats)",
                         reason="idle_timeout",
                     ) from exc
-                raw_since_frame = True
                 for n, piece in enumerate(inflate(chunk) if inflate else (chunk,)):
                     if n:
                         await asyncio.sleep(0)  # a large inflation must not hold the loop
@@ -206,7 +209,6 @@ class EventStream:
                     for frame in frames:
                         yield frame
                     unframed = 0
-                    raw_since_frame = False
                     deadline = loop.time() + idle_s
         for frame in decoder.flush():
             yield frame

@@ -253,6 +253,24 @@ async def test_a_body_trickling_without_a_frame_times_out_as_no_frame() -> None:
     assert 0.4 <= elapsed < 2.0
 
 
+async def test_keep_alives_without_frames_are_an_idle_timeout_not_a_broken_stream() -> None:
+    """A proxy's SSE comments keep bytes flowing on a quiet stream: still just quiet."""
+
+    async def script(request: Request, writer: asyncio.StreamWriter) -> None:
+        writer.write(STREAM_HEADERS + b"\r\n" + _start_frame())
+        while True:
+            writer.write(b": keep-alive\n\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async with HostileServer(script) as server:
+        frames: list[bytes] = []
+        with pytest.raises(StreamDisconnected) as info:
+            await _collect(_stream_settings(server.base_url, idle_timeout_s=0.5), frames)
+    assert frames == [_start_frame().rstrip(b"\n")]
+    assert info.value.reason == "idle_timeout"
+
+
 async def test_a_body_trickling_without_a_frame_reconnects_and_healthz_fails(
     db_url: str,
 ) -> None:
