@@ -71,6 +71,9 @@ SHUTDOWN_COMMIT_ATTEMPTS = 3
 AUTH_ERROR_CODES = {7, 16}  # PermissionDenied, Unauthenticated: an error frame about the key
 SETTLE_POLL_S = 0.05  # after a full spool: how often to look whether everything is committed
 RESULT_FRAME = b'{"result":'  # how every TTS event frame begins; anything else is parsed
+# Connections that end so, with nothing past the cursor, were no progress for /healthz; the
+# network's own ends (idle timeout, a close, a transport error) are a quiet stream's life.
+NO_PROGRESS = frozenset({"no_frame", "bad_response", "stream_error", "error", "unexpected"})
 
 
 @dataclass(slots=True)
@@ -99,6 +102,11 @@ class StreamState:
     permanent_error: bool = False
     standby: bool = False  # another process leads this stream (PostgreSQL)
     leader_connected: bool = False  # while standby: the leader reports it is connected
+    # Progress, for /healthz (ingestd.metrics.stream_health says how each clock is judged):
+    following_since: datetime | None = None  # this process began following (a leader term)
+    last_frame_at: datetime | None = None  # the last valid frame: an event or a stream start
+    last_commit_at: datetime | None = None  # the last batch made durable (database or spool)
+    uncommitted_since: datetime | None = None  # the batch being made durable was taken then
 
     @property
     def receiving(self) -> bool:
@@ -265,14 +273,18 @@ class StreamConsumer:
 
     async def _connect_forever(self, stop: asyncio.Event) -> None:
         attempt = 0
+        self.state.following_since = datetime.now(UTC)
         while not stop.is_set():
             if not await self._settle_spool(stop):
                 return
             opened_at = self._builder_or_fail().cursor.last_time
             was_open = False
+            frame_at_open = self.state.last_frame_at
+            if self.state.retrying_since is None:  # the retry clock starts with the attempt
+                self.state.retrying_since = datetime.now(UTC)
             try:
                 async with self._stream.open(
-                    self._builder_or_fail().cursor, overlap_s=self._overlap_s
+                    self._builder_or_fail().cursor, overlap_s=self._overlap_s, stop=stop
                 ) as conn:
                     attempt = 0
                     was_open = True
@@ -286,21 +298,27 @@ class StreamConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the loop's top: classify, log, back off
-                if was_open:
-                    self._adapt_overlap(opened_at)
+                if stop.is_set():
+                    return  # e.g. a connect cut short by the stop
                 attempt += 1
                 delay, reason = self._delay_for(exc, attempt)
+                if was_open and not self._adapt_overlap(opened_at) and reason in NO_PROGRESS:
+                    # Its stream start (and any replayed duplicates) was no progress: a
+                    # stream wedged on one event must not look alive on /healthz.
+                    self.state.last_frame_at = frame_at_open
                 metrics.RECONNECTS.labels(self.settings.name, reason).inc()
                 self._set_disconnected(_describe(exc))
                 if await sleep_or_stop(delay, stop):
                     return
 
-    def _adapt_overlap(self, opened_at: datetime | None) -> None:
+    def _adapt_overlap(self, opened_at: datetime | None) -> bool:
+        """Adapt the next overlap to the connection that ended; True if it made progress."""
         now_at = self._builder_or_fail().cursor.last_time
         if opened_at is None or (now_at is not None and now_at > opened_at):
             self._overlap_s = self.settings.overlap_s  # progress: back to the full overlap
-        else:
-            self._overlap_s = max(self._overlap_s / OVERLAP_SHRINK, MIN_OVERLAP_S)
+            return True
+        self._overlap_s = max(self._overlap_s / OVERLAP_SHRINK, MIN_OVERLAP_S)
+        return False
 
     def _delay_for(self, exc: Exception, attempt: int) -> tuple[float, str]:
         s = self.settings
@@ -412,11 +430,14 @@ class StreamConsumer:
         async for payload in conn.frames:
             if self._spooling:
                 await self._spool_frame(payload)
+                if payload.startswith(RESULT_FRAME):  # judged by the drainer; cheap here
+                    self.state.last_frame_at = datetime.now(UTC)
                 continue
             if len(builder) >= max_events:  # full, and the previous commit still runs
                 if self._commit_running() and await self._start_spooling(payload):
                     continue
                 await self._start_flush()  # without a spool: wait for it, as TTS drops
+            rejected = builder.rejected_total
             error = builder.add_frame(payload)
             self._raw.append(payload)
             if error is not None:
@@ -425,6 +446,8 @@ class StreamConsumer:
                 raise StreamDisconnected(
                     "too many rejected frames on this connection", reason="reject_flood"
                 )
+            if builder.rejected_total == rejected:
+                self.state.last_frame_at = datetime.now(UTC)
             if builder.first_cursor_pending:
                 builder.first_cursor_pending = False
                 await self._start_flush()  # a new stream's first cursor, saved at once
@@ -488,6 +511,7 @@ class StreamConsumer:
         """Commit ``batch``, retrying outages; False when given up on at shutdown."""
         name = self.settings.name
         attempt = 0
+        self.state.uncommitted_since = datetime.now(UTC)
         while True:
             started = asyncio.get_running_loop().time()
             try:
@@ -503,6 +527,8 @@ class StreamConsumer:
                 log.warning("store_unavailable", error=str(exc), retry_in_s=round(delay, 2))
                 await sleep_or_stop(delay, self._halt)  # a shutdown must not wait 30 s
         elapsed = asyncio.get_running_loop().time() - started
+        self.state.last_commit_at = datetime.now(UTC)
+        self.state.uncommitted_since = None
         metrics.record_commit(name, batch, result, received=names, elapsed_s=elapsed)
         for gap in batch.gaps:
             log.warning(
@@ -619,7 +645,11 @@ class StreamConsumer:
     async def _append(self, spool: Spool, frames: list[bytes]) -> list[Position]:
         # shield: a cancelled reader must not leave an append half-way; the stop waits for it.
         self._appending = asyncio.ensure_future(asyncio.to_thread(spool.append, frames))
-        return await asyncio.shield(self._appending)
+        ends = await asyncio.shield(self._appending)
+        # Durable in the spool is progress for /healthz, like a commit.
+        self.state.last_commit_at = datetime.now(UTC)
+        self.state.uncommitted_since = None
+        return ends
 
     def _spool_refused(self, exc: SpoolUnavailable) -> StreamDisconnected:
         """Close the stream: what TTS sends now would be dropped. The gap follows later."""

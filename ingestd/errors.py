@@ -7,7 +7,7 @@ Retries are decided by class, never by message::
     ├── UsageError                  a bad command line: a missing input file, … (exit 2)
     ├── TtsError                    mixin: TTS answered (``status_code``, ``error_name``)
     ├── TransientError              worth retrying with backoff
-    │   ├── StreamDisconnected      transport error, idle timeout, server closed the stream
+    │   ├── StreamDisconnected      transport error, timeout, closed, or not an event stream
     │   ├── ServerUnavailable       TTS answered 5xx
     │   ├── RateLimited             TTS answered 429 rate_limit_exceeded (``retry_after_s``)
     │   ├── StoreUnavailable        the database is unreachable or locked
@@ -71,7 +71,7 @@ class TtsError(IngestdError):
 
 
 class StreamDisconnected(TransientError):
-    """The event stream ended or could not be read."""
+    """The event stream ended or could not be read (``reason`` says how, for metrics)."""
 
     def __init__(self, message: str | None = None, *, reason: str = "transport") -> None:
         self.reason = reason

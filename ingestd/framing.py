@@ -24,52 +24,86 @@ OVERSIZED_FRAME = f"<frame longer than {MAX_FRAME_BYTES} bytes: skipped>".encode
 
 
 class FrameDecoder:
-    """Split a byte stream into frame payloads (bytes of one JSON document each)."""
+    """Split a byte stream into frame payloads (bytes of one JSON document each).
 
-    __slots__ = ("_data_lines", "_skipping", "_tail")
+    Memory and work are bounded by the input, whatever it is: a partial line is kept as a
+    list of chunks and only each new chunk is searched for a line end (httpx's
+    ``LineDecoder``), so a long line costs linear time, not quadratic; and the partial line
+    plus an SSE event's ``data:`` lines so far count together toward
+    :data:`MAX_FRAME_BYTES`. Past it, the frame is skipped to its end and a marker
+    (:data:`OVERSIZED_FRAME`) is passed on in its place, which lands in ``rejected_events``.
+    """
+
+    __slots__ = (
+        "_data_bytes",
+        "_data_lines",
+        "_discard_event",
+        "_parts",
+        "_parts_len",
+        "_skipping",
+    )
 
     def __init__(self) -> None:
-        self._tail = b""
+        self._parts: list[bytes] = []  # the current partial line, in the chunks it came in
+        self._parts_len = 0
         self._data_lines: list[bytes] = []  # an SSE event's ``data:`` lines so far
-        self._skipping = False  # inside a line longer than MAX_FRAME_BYTES
+        self._data_bytes = 0  # their length, with the newlines that will join them
+        self._skipping = False  # inside a line that went past MAX_FRAME_BYTES
+        self._discard_event = False  # inside an SSE event that went past MAX_FRAME_BYTES
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Decode ``chunk`` and return the frames it completed."""
-        if not chunk:
-            return []
         frames: list[bytes] = []
+        if not chunk:
+            return frames
         if self._skipping:
             end = chunk.find(b"\n")
             if end < 0:
                 return frames
             self._skipping = False
             chunk = chunk[end + 1 :]
-        data = self._tail + chunk if self._tail else chunk
-        lines = data.split(b"\n")
-        self._tail = lines.pop()
-        for line in lines:
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            if line[:1] == b"{":  # fast path: TTS's own framing
-                frames.append(line)
-            elif not line:
-                if self._data_lines:
-                    frames.append(b"\n".join(self._data_lines))
-                    self._data_lines = []
+        if self._parts:
+            # Finish the partial line first, searching only the new chunk for its end.
+            end = chunk.find(b"\n")
+            if end < 0:
+                self._parts.append(chunk)
+                self._parts_len += len(chunk)
+                self._check_bound(frames)
+                return frames
+            if self._parts_len + end + self._data_bytes > MAX_FRAME_BYTES:
+                self._oversized(frames, line_done=True)
             else:
-                self._sse_line(line, frames)
-        if len(self._tail) > MAX_FRAME_BYTES:
-            # A server (or proxy) gone wrong must not grow our memory without bound: drop
-            # the rest of this line and pass on a marker, which lands in rejected_events.
-            self._tail = b""
-            self._skipping = True
-            frames.append(OVERSIZED_FRAME)
+                self._parts.append(chunk[:end])
+                line = b"".join(self._parts)
+                self._parts = []
+                self._parts_len = 0
+                self._line(line, frames)
+            chunk = chunk[end + 1 :]
+        if chunk[:1] == b"\n" and chunk.count(b"\n") == len(chunk) and not self._data_lines:
+            self._discard_event = False  # only blank lines (a flood of them is no work)
+            return frames
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        max_bytes = MAX_FRAME_BYTES
+        for line in lines:
+            if line[:1] == b"{" and line[-1:] != b"\r" and len(line) <= max_bytes:
+                frames.append(line)  # fast path: TTS's own framing
+            elif line or self._data_lines or self._discard_event:
+                self._line(line, frames)
+            # else a blank line with no SSE event open: the "\n\n" framing's second newline
+        if tail:
+            self._parts.append(tail)
+            self._parts_len = len(tail)
+        self._check_bound(frames)
         return frames
 
     def flush(self) -> list[bytes]:
         """End of stream: return whatever complete frame is left (an unterminated last line)."""
         frames: list[bytes] = []
-        tail, self._tail = self._tail, b""
+        tail = b"".join(self._parts)
+        self._parts = []
+        self._parts_len = 0
+        self._skipping = False
         if tail.endswith(b"\r"):
             tail = tail[:-1]
         if tail:
@@ -79,13 +113,50 @@ class FrameDecoder:
                 self._sse_line(tail, frames)
         if self._data_lines:
             frames.append(b"\n".join(self._data_lines))
-            self._data_lines = []
+        self._end_event()
         return frames
 
     @property
     def pending_bytes(self) -> int:
         """Bytes held back waiting for the rest of a frame."""
-        return len(self._tail) + sum(len(x) for x in self._data_lines)
+        return self._parts_len + self._data_bytes
+
+    def _line(self, line: bytes, frames: list[bytes]) -> None:
+        if len(line) > MAX_FRAME_BYTES:  # only when one chunk holds a whole runaway line
+            self._oversized(frames, line_done=True)
+            return
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        if line[:1] == b"{":  # fast path: TTS's own framing
+            frames.append(line)
+        elif not line:  # a blank line ends an SSE event
+            if self._data_lines:
+                frames.append(b"\n".join(self._data_lines))
+            self._end_event()
+        else:
+            self._sse_line(line, frames)
+
+    def _end_event(self) -> None:
+        if self._data_lines:
+            self._data_lines = []
+        self._data_bytes = 0
+        self._discard_event = False
+
+    def _check_bound(self, frames: list[bytes]) -> None:
+        if self._parts_len + self._data_bytes > MAX_FRAME_BYTES:
+            self._oversized(frames, line_done=False)
+
+    def _oversized(self, frames: list[bytes], *, line_done: bool) -> None:
+        # A server (or proxy) gone wrong must not grow our memory without bound: drop the
+        # frame so far, skip the rest of its line and of its SSE event (the data: lines up to
+        # the next blank line), and pass on a marker in its place.
+        self._parts = []
+        self._parts_len = 0
+        self._skipping = not line_done
+        self._data_lines = []
+        self._data_bytes = 0
+        self._discard_event = True
+        frames.append(OVERSIZED_FRAME)
 
     def _sse_line(self, line: bytes, frames: list[bytes]) -> None:
         if line[:1] == b":":
@@ -95,8 +166,13 @@ class FrameDecoder:
             # Not an SSE field and not JSON: pass it on so the caller can reject it.
             frames.append(line)
             return
-        if field == b"data":
-            self._data_lines.append(value[1:] if value[:1] == b" " else value)
+        if field == b"data" and not self._discard_event:
+            if value[:1] == b" ":
+                value = value[1:]
+            self._data_lines.append(value)
+            self._data_bytes += len(value) + 1
+            if self._data_bytes > MAX_FRAME_BYTES:
+                self._oversized(frames, line_done=True)
         # event:, id:, retry: and unknown fields carry nothing we use.
 
 

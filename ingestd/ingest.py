@@ -47,6 +47,7 @@ class BatchBuilder:
         self._replay_earliest: datetime | None = None  # earliest event seen while checking
         # True when a stream-start frame gave a new stream its first cursor: save it at once.
         self.first_cursor_pending = False
+        self.rejected_total = 0  # frames and events rejected so far (a frame was valid if not)
 
     def _new_batch(self) -> None:
         self._batch = Batch(stream=self.stream)
@@ -176,6 +177,7 @@ class BatchBuilder:
 
     def reject(self, payload: bytes | None, error: str, *, event: Any = None) -> None:
         """Keep input we cannot use in ``rejected_events``; the stream goes on."""
+        self.rejected_total += 1
         if payload is not None:
             raw = payload.decode("utf-8", errors="replace")
         else:

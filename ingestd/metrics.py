@@ -14,7 +14,7 @@ import socket
 from collections.abc import Awaitable, Callable, Generator
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import structlog
@@ -31,6 +31,7 @@ from prometheus_client import (
 
 from ingestd import __version__
 from ingestd.models import Batch, CommitResult
+from ingestd.normalize_down import DOWNLINK_KINDS
 
 if TYPE_CHECKING:
     from ingestd.spool import Spool
@@ -48,15 +49,71 @@ EVENT_TO_COMMIT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 # One downlink HTTP request: bounded by [downlinks] request_timeout_s (10 s by default).
 PUSH_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+# Event names that may be a label value: those TTS defines (TTS_WIRE §3) and the stream start.
+# Any other name (a newer TTS, a typo'd regexp, a hostile server) is counted as ``other``, so
+# the number of series stays fixed whatever the stream sends: 200k distinct names once cost
+# 300 MB of RSS and a 29 MB /metrics.
+KNOWN_EVENT_NAMES = frozenset(
+    {
+        "events.stream.start",
+        *(
+            f"as.up.{n}"
+            for n in (
+                "data.receive",
+                "data.forward",
+                "data.drop",
+                "data.decode.fail",
+                "data.decode.warning",
+                "data.normalize.warning",
+                "normalized.forward",
+                "join.receive",
+                "join.forward",
+                "join.drop",
+                "location.forward",
+                "service.forward",
+            )
+        ),
+        *DOWNLINK_KINDS,  # the as.down.data.* names ingestd turns into downlink_events
+        *(
+            f"as.down.data.{n}"
+            for n in ("encode.fail", "decode.fail", "encode.warning", "decode.warning")
+        ),
+        *(f"ns.up.{n}" for n in ("data.receive", "data.process", "data.forward")),
+        *(f"ns.up.join.{n}" for n in ("receive", "process", "accept.forward")),
+        *(
+            f"ns.down.{k}.schedule.{n}"
+            for k in ("data", "join")
+            for n in ("attempt", "success", "fail")
+        ),
+        "ns.down.transmission.success",
+        "ns.down.transmission.fail",
+        "js.join.accept",
+        "js.join.reject",
+        *(f"end_device.{n}" for n in ("create", "update", "delete", "batch.delete")),
+        *(
+            f"{c}.end_device.{n}"
+            for c in ("as", "ns", "js")
+            for n in ("create", "update", "delete")
+        ),
+    }
+)
+OTHER_EVENT_NAME = "other"
+
+
+def event_label(name: str) -> str:
+    """The ``name`` label for an event name: itself when known, else ``other``."""
+    return name if name in KNOWN_EVENT_NAMES else OTHER_EVENT_NAME
+
+
 EVENTS_RECEIVED = Counter(
     "ingestd_events_received_total",
-    "Event frames parsed from the stream, by stream and TTS event name.",
+    "Event frames parsed from the stream, by stream and TTS event name (unknown names: other).",
     ("stream", "name"),
     registry=REGISTRY,
 )
 EVENTS_STORED = Counter(
     "ingestd_events_stored_total",
-    "Events newly stored (not duplicates), by stream and TTS event name.",
+    "Events newly stored (not duplicates), by stream and TTS event name (unknown: other).",
     ("stream", "name"),
     registry=REGISTRY,
 )
@@ -94,8 +151,9 @@ EVENT_TO_COMMIT_SECONDS = Histogram(
 )
 RECONNECTS = Counter(
     "ingestd_reconnects_total",
-    "Stream reconnects, by stream and reason (transport, idle_timeout, server_error,"
-    " rate_limited, auth, stream_error, server_closed).",
+    "Stream reconnects, by stream and reason (transport, idle_timeout, no_frame,"
+    " headers_timeout, bad_response, server_error, rate_limited, auth, rejected, stream_error,"
+    " server_closed, error, unexpected).",
     ("stream", "reason"),
     registry=REGISTRY,
 )
@@ -178,6 +236,66 @@ BUILD_INFO = Info(
     registry=REGISTRY,
 )
 BUILD_INFO.info({"version": __version__})
+
+# ---------------------------------------------------------------------------------------------
+# Health: is each stream making progress?
+
+
+class StreamProgress(Protocol):
+    """What :func:`stream_health` reads of a stream (``ingestd.consumer.StreamState``)."""
+
+    connected: bool
+    standby: bool
+    permanent_error: bool
+    last_error: str | None
+    retrying_since: datetime | None
+    following_since: datetime | None
+    last_frame_at: datetime | None
+    uncommitted_since: datetime | None
+
+
+def stream_health(
+    st: StreamProgress, *, now: datetime, grace_s: float, idle_timeout_s: float
+) -> tuple[bool, str]:
+    """(healthy, what ``/healthz`` shows) for one stream: health is progress, not a socket.
+
+    A stream is unhealthy when any of these clocks runs past its limit:
+
+    - **frames**: no valid frame (an event, or TTS's ``events.stream.start``) for
+      ``idle_timeout_s + grace_s`` since the last one (or since following began). TTS sends
+      no heartbeats, so a quiet application is silent; but its idle timeout ends the
+      connection and the reconnect starts with a fresh ``events.stream.start``, so a quiet,
+      working stream still sees a valid frame every ``idle_timeout_s`` plus one reconnect.
+      Connected or not does not matter: a connection that trickles bytes without a frame,
+      or that is dropped and reopened without one, makes no progress either;
+    - **commits**: a batch taken for commit (database, or spool) has waited over
+      ``grace_s``: events are read but not made durable;
+    - **retries**: not connected for over ``grace_s`` since the first failed attempt began
+      (the clock starts when the attempt starts, so a connect that never finishes counts);
+      an error retrying will not fix (a rejected key) is unhealthy at once.
+
+    A standby (another process leads the stream) is healthy; its leader reports its own.
+    """
+    if st.standby:
+        return True, "standby"
+    if st.permanent_error:
+        return False, f"down: {st.last_error or 'rejected'}"
+    if st.uncommitted_since is not None:
+        waited_s = (now - st.uncommitted_since).total_seconds()
+        if waited_s > grace_s:
+            return False, f"stalled: a batch has waited {waited_s:.0f} s to be committed"
+    if not st.connected:
+        since = st.retrying_since or now
+        if (now - since).total_seconds() > grace_s:
+            return False, f"down: {st.last_error or 'not connected'}"
+    origin = max((t for t in (st.last_frame_at, st.following_since) if t is not None), default=None)
+    if origin is not None:
+        silent_s = (now - origin).total_seconds()
+        if silent_s > idle_timeout_s + grace_s:
+            why = f" (last error: {st.last_error})" if st.last_error else ""
+            return False, f"stalled: no valid frame for {silent_s:.0f} s{why}"
+    return True, "connected" if st.connected else "retrying"
+
 
 # ---------------------------------------------------------------------------------------------
 # The HTTP endpoint
@@ -378,9 +496,9 @@ def record_commit(
     """Count one committed batch: events per name, duplicates, rejects, gaps, latency, lag."""
     now = datetime.now(UTC)
     for name, n in received.items():
-        EVENTS_RECEIVED.labels(stream, name).inc(n)
+        EVENTS_RECEIVED.labels(stream, event_label(name)).inc(n)
     for name, n in result.stored_by_name.items():
-        EVENTS_STORED.labels(stream, name).inc(n)
+        EVENTS_STORED.labels(stream, event_label(name)).inc(n)
     EVENTS_DUPLICATE.labels(stream).inc(result.duplicates)
     EVENTS_REJECTED.labels(stream).inc(result.rejected)
     BATCHES.labels(stream).inc()

@@ -101,28 +101,30 @@ class Service:
         )
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
-        """Healthy while every stream is connected or retrying within its grace, and the
-        database answers."""
+        """Healthy while every stream makes progress (:func:`ingestd.metrics.stream_health`)
+        and the database answers."""
         now = datetime.now(UTC)
         grace_s = self.settings.metrics.health_grace_s
         streams: dict[str, str] = {}
+        progress: dict[str, dict[str, datetime | None]] = {}
         ok = True
         for c in self.consumers:
             st = c.state
-            if st.connected or st.standby:
-                streams[st.name] = "connected" if st.connected else "standby"
-                continue
-            since = st.retrying_since or now
-            within = (now - since).total_seconds() <= grace_s and not st.permanent_error
-            streams[st.name] = "retrying" if within else f"down: {st.last_error or 'not connected'}"
-            ok = ok and within
+            healthy, streams[st.name] = metrics.stream_health(
+                st, now=now, grace_s=grace_s, idle_timeout_s=c.settings.idle_timeout_s
+            )
+            progress[st.name] = {
+                "last_frame_at": st.last_frame_at,
+                "last_commit_at": st.last_commit_at,
+            }
+            ok = ok and healthy
         try:
             await asyncio.wait_for(asyncio.to_thread(self._ping_db), HEALTH_DB_TIMEOUT_S)
             database = "ok"
         except Exception as exc:  # any failure to answer is unhealthy
             database = f"down: {type(exc).__name__}"
             ok = False
-        return ok, {"streams": streams, "database": database}
+        return ok, {"streams": streams, "database": database, "progress": progress}
 
     def _ping_db(self) -> None:
         assert self.engine is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
@@ -127,3 +129,85 @@ def test_a_runaway_line_is_skipped_with_a_marker_and_decoding_recovers(
     assert out[0].startswith(b"<frame longer than")
     assert out[1] == EV1
     assert dec.pending_bytes == 0
+
+
+def test_a_flood_of_sse_data_lines_is_bounded_and_skipped_to_the_event_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``data:`` lines count toward the frame bound: a flood never grows past it."""
+    from ingestd import framing
+
+    monkeypatch.setattr(framing, "MAX_FRAME_BYTES", 1000)
+    dec = FrameDecoder()
+    out: list[bytes] = []
+    held = 0
+    for _ in range(5000):  # 50 kB of data: lines in one SSE event, 50x the bound
+        out += dec.feed(b"data: 012345\n")
+        held = max(held, dec.pending_bytes)
+    out += dec.feed(b"\n" + b"data: " + EV1 + b"\n\n")
+    assert held <= 1000
+    assert out == [framing.OVERSIZED_FRAME, EV1]  # one marker, no truncated frame
+    assert dec.pending_bytes == 0
+
+
+def test_a_data_line_and_a_partial_line_count_together_toward_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ingestd import framing
+
+    monkeypatch.setattr(framing, "MAX_FRAME_BYTES", 100)
+    dec = FrameDecoder()
+    assert dec.feed(b"data: " + b"a" * 60 + b"\n") == []
+    assert dec.feed(b"data: " + b"b" * 30) == []  # 61 + 36 pending: still within
+    assert dec.feed(b"b" * 10) == [framing.OVERSIZED_FRAME]
+    assert dec.pending_bytes == 0
+    assert dec.feed(b"bbb\ndata: more\n\n" + EV2 + b"\n") == [EV2]
+
+
+@pytest.mark.parametrize("chunk_size", [7, 150, 10_000])
+def test_a_runaway_line_is_one_marker_whatever_the_chunking(
+    monkeypatch: pytest.MonkeyPatch, chunk_size: int
+) -> None:
+    from ingestd import framing
+
+    monkeypatch.setattr(framing, "MAX_FRAME_BYTES", 100)
+    body = b'{"result":' + b"x" * 500 + b"}\n\n" + EV1 + b"\n\n" + b"{" + b"y" * 99 + b"\n"
+    frames = _decode_in_chunks(body, chunk_size)
+    assert frames == [framing.OVERSIZED_FRAME, EV1, b"{" + b"y" * 99]
+
+
+def _feed_timed(chunks: list[bytes]) -> tuple[float, list[bytes]]:
+    dec = FrameDecoder()
+    out: list[bytes] = []
+    started = time.perf_counter()
+    for c in chunks:
+        out += dec.feed(c)
+    return time.perf_counter() - started, out
+
+
+def test_a_line_past_16_mib_fed_in_1_kib_chunks_is_rejected_in_linear_time() -> None:
+    """Each chunk of a long partial line is searched and kept once, never re-copied.
+
+    Joining the partial line on every chunk (``tail + chunk``) copies ~16 MiB² / 2 KiB =
+    128 GiB here; kept as a list it is 16 MiB. The bound is the same work on 1 KiB chunks
+    of short lines (a linear baseline measured in this run), times a generous factor.
+    """
+    from ingestd.framing import MAX_FRAME_BYTES, OVERSIZED_FRAME
+
+    n = MAX_FRAME_BYTES // 1024 + 8
+    runaway = [b'{"result":"' + b"x" * 1013] + [b"x" * 1024] * (n - 1) + [b'"}\n']
+    line = b"x" * 1023 + b"\n"
+    baseline_s, _ = _feed_timed([line] * n)
+    elapsed_s, frames = _feed_timed(runaway)
+    assert frames == [OVERSIZED_FRAME]
+    assert elapsed_s < 20 * baseline_s + 0.25, (elapsed_s, baseline_s)
+
+
+def test_chunks_of_only_blank_lines_end_an_open_sse_event_and_are_otherwise_skipped() -> None:
+    dec = FrameDecoder()
+    assert dec.feed(b"data: " + EV1 + b"\n") == []
+    assert dec.feed(b"\n\n\n\n") == [EV1]  # the first blank line ends the event
+    for _ in range(1000):  # a flood of nothing but newlines: no frames, nothing held
+        assert dec.feed(b"\n" * 65536) == []
+    assert dec.pending_bytes == 0
+    assert dec.feed(EV2 + b"\n\n") == [EV2]
