@@ -158,7 +158,8 @@ def event_row(event: Mapping[str, Any], *, stream: str) -> dict[str, Any]:
         if app:
             if type(app) is not dict:
                 raise MalformedEvent(
-                    f"event {unique_id}: application_ids is not an object: {show(app)}"
+                    f"event {unique_id}: identifiers[0]'s application_ids is not an object: "
+                    f"{show(app)}"
                 )
             application_id = app.get("application_id")
         # Strings within their column's width, or absent: anything else would make the
