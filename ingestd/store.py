@@ -25,6 +25,7 @@ where that is cheap, on PostgreSQL only (SQLite stores all of it):
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -149,11 +150,9 @@ def _pg_json_text(value: Any) -> str | None:
     # jsonb refuses the escape \u0000 in strings. orjson writes U+0000 only as that escape,
     # so its absence proves the value clean (a backslash before "u0000" is a false alarm
     # that costs one walk and changes nothing).
-    if value is None:
-        return None
-    text = orjson.dumps(value).decode()
-    if "\\u0000" in text:
-        text = orjson.dumps(_without_nul(value)).decode()
+    text = _json_text(value)
+    if text is not None and "\\u0000" in text:
+        text = _json_text(_without_nul(value))
     return text
 
 
@@ -177,7 +176,12 @@ def _sqlite_time(value: datetime | None) -> str | None:
 
 
 def _json_text(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    if value is None:
+        return None
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # nested deeper than orjson writes (254 levels; it reads 1024)
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any]) -> Any:
@@ -474,8 +478,15 @@ def _raw_text(event_row: dict[str, Any]) -> str:
     """An ``events`` row as JSON for ``rejected_events.raw``; never raises."""
     try:
         return orjson.dumps(event_row, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-    except Exception:  # e.g. an integer past 64 bits in a row built by hand
-        return repr(event_row)
+    except Exception:  # e.g. nested too deep for orjson, or an integer past 64 bits
+        pass
+    try:
+        return json.dumps(event_row, default=str)
+    except Exception:  # deeper than Python recurses: keep what identifies the event
+        return json.dumps(
+            {k: str(event_row.get(k)) for k in ("unique_id", "name", "time")}
+            | {"raw": "the event is nested too deep to write out"}
+        )
 
 
 def _escaped(value: Any, max_chars: int) -> str:

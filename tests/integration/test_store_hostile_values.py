@@ -293,3 +293,28 @@ def test_the_saved_cursor_keeps_a_bounded_number_of_ids(engine: Engine) -> None:
         saved = conn.execute(sa.select(schema.stream_cursors.c.last_unique_ids)).scalar_one()
     assert len(saved) == CURSOR_IDS_MAX
     assert set(saved) <= {e["unique_id"] for e in events}
+
+
+@pytest.mark.parametrize("depth", [300, 1000])
+def test_a_payload_nested_deeper_than_orjson_writes_costs_at_most_its_own_event(
+    engine: Engine, depth: int
+) -> None:
+    # orjson reads 1024 levels but writes only 254: 300 is written by the stdlib instead;
+    # 1000 is past what Python recurses, so that event is kept aside with its identity.
+    events = _uplinks(3)
+    nested: Any = "bottom"
+    for _ in range(depth):
+        nested = [nested]
+    events[1]["data"]["uplink_message"]["decoded_payload"] = {"deep": nested}
+    store = Store(engine)
+    result = store.commit_batch(_batch(events))
+    if depth == 300:
+        assert (result.events, result.rejected) == (3, 0)
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(schema.uplinks.c.decoded_payload)).scalars().all()
+        assert {"deep": nested} in stored
+    else:
+        assert (result.events, result.rejected) == (2, 1)
+        (row,) = _rejected(engine)
+        assert events[1]["unique_id"] in row.raw
+    assert store.load_cursor("s").last_time == _time(events[-1])

@@ -350,3 +350,12 @@ def test_import_keeps_every_reject() -> None:
         builder.add_frame(b"junk")
     assert len(builder.take().rejected) == REJECT_ROWS_MAX * 2
     assert not builder.reject_flood
+
+
+def test_an_error_frame_with_mistyped_fields_gives_a_plain_error() -> None:
+    builder = BatchBuilder("s", Cursor())
+    frame = b'{"error": {"code": true, "message": 5, "details": [{"name": {"x": 1}, "namespace": [1]}]}}'
+    error = builder.add_frame(frame)
+    assert error is not None
+    assert (error.code, error.name, error.namespace, error.message) == (None, None, None, "5")
+    assert error.describe() == "5"
