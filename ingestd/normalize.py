@@ -130,7 +130,7 @@ def event_row(event: Mapping[str, Any], *, stream: str) -> dict[str, Any]:
         raise MalformedEvent(f"event is not a JSON object: {show(event)}")
     unique_id = _unique_id_of(event)
     name = event.get("name")
-    if type(name) is not str or not 0 < len(name) <= _NAME_MAX_CHARS or not name.isprintable():
+    if type(name) is not str or not 0 < len(name) <= _NAME_MAX_CHARS or "\x00" in name:
         raise MalformedEvent(f"event {unique_id} has no valid name: {show(name)}")
     correlation_ids = event.get("correlation_ids")
     if correlation_ids is not None and type(correlation_ids) is not list:
@@ -164,10 +164,12 @@ def event_row(event: Mapping[str, Any], *, stream: str) -> dict[str, Any]:
             application_id = app.get("application_id")
         # Strings within their column's width, or absent: anything else would make the
         # database refuse the row (PostgreSQL) or store a mistyped value (SQLite).
-        if not (
-            _fits(application_id, _ENTITY_ID_MAX_CHARS)
-            and _fits(device_id, _ENTITY_ID_MAX_CHARS)
-            and _fits(dev_eui, _EUI_MAX_CHARS)
+        if not (  # inline, not _fits(): this runs for every event
+            (application_id is None or (type(application_id) is str
+             and len(application_id) <= _ENTITY_ID_MAX_CHARS))
+            and (device_id is None or (type(device_id) is str
+                 and len(device_id) <= _ENTITY_ID_MAX_CHARS))
+            and (dev_eui is None or (type(dev_eui) is str and len(dev_eui) <= _EUI_MAX_CHARS))
         ):
             raise MalformedEvent(
                 f"event {unique_id}: identifiers hold an application_id, device_id or dev_eui "
@@ -227,16 +229,18 @@ def _int32(value: Any) -> bool:
 
 
 def valid_unique_id(value: Any) -> TypeGuard[str]:
-    """True for a ``unique_id`` the ``events`` table can key on: a short printable string.
-
-    Printable excludes U+0000 (which PostgreSQL cannot store in text) and line breaks.
-    """
-    return type(value) is str and 0 < len(value) <= _UNIQUE_ID_MAX_CHARS and value.isprintable()
+    """True for a ``unique_id`` the ``events`` table can key on on every dialect: a short
+    string without U+0000 (which PostgreSQL text cannot hold)."""
+    return type(value) is str and 0 < len(value) <= _UNIQUE_ID_MAX_CHARS and "\x00" not in value
 
 
 def _unique_id_of(event: Mapping[str, Any]) -> str:
     unique_id = event.get("unique_id")
-    if not valid_unique_id(unique_id):
+    if not (  # valid_unique_id, inline: this runs twice for every event
+        type(unique_id) is str
+        and 0 < len(unique_id) <= _UNIQUE_ID_MAX_CHARS
+        and "\x00" not in unique_id
+    ):
         raise MalformedEvent(f"event has no valid unique_id: {show(unique_id)}")
     return unique_id
 
@@ -325,10 +329,16 @@ def _uplink(event: Mapping[str, Any], data: Mapping[str, Any], unique_id: str) -
         # The operating channel width (Hz) is LR-FHSS's counterpart of LoRa's bandwidth.
         bandwidth = lrfhss.get("operating_channel_width")
     if modulation is not None and not (
-        _int32(spreading_factor)
-        and _int32(bandwidth)
-        and _int32(bit_rate)
-        and _fits(coding_rate, _CODING_RATE_MAX_CHARS)
+        # LoRa's usual shape first, inline; _int32/_fits() for the rest.
+        (type(spreading_factor) is int and type(bandwidth) is int and bit_rate is None
+         and type(coding_rate) is str and 0 <= spreading_factor <= _INT32_MAX
+         and 0 <= bandwidth <= _INT32_MAX and len(coding_rate) <= _CODING_RATE_MAX_CHARS)
+        or (
+            _int32(spreading_factor)
+            and _int32(bandwidth)
+            and _int32(bit_rate)
+            and _fits(coding_rate, _CODING_RATE_MAX_CHARS)
+        )
     ):
         raise MalformedEvent(f"settings.data_rate.{modulation} has a mistyped or out of range "
                              f"value: {show(data_rate)}")

@@ -137,7 +137,7 @@ def test_every_mutant_of_every_event_family_is_stored_or_rejected_exactly_once()
     assert batch.duplicates_in_batch < len(hostile.HOSTILE_VALUES) * len(hostile.base_events())
     assert len(batch.rejected) > len(mutants) // 4  # the corpus really is hostile
     for ev, _ in batch.items:  # what was accepted is well formed for the events table
-        assert isinstance(ev["unique_id"], str) and ev["unique_id"].isprintable()
+        assert isinstance(ev["unique_id"], str) and "\x00" not in ev["unique_id"]
         assert isinstance(ev["time"], datetime) and ev["time"].tzinfo is UTC
 
     # The stream goes on: good events after all of it are stored.
