@@ -58,6 +58,9 @@ _TABLES: dict[str, sa.Table] = {t.name: t for t in schema.metadata.sorted_tables
 # Parents before children (uplinks before uplink_receptions).
 _DERIVED_ORDER = ("uplinks", "uplink_receptions", "joins", "downlink_events")
 _PRESELECT_CHUNK = 500  # ids per "which of these exist already" query
+# Text columns normalize has already checked for U+0000 (the event's id and name; the
+# stream is configuration): on PostgreSQL the others are cleaned per value (pg_text).
+_CHECKED_TEXT = frozenset({"unique_id", "event_unique_id", "uplink_id", "name", "stream"})
 
 
 RAW_FALLBACK_CHARS = 100_000  # raw kept by a reject row rewritten as escaped ASCII
@@ -114,7 +117,7 @@ class _BulkInsert:
         namespace: dict[str, Any] = {}
         parts = []
         for i, col in enumerate(table.columns):
-            conv = _converter(col.type, dialect)
+            conv = None if col.name in _CHECKED_TEXT else _converter(col.type, dialect)
             if conv is None:
                 parts.append(f"get({col.name!r})")
             else:
@@ -150,9 +153,14 @@ def _pg_json_text(value: Any) -> str | None:
     # jsonb refuses the escape \u0000 in strings. orjson writes U+0000 only as that escape,
     # so its absence proves the value clean (a backslash before "u0000" is a false alarm
     # that costs one walk and changes nothing).
-    text = _json_text(value)
-    if text is not None and "\\u0000" in text:
-        text = _json_text(_without_nul(value))
+    if value is None:
+        return None
+    try:
+        text = orjson.dumps(value).decode()  # _json_text, inline: three columns per event
+    except TypeError:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    if "\\u0000" in text:
+        return _json_text(_without_nul(value))
     return text
 
 
