@@ -13,6 +13,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from ingestd.config_values import (
     Parser,
     Problems,
     Raw,
+    age,
     as_bool,
     as_float,
     as_int,
@@ -70,10 +72,11 @@ AUTH_RETRY_S = 300.0
 CONNECT_TIMEOUT_S = 10.0
 METRICS_LISTEN_DEFAULT = "127.0.0.1:9464"
 HEALTH_GRACE_S = 180.0  # three of the longest reconnect delays
+RETENTION_INTERVAL_S = 86400.0  # prune once a day
 
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _FORMATS = ("auto", "json", "console")
-_SECTIONS = ("database", "tts", "downlinks", "metrics", "logging")
+_SECTIONS = ("database", "tts", "downlinks", "metrics", "logging", "retention")
 _KEY_FIELDS = {"api_key": "api_key_file", "api_key_file": "api_key"}
 
 
@@ -205,6 +208,14 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RetentionSettings:
+    """``max_age`` set: the daemon prunes rows older than it once a day (``ingestd.prune``)."""
+
+    max_age: timedelta | None = None
+    interval_s: float = RETENTION_INTERVAL_S
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     """Everything ingestd is configured with; ``source`` says where it came from."""
 
@@ -214,6 +225,7 @@ class Settings:
     downlinks: DownlinkSettings = field(default_factory=DownlinkSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     source: str = "built-in defaults"
     # ``${VAR}`` problems of API keys, raised by require_credentials (run/check need a key;
     # migrate, status and import do not).
@@ -378,6 +390,7 @@ _SPECS: dict[str, dict[str, Parser]] = {
         "level": choice(_LEVELS, {"warn": "warning", "fatal": "critical"}),
         "format": choice(_FORMATS),
     },
+    "retention": {"max_age": age, "interval_s": _POSITIVE_FLOAT},
 }
 _SECTION_TYPES: dict[str, type[Any]] = {
     "database": DatabaseSettings,
@@ -385,6 +398,7 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "downlinks": DownlinkSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
+    "retention": RetentionSettings,
 }
 
 

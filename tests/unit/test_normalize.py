@@ -100,6 +100,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 0.061696,
                     "packet_error_rate": 0.0123,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
@@ -175,6 +176,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 0.00496,
                     "packet_error_rate": None,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
@@ -233,6 +235,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 0.185344,
                     "packet_error_rate": None,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
@@ -308,6 +311,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 0.056576,
                     "packet_error_rate": None,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
@@ -364,6 +368,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 2.113536,
                     "packet_error_rate": None,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
