@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 PLOT_WIDTH = 1100
 PLOT_HEIGHT = 300
 BAR_ROW_PX = 16  # height per device in the loss chart
-LOSS_DEVICES_MAX = 100  # worst devices charted; the table lists all
+LOSS_DEVICES_MAX = 50  # worst devices charted; the table lists all
 PALETTE = (
     "#1f77b4",
     "#ff7f0e",
@@ -188,6 +188,8 @@ def _per_app(hourly: Table) -> dict[str, dict[str, list[Any]]]:
 
 
 def _hourly_chart(hourly: Table) -> Any:
+    if not hourly.rows:
+        return None  # nothing to draw: the (empty) table says so
     from bokeh.models import ColumnDataSource, HoverTool
 
     p = _figure(x_axis_type="datetime", y_axis_label="uplinks / hour")
@@ -211,6 +213,8 @@ def _hourly_chart(hourly: Table) -> Any:
 
 
 def _signal_chart(hourly: Table) -> Any:
+    if not hourly.rows:
+        return None  # nothing to draw: the (empty) table says so
     from bokeh.layouts import column
 
     rssi = _figure(x_axis_type="datetime", y_axis_label="RSSI (dBm)", height=250)
@@ -225,6 +229,8 @@ def _signal_chart(hourly: Table) -> Any:
 
 
 def _loss_chart(loss: Table) -> Any:
+    if not loss.rows:
+        return None  # nothing to draw: the (empty) table says so
     from bokeh.models import ColumnDataSource, HoverTool
 
     rows = loss.rows[:LOSS_DEVICES_MAX]  # already worst first
@@ -242,7 +248,7 @@ def _loss_chart(loss: Table) -> Any:
         y_range=list(reversed(names)) or ["(none)"],
         x_axis_label="loss ratio",
         height=max(PLOT_HEIGHT // 2, 60 + BAR_ROW_PX * len(names)),
-        x_range=(0, 1),
+        x_range=(0, max(0.01, max(ratios, default=0.0) * 1.1)),
     )
     p.hbar(y="device", right="loss", height=0.8, source=src, color=PALETTE[3])
     p.add_tools(
@@ -258,6 +264,8 @@ def _loss_chart(loss: Table) -> Any:
 
 
 def _gateway_chart(gateways: Table) -> Any:
+    if not gateways.rows:
+        return None  # nothing to draw: the (empty) table says so
     from bokeh.layouts import row
     from bokeh.models import ColumnDataSource, HoverTool
 
@@ -286,6 +294,8 @@ def _gateway_chart(gateways: Table) -> Any:
         )
     )
     located = [i for i, lat in enumerate(gateways.column("latitude")) if lat is not None]
+    if not located:
+        return bars
     where = _figure(
         x_axis_label="longitude", y_axis_label="latitude", width=PLOT_WIDTH // 2, match_aspect=True
     )
@@ -298,6 +308,8 @@ def _gateway_chart(gateways: Table) -> Any:
 
 
 def _downlink_chart(downlinks: Table) -> Any:
+    if not downlinks.rows:
+        return None  # nothing to draw: the (empty) table says so
     statuses = [str(s) for s in downlinks.column("status")]
     p = _figure(x_range=statuses or ["(none)"], y_axis_label="downlinks", width=PLOT_WIDTH // 2)
     p.vbar(x=statuses, top=downlinks.column("downlinks"), width=0.7, color=PALETTE[4])
@@ -305,14 +317,13 @@ def _downlink_chart(downlinks: Table) -> Any:
 
 
 def _gap_chart(gaps: Table) -> Any:
-    streams = sorted({str(s) for s in gaps.column("stream")}) or ["(none)"]
+    bounded = [r for r in gaps.rows if r[1] is not None and r[2] is not None]
+    if not bounded:
+        return None  # nothing to draw: the (empty) table says so
+    streams = sorted({str(r[0]) for r in bounded})
     p = _figure(x_axis_type="datetime", y_range=streams, height=max(120, 60 + 30 * len(streams)))
     for state, color in (("open", PALETTE[3]), ("healed", PALETTE[2])):
-        picked = [
-            r
-            for r in gaps.rows
-            if r[gaps.columns.index("state")] == state and r[1] is not None and r[2] is not None
-        ]
+        picked = [r for r in bounded if r[gaps.columns.index("state")] == state]
         if picked:
             p.hbar(
                 y=[str(r[0]) for r in picked],

@@ -94,8 +94,8 @@ def load_report_data(
         )
         loss = _table(
             conn,
-            "SELECT application_id, device_id, SUM(received) AS received,"
-            " SUM(expected) AS expected, SUM(lost) AS lost,"
+            "SELECT application_id, device_id, CAST(SUM(received) AS BIGINT) AS received,"
+            " CAST(SUM(expected) AS BIGINT) AS expected, CAST(SUM(lost) AS BIGINT) AS lost,"
             " CAST(SUM(lost) AS DOUBLE PRECISION) / SUM(expected) AS loss_ratio"
             " FROM uplink_loss_daily WHERE day >= :day"
             + app
@@ -121,7 +121,7 @@ def load_report_data(
         )
         downlinks = _table(
             conn,
-            "SELECT status, COUNT(*) AS downlinks, SUM(nacks) AS nacks,"
+            "SELECT status, COUNT(*) AS downlinks, CAST(SUM(nacks) AS BIGINT) AS nacks,"
             " AVG(queued_after_s) AS queued_after_s_avg,"
             " AVG(sent_after_s) AS sent_after_s_avg, AVG(acked_after_s) AS acked_after_s_avg"
             " FROM downlink_status WHERE created_at >= :since"

@@ -1222,3 +1222,11 @@ def test_a_drop_event_finds_its_outbox_row_through_the_push_request_id(
 ) -> None:
     """as.down.data.drop has only context ids; the worker's X-Request-ID is in the rpc: id."""
     assert outbox_id_from(cids) == expected
+
+
+def test_a_simulated_uplink_is_marked_simulated() -> None:
+    """TTS marks Console/API "simulate uplink" with data.simulated; the views leave it out."""
+    event = load("uplink_lora_2gw")
+    assert normalize(event)[0].values["simulated"] is False
+    event["data"]["simulated"] = True
+    assert normalize(event)[0].values["simulated"] is True
