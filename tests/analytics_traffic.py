@@ -72,14 +72,29 @@ def fill(engine: Engine) -> None:
         uid = uplink_id("app", device, t, f_cnt)
         newest_a = device == "dev-a" and t == NEWEST_A
         rssi, snr = (-80.0, 8.0) if device == "dev-a" else (-90.0, 2.0)
-        up.append({
-            "uplink_id": uid, "event_unique_id": f"ev-{len(up):03d}", "application_id": "app",
-            "device_id": device, "session_key_id": session, "f_port": 1 if device == "dev-a" else 2,
-            "f_cnt": f_cnt, "confirmed": False, "received_at": t, "rssi": rssi, "snr": snr,
-            "gateway_count": 1 if device == "dev-a" else 2, "spreading_factor": 7 if device == "dev-a" else 9,
-            "bandwidth": 125000, "frequency": 868100000, "simulated": simulated,
-            "decoded_payload": PAYLOAD_A if newest_a else ({"temp": 99} if simulated else {"n": f_cnt}),
-        })
+        up.append(
+            {
+                "uplink_id": uid,
+                "event_unique_id": f"ev-{len(up):03d}",
+                "application_id": "app",
+                "device_id": device,
+                "session_key_id": session,
+                "f_port": 1 if device == "dev-a" else 2,
+                "f_cnt": f_cnt,
+                "confirmed": False,
+                "received_at": t,
+                "rssi": rssi,
+                "snr": snr,
+                "gateway_count": 1 if device == "dev-a" else 2,
+                "spreading_factor": 7 if device == "dev-a" else 9,
+                "bandwidth": 125000,
+                "frequency": 868100000,
+                "simulated": simulated,
+                "decoded_payload": PAYLOAD_A
+                if newest_a
+                else ({"temp": 99} if simulated else {"n": f_cnt}),
+            }
+        )
         if simulated:
             if device == "dev-a":
                 rx.append(_rx(uid, t, 0, "gw-2", -1.0, 20.0, None))
@@ -90,29 +105,83 @@ def fill(engine: Engine) -> None:
             rx.append(_rx(uid, t, 0, "gw-1", -100.0, 0.0, GW1_OLD))
             rx.append(_rx(uid, t, 1, "gw-2", -110.0, -5.0, None))
     outbox = [
-        {"id": 1, "application_id": "app", "device_id": "dev-a", "f_port": 1, "frm_payload": b"\x01",
-         "confirmed": True, "status": "acked", "attempts": 1, "created_at": T_DL,
-         "updated_at": at(T_DL, s=20), "queued_at": at(T_DL, s=1), "sent_at": at(T_DL, s=3),
-         "acked_at": at(T_DL, s=20), "finished_at": at(T_DL, s=20)},
-        {"id": 2, "application_id": "app", "device_id": "dev-b", "f_port": 1, "frm_payload": b"\x02",
-         "status": "failed", "attempts": 8, "created_at": at(T_DL, m=1), "updated_at": at(T_DL, m=5),
-         "last_error": "f_port_invalid", "finished_at": at(T_DL, m=5)},
-        {"id": 3, "application_id": "app", "device_id": "dev-b", "f_port": 1, "frm_payload": b"\x03",
-         "status": "pending", "created_at": at(T_DL, m=2), "updated_at": at(T_DL, m=2)},
+        {
+            "id": 1,
+            "application_id": "app",
+            "device_id": "dev-a",
+            "f_port": 1,
+            "frm_payload": b"\x01",
+            "confirmed": True,
+            "status": "acked",
+            "attempts": 1,
+            "created_at": T_DL,
+            "updated_at": at(T_DL, s=20),
+            "queued_at": at(T_DL, s=1),
+            "sent_at": at(T_DL, s=3),
+            "acked_at": at(T_DL, s=20),
+            "finished_at": at(T_DL, s=20),
+        },
+        {
+            "id": 2,
+            "application_id": "app",
+            "device_id": "dev-b",
+            "f_port": 1,
+            "frm_payload": b"\x02",
+            "status": "failed",
+            "attempts": 8,
+            "created_at": at(T_DL, m=1),
+            "updated_at": at(T_DL, m=5),
+            "last_error": "f_port_invalid",
+            "finished_at": at(T_DL, m=5),
+        },
+        {
+            "id": 3,
+            "application_id": "app",
+            "device_id": "dev-b",
+            "f_port": 1,
+            "frm_payload": b"\x03",
+            "status": "pending",
+            "created_at": at(T_DL, m=2),
+            "updated_at": at(T_DL, m=2),
+        },
     ]
     down = [
         (kind, at(T_DL, s=sec))
-        for kind, sec in (("receive", 0), ("forward", 2), ("sent", 3), ("nack", 10),
-                          ("sent", 11), ("ack", 20))
+        for kind, sec in (
+            ("receive", 0),
+            ("forward", 2),
+            ("sent", 3),
+            ("nack", 10),
+            ("sent", 11),
+            ("ack", 20),
+        )
     ]
     gaps = [
-        {"stream": "s1", "gap_start": at(D0, h=1), "gap_end": at(D0, h=2), "reason": "reconnect",
-         "detected_at": at(D0, h=2), "backfilled_at": at(D0, h=3), "recovered": 5},
-        {"stream": "s1", "gap_start": at(D1, h=1), "gap_end": at(D1, h=1, m=10),
-         "reason": "reconnect", "detected_at": at(D1, h=1, m=10)},
-        {"stream": "s1", "gap_start": at(D1, h=2), "gap_end": at(D1, h=2, m=5),
-         "reason": "sparse_replay", "detected_at": at(D1, h=2, m=5),
-         "backfilled_at": at(D1, h=3), "backfill_error": "storage integration answered 404"},
+        {
+            "stream": "s1",
+            "gap_start": at(D0, h=1),
+            "gap_end": at(D0, h=2),
+            "reason": "reconnect",
+            "detected_at": at(D0, h=2),
+            "backfilled_at": at(D0, h=3),
+            "recovered": 5,
+        },
+        {
+            "stream": "s1",
+            "gap_start": at(D1, h=1),
+            "gap_end": at(D1, h=1, m=10),
+            "reason": "reconnect",
+            "detected_at": at(D1, h=1, m=10),
+        },
+        {
+            "stream": "s1",
+            "gap_start": at(D1, h=2),
+            "gap_end": at(D1, h=2, m=5),
+            "reason": "sparse_replay",
+            "detected_at": at(D1, h=2, m=5),
+            "backfilled_at": at(D1, h=3),
+            "backfill_error": "storage integration answered 404",
+        },
     ]
     rejected = [
         ("s1", NOW - timedelta(hours=1)),
@@ -125,19 +194,32 @@ def fill(engine: Engine) -> None:
         conn.execute(sa.insert(schema.uplink_receptions), rx)
         for row in outbox:  # rows with different keys: one statement each
             conn.execute(sa.insert(schema.downlink_outbox), row)
-        conn.execute(sa.insert(schema.downlink_events), [
-            {"event_unique_id": f"dl-{i}", "kind": kind, "application_id": "app",
-             "device_id": "dev-a", "outbox_id": 1, "time": t}
-            for i, (kind, t) in enumerate(down)
-        ])
-        conn.execute(sa.insert(schema.stream_cursors), [
-            {"stream": "s1", "last_event_time": NOW - timedelta(seconds=10), "updated_at": NOW},
-        ])
+        conn.execute(
+            sa.insert(schema.downlink_events),
+            [
+                {
+                    "event_unique_id": f"dl-{i}",
+                    "kind": kind,
+                    "application_id": "app",
+                    "device_id": "dev-a",
+                    "outbox_id": 1,
+                    "time": t,
+                }
+                for i, (kind, t) in enumerate(down)
+            ],
+        )
+        conn.execute(
+            sa.insert(schema.stream_cursors),
+            [
+                {"stream": "s1", "last_event_time": NOW - timedelta(seconds=10), "updated_at": NOW},
+            ],
+        )
         for row in gaps:
             conn.execute(sa.insert(schema.stream_gaps), row)
-        conn.execute(sa.insert(schema.rejected_events), [
-            {"stream": s, "raw": "{", "error": "not JSON", "received_at": t} for s, t in rejected
-        ])
+        conn.execute(
+            sa.insert(schema.rejected_events),
+            [{"stream": s, "raw": "{", "error": "not JSON", "received_at": t} for s, t in rejected],
+        )
         if conn.dialect.name == "postgresql":  # explicit ids: move the sequence past them
             conn.exec_driver_sql(
                 "SELECT setval(pg_get_serial_sequence('downlink_outbox', 'id'), 3)"
@@ -145,13 +227,25 @@ def fill(engine: Engine) -> None:
 
 
 def _rx(
-    uid: str, t: datetime, index: int, gateway: str, rssi: float, snr: float,
+    uid: str,
+    t: datetime,
+    index: int,
+    gateway: str,
+    rssi: float,
+    snr: float,
     where: tuple[float, float, float] | None,
 ) -> dict[str, Any]:
     lat, lon, alt = where or (None, None, None)
     return {
-        "uplink_id": uid, "received_at": t, "reception_index": index, "gateway_id": gateway,
-        "rssi": rssi, "snr": snr, "latitude": lat, "longitude": lon, "altitude": alt,
+        "uplink_id": uid,
+        "received_at": t,
+        "reception_index": index,
+        "gateway_id": gateway,
+        "rssi": rssi,
+        "snr": snr,
+        "latitude": lat,
+        "longitude": lon,
+        "altitude": alt,
     }
 
 

@@ -22,7 +22,7 @@ from ingestd.report import write_report
 from ingestd.report_data import load_report_data
 
 RENDER_BUDGET_MS = 2000  # from navigation start to every plot drawn
-RENDER_TRIES = 3
+RENDER_TRIES = 5
 RENDERED = "document.body && document.body.dataset.renderMs"  # set by the page's marker script
 DEVICES, DAYS = 100, 7
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 from analytics_traffic import D1, NOW, fill
 from sqlalchemy.engine import Engine
 from support import make_settings, running, wait_for
 
 from ingestd import schema
+from ingestd.__main__ import main
 from ingestd.config import RetentionSettings
 from ingestd.db import create_engine
 from ingestd.prune import TABLES, prune
@@ -193,3 +196,22 @@ async def test_the_daemon_prunes_when_retention_max_age_is_set(db_url: str) -> N
     finally:
         engine.dispose()
         sim.stop()
+
+
+def test_prune_command_prints_rows_per_table(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = create_engine(db_url)
+    try:
+        _old_rows(engine, 7)
+    finally:
+        engine.dispose()
+    monkeypatch.setenv("INGESTD_DATABASE__URL", db_url)
+    assert main(["prune", "--older-than", "90d", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"would delete", out) and re.search(r"^\s+events\s+7$", out, re.M)
+    assert main(["prune", "--older-than", "90d"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+events\s+7$", out, re.M) and re.search(r"^\s+total\s+7 ", out, re.M)
+    assert main(["prune", "--older-than", "90 days"]) == 2
+    assert "--older-than: expected a positive duration" in capsys.readouterr().err

@@ -75,8 +75,14 @@ def test_device_last_seen(filled: Engine) -> None:
 def test_uplink_loss_per_session(filled: Engine) -> None:
     got = {
         (r["device_id"], r["session_key_id"]): (
-            r["first_f_cnt"], r["last_f_cnt"], r["received"], r["expected"], r["lost"],
-            r["loss_ratio"], r["rollovers"], r["resets"],
+            r["first_f_cnt"],
+            r["last_f_cnt"],
+            r["received"],
+            r["expected"],
+            r["lost"],
+            r["loss_ratio"],
+            r["rollovers"],
+            r["resets"],
         )
         for r in _rows(filled, "SELECT * FROM uplink_loss")
     }
@@ -92,7 +98,12 @@ def test_uplink_loss_per_session(filled: Engine) -> None:
 
 def test_uplink_loss_daily_adds_up_to_the_sessions(filled: Engine) -> None:
     got = {
-        (r["device_id"], as_day(r["day"])): (r["received"], r["expected"], r["lost"], r["loss_ratio"])
+        (r["device_id"], as_day(r["day"])): (
+            r["received"],
+            r["expected"],
+            r["lost"],
+            r["loss_ratio"],
+        )
         for r in _rows(filled, "SELECT * FROM uplink_loss_daily")
     }
     expected: dict[tuple[str, date], list[int]] = defaultdict(lambda: [0, 0])
@@ -130,7 +141,12 @@ def test_downlink_status(filled: Engine) -> None:
     rows = {r["outbox_id"]: r for r in _rows(filled, "SELECT * FROM downlink_status")}
     assert set(rows) == {1, 2, 3}
     acked = rows[1]
-    assert (acked["status"], acked["attempts"], acked["nacks"], acked["events"]) == ("acked", 1, 1, 6)
+    assert (acked["status"], acked["attempts"], acked["nacks"], acked["events"]) == (
+        "acked",
+        1,
+        1,
+        6,
+    )
     assert as_time(acked["created_at"]) == T_DL
     # queued: the push's HTTP answer (1 s) came before the forward event (2 s).
     assert as_time(acked["queued_at"]) == at(T_DL, s=1)
@@ -138,9 +154,22 @@ def test_downlink_status(filled: Engine) -> None:
     assert as_time(acked["acked_at"]) == at(T_DL, s=20)
     assert (acked["queued_after_s"], acked["sent_after_s"], acked["acked_after_s"]) == (1, 2, 17)
     failed = rows[2]
-    assert (failed["status"], failed["attempts"], failed["last_error"]) == ("failed", 8, "f_port_invalid")
-    assert (failed["queued_at"], failed["sent_at"], failed["acked_at"], failed["events"]) == (None, None, None, 0)
-    assert (rows[3]["status"], rows[3]["queued_at"], rows[3]["queued_after_s"]) == ("pending", None, None)
+    assert (failed["status"], failed["attempts"], failed["last_error"]) == (
+        "failed",
+        8,
+        "f_port_invalid",
+    )
+    assert (failed["queued_at"], failed["sent_at"], failed["acked_at"], failed["events"]) == (
+        None,
+        None,
+        None,
+        0,
+    )
+    assert (rows[3]["status"], rows[3]["queued_at"], rows[3]["queued_after_s"]) == (
+        "pending",
+        None,
+        None,
+    )
 
 
 def test_stream_health(filled: Engine) -> None:
@@ -152,7 +181,12 @@ def test_stream_health(filled: Engine) -> None:
     # The failed backfill leaves its gap open; only the backfilled one is healed.
     assert (s1["gaps_open"], s1["gaps_healed"], s1["recovered"]) == (2, 1, 5)
     assert (s1["gap_seconds"], s1["open_gap_seconds"], s1["rejected_24h"]) == (4500, 900, 2)
-    assert (s2["cursor_at"], s2["gaps_open"], s2["gap_seconds"], s2["rejected_24h"]) == (None, 0, 0, 1)
+    assert (s2["cursor_at"], s2["gaps_open"], s2["gap_seconds"], s2["rejected_24h"]) == (
+        None,
+        0,
+        0,
+        1,
+    )
 
 
 def test_uplink_fields_flattens_decoded_payloads(filled: Engine) -> None:
@@ -188,7 +222,9 @@ def test_views_at_head_are_the_ones_in_ingestd_views(engine: Engine) -> None:
             else:
                 conn.exec_driver_sql(f"CREATE TEMP VIEW check_{name} AS {sql}")
                 a, b = conn.execute(
-                    sa.text("SELECT pg_get_viewdef(CAST(:a AS regclass)), pg_get_viewdef(CAST(:b AS regclass))"),
+                    sa.text(
+                        "SELECT pg_get_viewdef(CAST(:a AS regclass)), pg_get_viewdef(CAST(:b AS regclass))"
+                    ),
                     {"a": name, "b": f"check_{name}"},
                 ).one()
                 assert a == b, name
