@@ -49,11 +49,11 @@ def _older(table: sa.Table, column: str) -> Callable[[datetime], sa.ColumnElemen
 
 
 def _gap_prunable(cutoff: datetime) -> sa.ColumnElement[bool]:
-    """A healed gap (backfilled without error) whose window ended before the cutoff."""
+    """A healed gap (a backfill pass done, no error since) whose window ended before the cutoff."""
     g = schema.stream_gaps
     return sa.and_(
         sa.func.coalesce(g.c.gap_end, g.c.detected_at) < cutoff,
-        g.c.backfilled_at.is_not(None),
+        g.c.backfill_passes > 0,
         g.c.backfill_error.is_(None),
     )
 

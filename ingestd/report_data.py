@@ -132,7 +132,7 @@ def load_report_data(
         gaps = _table(
             conn,
             "SELECT stream, gap_start, gap_end, reason,"
-            " CASE WHEN backfilled_at IS NOT NULL AND backfill_error IS NULL"
+            " CASE WHEN backfill_passes > 0 AND backfill_error IS NULL"
             " THEN 'healed' ELSE 'open' END AS state, recovered, backfill_error"
             " FROM stream_gaps WHERE COALESCE(gap_end, detected_at) >= :since"
             " ORDER BY gap_start, stream",

@@ -247,7 +247,7 @@ FROM outbox_rows"""
 
 
 def _stream_health(d: Dialect) -> str:
-    healed = "(backfilled_at IS NOT NULL AND backfill_error IS NULL)"
+    healed = "(backfill_passes > 0 AND backfill_error IS NULL)"  # = ingestd.backfill
     duration = f"COALESCE({_seconds(d, 'gap_start', 'gap_end')}, 0)"
     return f"""
 WITH streams AS (

@@ -164,6 +164,7 @@ def fill(engine: Engine) -> None:
             "reason": "reconnect",
             "detected_at": at(D0, h=2),
             "backfilled_at": at(D0, h=3),
+            "backfill_passes": 1,
             "recovered": 5,
         },
         {
@@ -180,6 +181,7 @@ def fill(engine: Engine) -> None:
             "reason": "sparse_replay",
             "detected_at": at(D1, h=2, m=5),
             "backfilled_at": at(D1, h=3),
+            "backfill_passes": 1,
             "backfill_error": "storage integration answered 404",
         },
     ]

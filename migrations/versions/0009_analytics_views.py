@@ -213,10 +213,10 @@ WITH streams AS (
 ),
 g AS (
     SELECT stream,
-           CAST(SUM(CASE WHEN (backfilled_at IS NOT NULL AND backfill_error IS NULL) THEN 0 ELSE 1 END) AS BIGINT) AS gaps_open,
-           CAST(SUM(CASE WHEN (backfilled_at IS NOT NULL AND backfill_error IS NULL) THEN 1 ELSE 0 END) AS BIGINT) AS gaps_healed,
+           CAST(SUM(CASE WHEN (backfill_passes > 0 AND backfill_error IS NULL) THEN 0 ELSE 1 END) AS BIGINT) AS gaps_open,
+           CAST(SUM(CASE WHEN (backfill_passes > 0 AND backfill_error IS NULL) THEN 1 ELSE 0 END) AS BIGINT) AS gaps_healed,
            SUM(COALESCE(round((julianday(gap_end) - julianday(gap_start)) * 86400.0, 3), 0)) AS gap_seconds,
-           SUM(CASE WHEN (backfilled_at IS NOT NULL AND backfill_error IS NULL) THEN 0 ELSE COALESCE(round((julianday(gap_end) - julianday(gap_start)) * 86400.0, 3), 0) END) AS open_gap_seconds,
+           SUM(CASE WHEN (backfill_passes > 0 AND backfill_error IS NULL) THEN 0 ELSE COALESCE(round((julianday(gap_end) - julianday(gap_start)) * 86400.0, 3), 0) END) AS open_gap_seconds,
            CAST(SUM(recovered) AS BIGINT) AS recovered
     FROM stream_gaps
     GROUP BY stream
@@ -469,10 +469,10 @@ WITH streams AS (
 ),
 g AS (
     SELECT stream,
-           CAST(SUM(CASE WHEN (backfilled_at IS NOT NULL AND backfill_error IS NULL) THEN 0 ELSE 1 END) AS BIGINT) AS gaps_open,
-           CAST(SUM(CASE WHEN (backfilled_at IS NOT NULL AND backfill_error IS NULL) THEN 1 ELSE 0 END) AS BIGINT) AS gaps_healed,
+           CAST(SUM(CASE WHEN (backfill_passes > 0 AND backfill_error IS NULL) THEN 0 ELSE 1 END) AS BIGINT) AS gaps_open,
+           CAST(SUM(CASE WHEN (backfill_passes > 0 AND backfill_error IS NULL) THEN 1 ELSE 0 END) AS BIGINT) AS gaps_healed,
            SUM(COALESCE(CAST(round(CAST(EXTRACT(EPOCH FROM (gap_end - gap_start)) AS numeric), 3) AS DOUBLE PRECISION), 0)) AS gap_seconds,
-           SUM(CASE WHEN (backfilled_at IS NOT NULL AND backfill_error IS NULL) THEN 0 ELSE COALESCE(CAST(round(CAST(EXTRACT(EPOCH FROM (gap_end - gap_start)) AS numeric), 3) AS DOUBLE PRECISION), 0) END) AS open_gap_seconds,
+           SUM(CASE WHEN (backfill_passes > 0 AND backfill_error IS NULL) THEN 0 ELSE COALESCE(CAST(round(CAST(EXTRACT(EPOCH FROM (gap_end - gap_start)) AS numeric), 3) AS DOUBLE PRECISION), 0) END) AS open_gap_seconds,
            CAST(SUM(recovered) AS BIGINT) AS recovered
     FROM stream_gaps
     GROUP BY stream

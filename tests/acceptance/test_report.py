@@ -99,6 +99,7 @@ def _fleet(engine: Engine) -> None:
             "gap_end": now - timedelta(hours=10 * i),
             "reason": "reconnect",
             "backfilled_at": now if i % 3 else None,
+            "backfill_passes": 1 if i % 3 else 0,
         }
         for i in range(10)
     ]

@@ -108,7 +108,7 @@ def test_prune_deletes_exactly_the_old_rows_and_keeps_what_must_stay(engine: Eng
         ).scalars().all() == [3, 4]
         assert (
             conn.execute(
-                sa.text("SELECT COUNT(*) FROM stream_gaps WHERE backfilled_at IS NULL")
+                sa.text("SELECT COUNT(*) FROM stream_gaps WHERE backfill_passes = 0")
             ).scalar_one()
             == 1
         )
