@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("file", metavar="FILE|-")
     imp.add_argument("--stream", default="import", help="cursor key for this import")
 
+    from ingestd import backfill
+
+    backfill.add_arguments(
+        sub.add_parser("backfill", help="fetch a time window from the Storage Integration")
+    )
+
     prune = sub.add_parser("prune", help="delete event rows older than a duration (retention)")
     prune.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 90d, 12h")
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
@@ -101,6 +107,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "demo": commands.demo,
         "prune": commands.prune,
         "report": commands.report,
+        "backfill": commands.backfill,
     }
     return handlers[args.command](args)
 

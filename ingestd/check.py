@@ -253,7 +253,40 @@ async def check_stream(stream: StreamSettings, client: httpx.AsyncClient) -> lis
         if STORE_DISABLED_WARNING in warning:
             text += " (no event store: resumes cannot replay; outages become gaps)"
         lines.append(CheckLine(word="warn", subject=subject, detail=text))
+    lines.append(await _check_storage(stream, client, subject))
     return lines
+
+
+async def _check_storage(
+    stream: StreamSettings, client: httpx.AsyncClient, subject: str
+) -> CheckLine:
+    """Does the Storage Integration answer this key (the backfill's source)? Never a FAIL:
+    the daemon runs without it, its gaps just stay open."""
+    from ingestd.storage import StorageClient, StorageState
+
+    assert stream.api_key is not None
+    storage = StorageClient(
+        client,
+        base_url=stream.base_url,
+        api_key=stream.api_key.reveal(),
+        application_id=stream.application_id,
+        attempts=1,
+        timeout_s=stream.connect_timeout_s + FIRST_FRAME_EXTRA_S,
+    )
+    device = stream.device_ids[0] if stream.device_ids else None
+    try:
+        state = await storage.probe(device)
+    except IngestdError as exc:
+        return CheckLine(word="warn", subject=subject, detail=f"storage: no answer ({exc})")
+    detail = {
+        StorageState.OK: "storage: the Storage Integration answers; gaps can be healed",
+        StorageState.NOT_ENABLED: "storage: not enabled (404; open-source TTS has none, on TTS "
+        "Cloud/Enterprise enable the Storage Integration): gaps cannot be healed",
+        StorageState.NO_RIGHTS: "storage: no rights (the key needs 'read application "
+        "traffic'): gaps cannot be healed",
+    }[state]
+    return CheckLine(word="ok" if state is StorageState.OK else "warn", subject=subject,
+                     detail=detail)
 
 
 async def _first(frames: AsyncIterator[bytes]) -> bytes | None:

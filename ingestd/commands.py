@@ -130,6 +130,13 @@ class _Progress:
         sys.stderr.flush()
 
 
+def backfill(args: argparse.Namespace) -> int:
+    """``ingestd backfill``: heal a window from the Storage Integration (ingestd.backfill)."""
+    from ingestd.backfill import run_cli
+
+    return run_cli(args, _settings(args))
+
+
 def run(args: argparse.Namespace) -> int:
     """``ingestd run``: the daemon."""
     from ingestd.service import run_service

@@ -76,7 +76,7 @@ RETENTION_INTERVAL_S = 86400.0  # prune once a day
 
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _FORMATS = ("auto", "json", "console")
-_SECTIONS = ("database", "tts", "downlinks", "metrics", "logging", "retention")
+_SECTIONS = ("database", "tts", "downlinks", "metrics", "logging", "backfill", "retention")
 _KEY_FIELDS = {"api_key": "api_key_file", "api_key_file": "api_key"}
 
 
@@ -208,6 +208,19 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BackfillSettings:
+    """Healing gaps from the Storage Integration (ingestd.backfill); on by default."""
+
+    enabled: bool = True
+    settle_s: float = 120.0  # wait this long after a gap's end: storage writes are batched
+    recheck_s: float = 1800.0  # then fetch the window once more, this long after the first pass
+    margin_s: float = 60.0  # widen each gap by this on both sides (event time vs received_at)
+    poll_interval_s: float = 30.0  # how often to look for due gaps
+    retry_s: float = 3600.0  # after a 404/403 or a failure, try a stream again this much later
+    page_limit: int = 1000  # messages per storage request (TTN answers at most 1 000)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RetentionSettings:
     """``max_age`` set: the daemon prunes rows older than it once a day (``ingestd.prune``)."""
 
@@ -225,6 +238,7 @@ class Settings:
     downlinks: DownlinkSettings = field(default_factory=DownlinkSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    backfill: BackfillSettings = field(default_factory=BackfillSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     source: str = "built-in defaults"
     # ``${VAR}`` problems of API keys, raised by require_credentials (run/check need a key;
@@ -386,6 +400,15 @@ _SPECS: dict[str, dict[str, Parser]] = {
         "stale_claim_s": _POSITIVE_FLOAT,
     },
     "metrics": {"listen": listen, "health_grace_s": _POSITIVE_FLOAT},
+    "backfill": {
+        "enabled": as_bool,
+        "settle_s": checked(as_float, non_negative),
+        "recheck_s": _POSITIVE_FLOAT,
+        "margin_s": checked(as_float, non_negative),
+        "poll_interval_s": _POSITIVE_FLOAT,
+        "retry_s": _POSITIVE_FLOAT,
+        "page_limit": checked(as_int, positive),
+    },
     "logging": {
         "level": choice(_LEVELS, {"warn": "warning", "fatal": "critical"}),
         "format": choice(_FORMATS),
@@ -398,6 +421,7 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "downlinks": DownlinkSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
+    "backfill": BackfillSettings,
     "retention": RetentionSettings,
 }
 

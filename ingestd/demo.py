@@ -8,15 +8,18 @@ and the downlink worker draining one row queued with a plain SQL ``INSERT``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
 
 from ingestd import migrate
 from ingestd.config import (
+    BackfillSettings,
     DatabaseSettings,
     DownlinkSettings,
     MetricsSettings,
@@ -30,6 +33,8 @@ from ingestd.simulator import Simulator
 
 DEMO_DEVICES = 5
 DEMO_UPLINKS_PER_S = 8.0
+DEMO_REPLAY_EVENTS = 40  # events the simulated TTS keeps for replay
+DEMO_OUTAGE_UPLINKS = 100
 DOWNLINK_TIMEOUT_S = 20.0
 POLL_S = 0.1
 
@@ -53,17 +58,64 @@ def run_demo(*, database: str, seconds: float) -> int:
     _quiet_logs()
     print(f"ingestd demo: simulated TTS + daemon into {path} for {seconds:.0f} s")
     with Simulator(
-        devices=DEMO_DEVICES, uplink_rate=DEMO_UPLINKS_PER_S, downlink_ack_delay_s=1.0, seed=7
+        devices=DEMO_DEVICES, uplink_rate=DEMO_UPLINKS_PER_S, downlink_ack_delay_s=1.0, seed=7,
+        store_entity_count=DEMO_REPLAY_EVENTS, storage_enabled=True,
     ) as sim:
         settings = _settings(sim, url)
         engine = create_engine(url)
         try:
             migrate.upgrade(engine)
             status = asyncio.run(_run(settings, engine, sim, seconds))
+            healed = asyncio.run(_outage_and_heal(settings, engine, sim))
             _print_summary(engine, path, status)
         finally:
             engine.dispose()
-    return 0 if status == "acked" else 1
+    return 0 if status == "acked" and healed else 1
+
+
+async def _outage_and_heal(settings: Settings, engine: sa.Engine, sim: Simulator) -> bool:
+    """The daemon is down while more uplinks arrive than TTS replays; storage heals the gap."""
+    sim.uplinks(DEMO_OUTAGE_UPLINKS)
+    print(f"\n  daemon stopped; {DEMO_OUTAGE_UPLINKS} uplinks arrive meanwhile (the simulated TTS "
+          f"replays only the last {DEMO_REPLAY_EVENTS} events)")
+    settings = dataclasses.replace(
+        settings, backfill=BackfillSettings(settle_s=0.0, poll_interval_s=0.2)
+    )
+    stop = asyncio.Event()
+    healed = False
+    async with Service(settings) as service:
+        task = asyncio.create_task(service.run(stop))
+        try:
+            deadline = time.monotonic() + DOWNLINK_TIMEOUT_S
+            while time.monotonic() < deadline and not healed:
+                await asyncio.sleep(POLL_S)
+                row = await asyncio.to_thread(_gap, engine)
+                healed = row is not None and row.backfill_passes > 0
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=10)
+    row = await asyncio.to_thread(_gap, engine)
+    if row is None:
+        print("  no gap was recorded")
+        return False
+    print(f"  restarted: gap recorded ({row.reason}, {str(row.gap_start)[11:23]} -> "
+          f"{str(row.gap_end)[11:23]} UTC)")
+    if healed:
+        print(f"  healed from the Storage Integration: {row.recovered} uplinks recovered "
+              "(source = 'storage')")
+    else:
+        print(f"  not healed: {row.backfill_error or 'timed out'}")
+    return healed
+
+
+def _gap(engine: sa.Engine) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT reason, gap_start, gap_end, recovered, backfill_passes, backfill_error "
+                "FROM stream_gaps ORDER BY id DESC LIMIT 1"
+            )
+        ).first()
 
 
 def _settings(sim: Simulator, url: str) -> Settings:

@@ -14,6 +14,7 @@ Retries are decided by class, never by message::
         ├── AuthRejected            401/403 from TTS (``status_code``, ``error_name``)
         ├── RequestRejected         other 4xx from TTS (``status_code``, ``error_name``)
         ├── StreamError             an ``{"error": …}`` frame ended the stream
+        ├── StorageNotEnabled       404 from the Storage Integration API (none on this server)
         ├── MalformedEvent          an event that cannot be normalized (goes to rejected_events)
         └── SchemaNotReady          the database is not migrated to this version's head
 """
@@ -105,6 +106,11 @@ class RequestRejected(PermanentError, TtsError):
 
 class StreamError(PermanentError, TtsError):
     """The Things Stack ended the stream with an error frame."""
+
+
+class StorageNotEnabled(PermanentError, TtsError):
+    """The Storage Integration is not available here (404): open-source TTS has none, and
+    on TTS Cloud/Enterprise it must be enabled for the application."""
 
 
 class MalformedEvent(PermanentError):

@@ -48,6 +48,7 @@ class Service:
         self.client: httpx.AsyncClient | None = None
         self.consumers: list[StreamConsumer] = []
         self.metrics_port: int | None = None
+        self.backfill_task: Any = None  # ingestd.backfill.BackfillTask while running
 
     async def __aenter__(self) -> Service:
         if self._entered:
@@ -128,6 +129,8 @@ class Service:
         for i, worker in enumerate(self._downlink_workers()):
             name = f"downlink:{i}"
             tasks[name] = asyncio.create_task(worker.run(downlink_stop), name=name)
+        if self.settings.backfill.enabled and self.settings.streams:
+            tasks["backfill"] = asyncio.create_task(self._backfill().run(stop), name="backfill")
         side: dict[str, asyncio.Task[Any]] = {
             "ready": asyncio.create_task(self._notify_ready(stop), name="ready"),
             "watchdog": asyncio.create_task(self._watchdog(stop), name="watchdog"),
@@ -149,6 +152,8 @@ class Service:
         finally:
             sdnotify.stopping()
             stop.set()
+            # Backfill can stop anywhere: each page commits whole, an unrecorded pass reruns.
+            await cancel_and_wait([t for n, t in tasks.items() if n == "backfill"])
             streams = [t for n, t in tasks.items() if n.startswith("stream:")]
             await asyncio.gather(*streams, return_exceptions=True)
             downlinks = [t for n, t in tasks.items() if n.startswith("downlink:")]
@@ -180,6 +185,18 @@ class Service:
                     log.error("task_failed", task=name, error=repr(exc))
                     return exc or RuntimeError(f"task {name} ended unexpectedly")
         return None
+
+    def _backfill(self) -> Any:
+        from ingestd.backfill import BackfillTask  # heals gaps from the Storage Integration
+
+        assert self.engine is not None and self.client is not None
+        self.backfill_task = BackfillTask(
+            self.settings.streams,
+            engine=self.engine,
+            client=self.client,
+            settings=self.settings.backfill,
+        )
+        return self.backfill_task
 
     def _downlink_workers(self) -> list[Any]:
         d = self.settings.downlinks

@@ -22,6 +22,7 @@ import orjson
 
 from ingestd import eventgen
 from ingestd.sim_downlink import DownlinkRequest
+from ingestd.sim_storage import STORAGE_RE
 from ingestd.sim_store import (
     ERROR_FOR_STATUS,
     SimError,
@@ -353,6 +354,13 @@ async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
             body=_json_or_none(body), headers=recorded, request_id=request_id, status=status,
             error_name=_error_name(answer)))
         await _respond(send, status, base + extra, answer)
+    elif (storage := STORAGE_RE.match(path)) and method == "GET" and sim.storage.enabled:
+        if sim.storage.delay_s:
+            await asyncio.sleep(sim.storage.delay_s)
+        status, extra, data = sim.storage.handle(
+            match=storage, query_string=scope["query_string"], headers=headers,
+            authorize=sim.authorize)
+        await _respond_raw(send, status, base + extra, data)
     elif path == "/api/v3/events/related" and method == "GET":
         status, answer = _related(sim, scope, headers)
         await _respond(send, status, base, answer)
@@ -385,7 +393,9 @@ def _control(sim: Simulator, path: str, body: bytes) -> dict[str, Any]:
             conn.close()
     elif path == "/_sim/faults":
         for key, value in args.items():
-            if hasattr(sim, key) and not key.startswith("_"):
+            if key.startswith("storage_") and hasattr(sim.storage, key[8:]):
+                setattr(sim.storage, key[8:], value)  # e.g. storage_enabled, storage_forbidden
+            elif hasattr(sim, key) and not key.startswith("_"):
                 setattr(sim, key, value)
     return {"streams": len(sim.conns), "events": len(sim.events),
             "dropped_events": sim.dropped_events,
@@ -398,6 +408,16 @@ async def _respond(send: Send, status: int, headers: list[tuple[str, str]], body
     raw += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     if status == 401:  # grpc-gateway copies the status message here
         raw.append((b"www-authenticate", str(body.get("message", "")).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _respond_raw(send: Send, status: int, headers: list[tuple[str, str]],
+                       data: bytes) -> None:
+    raw = [(k.encode(), v.encode()) for k, v in headers]
+    if not any(k == "content-type" for k, _ in headers):
+        raw.append((b"content-type", b"application/json"))
+    raw.append((b"content-length", str(len(data)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})
 

@@ -28,6 +28,7 @@ import uvicorn
 from ingestd import eventgen, sim_http
 from ingestd.sim_downlink import DownlinkApi, DownlinkRequest, SimDevice
 from ingestd.sim_http import StreamConn, StreamRequest
+from ingestd.sim_storage import StorageApi
 from ingestd.sim_store import EventStore, RateLimiter, SimError
 
 log = structlog.get_logger()
@@ -75,6 +76,10 @@ class Simulator:
     fail_next_requests: list[int] = field(default_factory=list)  # statuses for next streams
     api_key_expired: bool = False  # every request then gets 401 api_key_expired
     stream_requests: list[StreamRequest] = field(default_factory=list)
+    # Storage Integration (ingestd.sim_storage); off like open-source TTS unless enabled:
+    storage_enabled: bool = False
+    storage_retention_s: float = 30 * 86400.0
+    storage_write_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -101,6 +106,10 @@ class Simulator:
             rate_limiter=RateLimiter(per_min) if per_min else None,
             rng=random.Random(self.rng.random()))
         self.downlink_requests: list[DownlinkRequest] = self.downlinks.requests
+        self.storage = StorageApi(
+            application_id=self.application_id, enabled=self.storage_enabled,
+            retention_s=self.storage_retention_s, write_delay_s=self.storage_write_delay_s,
+            rate_limiter=RateLimiter(per_min) if per_min else None)
         self.fail_next_pushes = self.downlinks.fail_next_pushes  # device → statuses
         self.failing_devices = self.downlinks.failing_devices  # → as.down.data.failed.forward
         self.nacking_devices = self.downlinks.nacking_devices  # confirmed → nack.forward
@@ -197,8 +206,9 @@ class Simulator:
     # --- scripting ---------------------------------------------------------------------
 
     def publish(self, event: dict[str, Any]) -> None:
-        """Store ``event`` and send it to every matching open stream."""
+        """Store ``event`` and send it to every matching open stream (and to storage)."""
         self.event_store.publish(event)
+        self.storage.record(event)
 
     def next_time(self) -> datetime:
         """Now, but strictly after the previous generated event (1 µs apart at least)."""
@@ -338,6 +348,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out-of-order", type=int, default=0, help="shuffle events within windows of N")
     add("--rate-limit", type=int, default=None, help="requests per minute per key (429 beyond)")
     add("--seed", type=int, default=None, help="seed for reproducible keys and events")
+    add("--storage", action="store_true",
+        help="serve the Storage Integration API (TTS Cloud/Enterprise; off = open source)")
+    add("--storage-retention", type=float, default=30 * 86400.0,
+        help="seconds the storage keeps messages (default: 30 days)")
+    add("--storage-write-delay", type=float, default=0.0,
+        help="seconds until a message appears in storage (writes are batched)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,7 +364,9 @@ def run(args: argparse.Namespace) -> int:
         payload_ttl_s=args.payload_ttl, gateways=args.gateways, uplink_rate=args.rate,
         rate_limit_per_min=args.rate_limit, seed=args.seed, host=args.host, port=args.port,
         drop_every_n_frames=args.drop_every, out_of_order_window=args.out_of_order,
-        max_recorded_events=10_000)
+        max_recorded_events=10_000, storage_enabled=args.storage,
+        storage_retention_s=args.storage_retention,
+        storage_write_delay_s=args.storage_write_delay)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -191,6 +191,17 @@ def _stream_status(
             sa.select(count).where(gaps.c.stream == name, gaps.c.detected_at > day_ago)
         ).scalar_one(),
         "gaps_total": conn.execute(sa.select(count).where(gaps.c.stream == name)).scalar_one(),
+        # Healed: backfilled from the Storage Integration with no error since (ingestd.backfill).
+        "gaps_healed": conn.execute(
+            sa.select(count).where(
+                gaps.c.stream == name, gaps.c.backfill_passes > 0, gaps.c.backfill_error.is_(None)
+            )
+        ).scalar_one(),
+        "gaps_recovered_rows": conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(gaps.c.recovered), 0)).where(
+                gaps.c.stream == name
+            )
+        ).scalar_one(),
         "latest_gap": None
         if latest_gap is None
         else {
@@ -281,6 +292,12 @@ def render(report: dict[str, Any]) -> list[str]:
             details.append(
                 f"  {s['name']}: latest of {s['gaps_total']} gaps: {_clock(gap['gap_start'])} -> "
                 f"{_clock(gap['gap_end'])} {gap['reason']} (detected {_clock(gap['detected_at'])})"
+            )
+        if s["gaps_total"]:
+            open_gaps = s["gaps_total"] - s["gaps_healed"]
+            details.append(
+                f"  {s['name']}: gaps {s['gaps_healed']:,} healed, {open_gaps:,} open "
+                f"({s['gaps_recovered_rows']:,} rows recovered from the Storage Integration)"
             )
         if s["rejected_last_24h"]:
             details.append(

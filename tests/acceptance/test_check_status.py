@@ -125,8 +125,12 @@ def test_check_passes_against_the_simulator(db_url: str, tmp_path: Path, sim: Si
     assert list(verdicts) == [
         "config", "database", "schema", "stream water-meters", "stream meter-1", "downlinks"
     ]
-    for subject in ("config", "database", "schema", "stream water-meters", "stream meter-1"):
+    for subject in ("config", "database", "schema"):
         assert [w for w, _ in verdicts[subject]] == ["ok"], verdicts[subject]
+    for subject in ("stream water-meters", "stream meter-1"):
+        # This simulator has no Storage Integration, like open-source TTS: a warning only.
+        assert [w for w, _ in verdicts[subject]] == ["ok", "warn"], verdicts[subject]
+        assert "storage: not enabled (404" in verdicts[subject][1][1]
     assert verdicts["downlinks"][0][0] == "note"
     assert "2 streams, downlinks on" in verdicts["config"][0][1]
     assert "sim-app" in verdicts["stream water-meters"][0][1]
@@ -353,3 +357,24 @@ def test_status_matches_the_database_after_an_import(db_url: str, tmp_path: Path
     assert "pending 3" in rows["outbox"] and "failed 1" in rows["outbox"]
     assert "oldest pending 5m" in rows["outbox"]
     assert "api_key_expired" in human.stdout
+
+
+def test_check_reports_whether_the_storage_integration_answers(
+    db_url: str, tmp_path: Path
+) -> None:
+    sim = Simulator(storage_enabled=True, seed=2).start()
+    try:
+        streams = [{"name": "app", "application_id": "sim-app"}]
+        cfg = _write_config(tmp_path, db_url=db_url, base_url=sim.base_url, api_key=sim.api_key,
+                            streams=streams)
+        res = _ingestd(cfg, "check")
+        assert res.returncode == 0, res.stdout + res.stderr
+        lines = _verdicts(res.stdout)["stream app"]
+        assert lines[-1][0] == "ok" and "Storage Integration answers" in lines[-1][1]
+        sim.storage.forbidden = True
+        res = _ingestd(cfg, "check")
+        assert res.returncode == 0  # the daemon runs without storage: not a failure
+        lines = _verdicts(res.stdout)["stream app"]
+        assert lines[-1][0] == "warn" and "no rights" in lines[-1][1]
+    finally:
+        sim.stop()
