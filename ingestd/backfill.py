@@ -34,10 +34,9 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 import structlog
-from prometheus_client import Counter, Gauge
 from sqlalchemy.engine import Connection, Engine
 
-from ingestd import schema
+from ingestd import metrics, schema
 from ingestd.aio import sleep_or_stop
 from ingestd.config import BackfillSettings, StreamSettings
 from ingestd.errors import (
@@ -48,7 +47,6 @@ from ingestd.errors import (
     StoreUnavailable,
     TransientError,
 )
-from ingestd.metrics import REGISTRY
 from ingestd.models import Row
 from ingestd.normalize import normalize_application_up
 from ingestd.storage import Page, StorageClient
@@ -59,28 +57,14 @@ log = structlog.get_logger()
 TABLES = ("uplinks", "uplink_receptions", "joins")  # parents first
 UP_TYPES = ("uplink_message",)  # TTS Cloud storage keeps only uplinks
 
-# Beside the other ingestd_* series (same registry); defined here, where they are counted.
-BACKFILL_ROWS = Counter(
-    "ingestd_backfill_rows_total",
-    "Rows healed from the Storage Integration (new to the database), by stream.",
-    ("stream",),
-    registry=REGISTRY,
-)
-GAPS_BY_STATE = Gauge(
-    "ingestd_backfill_gaps",
-    "Gaps in stream_gaps by state: open (not healed, or backfill failed) or healed.",
-    ("stream", "state"),
-    registry=REGISTRY,
-)
-
 
 def record_metrics_rows(stream: str, rows: int) -> None:
-    BACKFILL_ROWS.labels(stream).inc(rows)
+    metrics.BACKFILL_ROWS.labels(stream).inc(rows)
 
 
 def record_metrics_gaps(stream: str, open_: int, healed: int) -> None:
-    GAPS_BY_STATE.labels(stream, "open").set(open_)
-    GAPS_BY_STATE.labels(stream, "healed").set(healed)
+    metrics.BACKFILL_GAPS.labels(stream, "open").set(open_)
+    metrics.BACKFILL_GAPS.labels(stream, "healed").set(healed)
 
 
 # --- results -----------------------------------------------------------------------------

@@ -108,6 +108,19 @@ GAP_SECONDS = Counter(
     ("stream", "reason"),
     registry=REGISTRY,
 )
+# Healing from the Storage Integration (ingestd.backfill counts them).
+BACKFILL_ROWS = Counter(
+    "ingestd_backfill_rows_total",
+    "Rows healed from the Storage Integration (new to the database), by stream.",
+    ("stream",),
+    registry=REGISTRY,
+)
+BACKFILL_GAPS = Gauge(
+    "ingestd_backfill_gaps",
+    "Gaps in stream_gaps by state: open (not healed, or backfill failed) or healed.",
+    ("stream", "state"),
+    registry=REGISTRY,
+)
 STREAM_CONNECTED = Gauge(
     "ingestd_stream_connected",
     "1 while the stream is connected and reading, else 0.",

@@ -17,6 +17,7 @@ from support import Db, connected, make_settings, running, wait_for
 
 from ingestd.backfill import run_cli
 from ingestd.config import BackfillSettings, Settings
+from ingestd.metrics import REGISTRY
 from ingestd.simulator import Simulator
 
 FAST = BackfillSettings(settle_s=0.0, recheck_s=0.5, margin_s=5.0, poll_interval_s=0.1)
@@ -66,6 +67,8 @@ async def test_outage_longer_than_replay_is_healed_exactly_once(
     ssim: Simulator, db_url: str, db: Db
 ) -> None:
     settings = _settings(ssim, db_url)
+    rows_metric = ("ingestd_backfill_rows_total", {"stream": "app"})
+    rows_before = REGISTRY.get_sample_value(*rows_metric) or 0.0
     await _outage(ssim, db_url, db, settings)
     async with running(settings) as service:
         await connected(service)
@@ -86,6 +89,7 @@ async def test_outage_longer_than_replay_is_healed_exactly_once(
     assert db.scalar("SELECT count(*) FROM uplink_receptions WHERE source = 'storage'") == (
         2 * from_storage
     )
+    assert REGISTRY.get_sample_value(*rows_metric) == rows_before + from_storage
     # ingestd status says so.
     from datetime import UTC, datetime
 

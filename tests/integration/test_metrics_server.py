@@ -117,6 +117,8 @@ async def test_every_documented_metric_is_exposed(client: httpx.AsyncClient) -> 
         "ingestd_reconnects": "counter",
         "ingestd_gaps": "counter",
         "ingestd_gap_seconds": "counter",
+        "ingestd_backfill_rows": "counter",
+        "ingestd_backfill_gaps": "gauge",
         "ingestd_stream_connected": "gauge",
         "ingestd_cursor_lag_seconds": "gauge",
         "ingestd_outbox_rows": "gauge",
