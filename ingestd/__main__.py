@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("backfill", help="fetch a time window from the Storage Integration")
     )
 
+    prune = sub.add_parser("prune", help="delete event rows older than a duration (retention)")
+    prune.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 90d, 12h")
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+
+    report = sub.add_parser("report", help="write a self-contained HTML report of stored traffic")
+    report.add_argument("--since", default="7d", metavar="AGE", help="window (default 7d)")
+    report.add_argument("--application", metavar="ID", help="one application only")
+    report.add_argument("-o", "--output", default="report.html", metavar="FILE")
+
     from ingestd import simulator
 
     simulator.add_arguments(sub.add_parser("simulate", help="serve a simulated TTS on loopback"))
@@ -103,6 +112,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         "status": commands.status,
         "import": commands.import_,
         "demo": commands.demo,
+        "prune": commands.prune,
+        "report": commands.report,
         "backfill": commands.backfill,
     }
     return handlers[args.command](args)

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 from typing import IO
 
@@ -14,7 +15,7 @@ from ingestd import migrate as migrations
 from ingestd.config import Settings, load_settings
 from ingestd.config_values import stream_name_problem
 from ingestd.db import create_engine
-from ingestd.errors import UsageError
+from ingestd.errors import ConfigError, SchemaNotReady, UsageError
 from ingestd.ingest import ImportSummary, import_stream
 from ingestd.logs import configure_logging
 from ingestd.store import Store
@@ -178,3 +179,58 @@ def demo(args: argparse.Namespace) -> int:
     from ingestd.demo import run_demo
 
     return run_demo(database=args.database, seconds=args.seconds)
+
+
+def _age(text: str, option: str) -> timedelta:
+    from ingestd.config_values import Invalid, parse_age
+
+    try:
+        return parse_age(text)
+    except Invalid as exc:
+        raise ConfigError([f"{option}: {exc}"]) from None
+
+
+def prune(args: argparse.Namespace) -> int:
+    """``ingestd prune --older-than AGE [--dry-run]``: retention, rows deleted per table."""
+    from ingestd.prune import prune as prune_rows
+
+    older_than = _age(args.older_than, "--older-than")
+    settings = _settings(args)
+    engine = create_engine(settings.database.url)
+    try:
+        if not migrations.is_up_to_date(engine):
+            raise SchemaNotReady(
+                f"{settings.database.safe_url} is not at this ingestd's schema: "
+                "run `ingestd migrate` first"
+            )
+        result = prune_rows(engine, older_than=older_than, dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    verb = "would delete" if result.dry_run else "deleted"
+    print(f"rows older than {result.cutoff.isoformat(timespec='seconds')} ({verb}):")
+    for table, n in result.deleted.items():
+        print(f"  {table:<20} {n:>10,}")
+    print(f"  {'total':<20} {result.total:>10,}   ({result.elapsed_s:.1f} s)")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """``ingestd report [--since AGE] [--application ID] -o FILE``: one offline HTML file."""
+    from ingestd.report import write_report
+
+    since = _age(args.since, "--since")
+    settings = _settings(args)
+    engine = create_engine(settings.database.url)
+    try:
+        if not migrations.is_up_to_date(engine):
+            raise SchemaNotReady(
+                f"{settings.database.safe_url} is not at this ingestd's schema: "
+                "run `ingestd migrate` first"
+            )
+        summary = write_report(
+            engine, Path(args.output), since=since, application_id=args.application
+        )
+    finally:
+        engine.dispose()
+    print(summary)
+    return 0

@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from ingestd.config_values import (
     Parser,
     Problems,
     Raw,
+    age,
     as_bool,
     as_float,
     as_int,
@@ -72,10 +74,13 @@ AUTH_RETRY_S = 300.0
 CONNECT_TIMEOUT_S = 10.0
 METRICS_LISTEN_DEFAULT = "127.0.0.1:9464"
 HEALTH_GRACE_S = 180.0  # three of the longest reconnect delays
+RETENTION_INTERVAL_S = 86400.0  # prune once a day
 
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _FORMATS = ("auto", "json", "console")
-_SECTIONS = ("database", "tts", "downlinks", "metrics", "logging", "spool", "backfill")
+_SECTIONS = (
+    "database", "tts", "downlinks", "metrics", "logging", "spool", "backfill", "retention",
+)
 _KEY_FIELDS = {"api_key": "api_key_file", "api_key_file": "api_key"}
 
 
@@ -250,6 +255,14 @@ class BackfillSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RetentionSettings:
+    """``max_age`` set: the daemon prunes rows older than it once a day (``ingestd.prune``)."""
+
+    max_age: timedelta | None = None
+    interval_s: float = RETENTION_INTERVAL_S
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     """Everything ingestd is configured with; ``source`` says where it came from."""
 
@@ -261,6 +274,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     source: str = "built-in defaults"
     # ``${VAR}`` problems of API keys, raised by require_credentials (run/check need a key;
     # migrate, status and import do not).
@@ -501,6 +515,7 @@ _SPECS: dict[str, dict[str, Parser]] = {
         "format": choice(_FORMATS),
     },
     "spool": {"enabled": as_bool, "dir": as_str, "max_bytes": checked(as_int, positive)},
+    "retention": {"max_age": age, "interval_s": _POSITIVE_FLOAT},
 }
 _SECTION_TYPES: dict[str, type[Any]] = {
     "database": DatabaseSettings,
@@ -510,6 +525,7 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "logging": LoggingSettings,
     "spool": SpoolSettings,
     "backfill": BackfillSettings,
+    "retention": RetentionSettings,
 }
 
 

@@ -15,6 +15,7 @@ import tomllib
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -368,3 +369,27 @@ def choice(options: tuple[str, ...], aliases: Mapping[str, str] | None = None) -
         return word
 
     return parse
+
+
+_AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_AGE_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> timedelta:
+    """``"90d"``, ``"12h"``, ``"30m"``, ``"45s"``, ``"2w"`` as a positive ``timedelta``.
+
+    Raises ``Invalid`` otherwise. One reading for ``[retention] max_age``, ``prune
+    --older-than`` and ``report --since``.
+    """
+    match = _AGE_RE.match(text)
+    if match is None or float(match[1]) <= 0:
+        raise Invalid(
+            f"expected a positive duration like 90d, 12h, 30m, 45s or 2w, got {show(text)}"
+        )
+    return timedelta(seconds=float(match[1]) * _AGE_UNIT_S[match[2]])
+
+
+def age(raw: Raw) -> timedelta | None:
+    """A duration text (see :func:`parse_age`); ``""`` means unset."""
+    text = as_str(raw)
+    return parse_age(text) if text.strip() else None

@@ -475,6 +475,7 @@ def _uplink(
         "consumed_airtime_s": None if airtime is None else parse_duration_s(airtime),
         "packet_error_rate": packet_error_rate,
         "source": source,
+        "simulated": data.get("simulated") is True,  # Console/API "simulate uplink"
     })
     return rows
 

@@ -112,6 +112,8 @@ uplinks = sa.Table(
     sa.Column("consumed_airtime_s", sa.Float),
     sa.Column("packet_error_rate", sa.Float),
     sa.Column("source", sa.String(16), nullable=False, server_default="stream"),
+    # TTS's ApplicationUp.simulated (Console/API "simulate uplink"): left out of the views.
+    sa.Column("simulated", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index(None, "event_unique_id", unique=True),
     sa.Index(None, "application_id", "device_id", "received_at"),
     sa.Index(None, "received_at"),
@@ -236,6 +238,8 @@ OUTBOX_OPERATIONS = ("push", "replace")
 TX_PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
 # Statuses of rows TTS has not accepted yet: they hold back later rows of the same device.
 OUTBOX_ACTIVE_STATUSES = ("pending", "pushing")
+# Statuses a row never leaves (except for a late ack): retention may delete such rows.
+OUTBOX_FINAL_STATUSES = ("acked", "failed", "invalidated", "dropped")
 
 
 def _in_list(column: str, values: tuple[str, ...]) -> str:

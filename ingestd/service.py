@@ -150,6 +150,15 @@ class Service:
             "watchdog": asyncio.create_task(self._watchdog(stop), name="watchdog"),
             "outbox_gauge": asyncio.create_task(self._outbox_gauge(stop), name="outbox_gauge"),
         }
+        if (retention := self.settings.retention).max_age is not None:
+            from ingestd.prune import retention_loop
+
+            assert self.engine is not None
+            side["retention"] = asyncio.create_task(
+                retention_loop(self.engine, max_age=retention.max_age,
+                               interval_s=retention.interval_s, stop=stop),
+                name="retention",
+            )
         server = await self._start_metrics()
         failed: BaseException | None = None
         try:

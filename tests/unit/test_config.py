@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from ingestd.config import (
     DownlinkSettings,
     LoggingSettings,
     MetricsSettings,
+    RetentionSettings,
     Secret,
     Settings,
     StreamSettings,
@@ -20,6 +22,7 @@ from ingestd.config import (
     default_settings,
     load_settings,
 )
+from ingestd.config_values import Invalid, parse_age
 from ingestd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -549,6 +552,7 @@ def test_example_config_is_valid_and_documents_every_field_with_its_default() ->
     assert settings.downlinks == defaults.downlinks
     assert settings.metrics == defaults.metrics
     assert settings.logging == defaults.logging
+    assert settings.retention == defaults.retention
 
     text = EXAMPLE.read_text(encoding="utf-8")
     assert KEY not in text
@@ -560,6 +564,7 @@ def test_example_config_is_valid_and_documents_every_field_with_its_default() ->
         DownlinkSettings,
         MetricsSettings,
         LoggingSettings,
+        RetentionSettings,
     )
     missing = {
         f"{cls.__name__}.{f.name}"
@@ -750,3 +755,29 @@ def test_a_world_readable_file_with_a_literal_secret_is_warned_about(
     assert "literal-key" not in warning and DB_PASSWORD not in warning
     path.chmod(0o640)
     assert load_settings(path, environ=environ).warnings == ()
+
+
+def test_retention_max_age_reads_durations_and_names_a_bad_one(tmp_path: Path) -> None:
+    path = tmp_path / "ingestd.toml"
+    path.write_text('[retention]\nmax_age = "90d"\n', encoding="utf-8")
+    assert load_settings(path, environ={}).retention.max_age == timedelta(days=90)
+    env = {"INGESTD_RETENTION__MAX_AGE": "12h"}
+    assert load_settings(path, environ=env).retention.max_age == timedelta(hours=12)
+    with pytest.raises(ConfigError, match=r"env INGESTD_RETENTION__MAX_AGE: expected a positive"):
+        load_settings(path, environ={"INGESTD_RETENTION__MAX_AGE": "90 days"})
+    assert default_settings().retention.max_age is None  # off by default
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90d", 90 * 86400), ("12h", 43200), ("30m", 1800), ("45s", 45), ("2w", 14 * 86400),
+     ("1.5h", 5400)],
+)
+def test_parse_age(text: str, seconds: float) -> None:
+    assert parse_age(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "0d", "-1d", "90", "d", "90 days", "1y"])
+def test_parse_age_rejects(text: str) -> None:
+    with pytest.raises(Invalid):
+        parse_age(text)
