@@ -22,7 +22,7 @@ from typing import Any, Literal
 import httpx
 import sqlalchemy as sa
 
-from ingestd import __version__, rights
+from ingestd import rights, tts
 from ingestd.config import Settings, StreamSettings
 from ingestd.errors import ConfigError, IngestdError, MalformedEvent, StreamDisconnected
 from ingestd.framing import ErrorFrame, parse_frame
@@ -190,13 +190,24 @@ async def check_streams(settings: Settings) -> list[list[CheckLine]]:
     """Every stream's lines, checked concurrently, in config order."""
     if not settings.streams:
         return []
-    async with httpx.AsyncClient(http2=True, headers={"User-Agent": f"ingestd/{__version__}"}) as c:
-        downlinks = settings.downlinks.enabled
+    # One client per distinct http2_prior_knowledge, as the daemon has them.
+    clients = {
+        knows: tts.http_client(prior_knowledge=knows)
+        for knows in {s.http2_prior_knowledge for s in settings.streams}
+    }
+    downlinks = settings.downlinks.enabled
+    try:
         return list(
             await asyncio.gather(
-                *(check_stream(s, c, downlinks=downlinks) for s in settings.streams)
+                *(
+                    check_stream(s, clients[s.http2_prior_knowledge], downlinks=downlinks)
+                    for s in settings.streams
+                )
             )
         )
+    finally:
+        for client in clients.values():
+            await client.aclose()
 
 
 async def check_stream(
