@@ -802,3 +802,20 @@ def test_names_tts_accepts_load_even_where_python_re_would_not(
     settings = load_settings(_names_config(tmp_path, [entry]), environ={})
     assert settings.streams[0].names == (entry,)
     assert expected in expand_names(settings.streams[0].names)
+
+
+def test_http2_prior_knowledge_is_inherited_and_may_be_set_per_stream(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.toml",
+        "[tts]\nhttp2_prior_knowledge = true\n"
+        + STREAM
+        + '[[streams]]\nname = "gas"\napplication_id = "acme-gas"\nhttp2_prior_knowledge = false\n',
+    )
+    settings = load_settings(path, environ={})
+    assert settings.tts.http2_prior_knowledge is True
+    assert [s.http2_prior_knowledge for s in settings.streams] == [True, False]
+    assert default_settings().tts.http2_prior_knowledge is False
+    with pytest.raises(ConfigError, match=r"tts\.http2_prior_knowledge: expected true or false"):
+        load_settings(
+            write(tmp_path / "d.toml", '[tts]\nhttp2_prior_knowledge = "yes"\n'), environ={}
+        )
