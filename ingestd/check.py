@@ -22,7 +22,7 @@ from typing import Any, Literal
 import httpx
 import sqlalchemy as sa
 
-from ingestd import __version__
+from ingestd import rights, tts
 from ingestd.config import Settings, StreamSettings
 from ingestd.errors import ConfigError, IngestdError, MalformedEvent, StreamDisconnected
 from ingestd.framing import ErrorFrame, parse_frame
@@ -190,12 +190,31 @@ async def check_streams(settings: Settings) -> list[list[CheckLine]]:
     """Every stream's lines, checked concurrently, in config order."""
     if not settings.streams:
         return []
-    async with httpx.AsyncClient(http2=True, headers={"User-Agent": f"ingestd/{__version__}"}) as c:
-        return list(await asyncio.gather(*(check_stream(s, c) for s in settings.streams)))
+    # One client per distinct http2_prior_knowledge, as the daemon has them.
+    clients = {
+        knows: tts.http_client(prior_knowledge=knows)
+        for knows in {s.http2_prior_knowledge for s in settings.streams}
+    }
+    downlinks = settings.downlinks.enabled
+    try:
+        return list(
+            await asyncio.gather(
+                *(
+                    check_stream(s, clients[s.http2_prior_knowledge], downlinks=downlinks)
+                    for s in settings.streams
+                )
+            )
+        )
+    finally:
+        for client in clients.values():
+            await client.aclose()
 
 
-async def check_stream(stream: StreamSettings, client: httpx.AsyncClient) -> list[CheckLine]:
-    """Open the stream as the daemon does and read its first frame."""
+async def check_stream(
+    stream: StreamSettings, client: httpx.AsyncClient, *, downlinks: bool = False
+) -> list[CheckLine]:
+    """Open the stream as the daemon does and read its first frame; then ask TTS which
+    rights the key has (a key without traffic rights opens a stream that stays empty)."""
     subject = _subject(stream)
 
     def fail(detail: str) -> list[CheckLine]:
@@ -257,8 +276,41 @@ async def check_stream(stream: StreamSettings, client: httpx.AsyncClient) -> lis
         if STORE_DISABLED_WARNING in warning:
             text += " (no event store: resumes cannot replay; outages become gaps)"
         lines.append(CheckLine(word="warn", subject=subject, detail=text))
+    lines.append(await _check_rights(stream, client, subject, downlinks=downlinks))
     lines.append(await _check_storage(stream, client, subject))
     return lines
+
+
+async def _check_rights(
+    stream: StreamSettings, client: httpx.AsyncClient, subject: str, *, downlinks: bool
+) -> CheckLine:
+    """FAIL naming each right the key lacks: TTS opens a stream for a key with *any* right
+    on the application and then silently skips the traffic events it may not see
+    (lorawan-stack ``pkg/events/grpc/grpc.go``, ``rightsutil.EventIsVisible``)."""
+    assert stream.api_key is not None
+    try:
+        async with asyncio.timeout(stream.connect_timeout_s + FIRST_FRAME_EXTRA_S):
+            granted = await rights.fetch_rights(
+                client, stream.base_url, stream.api_key.reveal(), stream.application_id
+            )
+    except TimeoutError:
+        return CheckLine(word="warn", subject=subject, detail="rights: no answer in time")
+    except IngestdError as exc:
+        where = _safe_base_url(stream.base_url)
+        return CheckLine(
+            word="warn",
+            subject=subject,
+            detail=f"rights: cannot list them ({describe_tts_error(exc, where=where)})",
+        )
+    missing = rights.missing_rights(granted, rights.needed_for(downlinks=downlinks))
+    if missing:
+        return CheckLine(
+            word="FAIL",
+            subject=subject,
+            detail="rights: " + rights.describe_missing(missing, stream.application_id),
+        )
+    what = "read traffic" + (" and push downlinks" if downlinks else "")
+    return CheckLine(word="ok", subject=subject, detail=f"rights: the key may {what}")
 
 
 async def _check_storage(
@@ -289,8 +341,9 @@ async def _check_storage(
         StorageState.NO_RIGHTS: "storage: no rights (the key needs 'read application "
         "traffic'): gaps cannot be healed",
     }[state]
-    return CheckLine(word="ok" if state is StorageState.OK else "warn", subject=subject,
-                     detail=detail)
+    return CheckLine(
+        word="ok" if state is StorageState.OK else "warn", subject=subject, detail=detail
+    )
 
 
 async def _first(frames: AsyncIterator[bytes]) -> bytes | None:

@@ -144,6 +144,8 @@ class TtsSettings:
     reconnect_max_s: float = RECONNECT_MAX_S
     auth_retry_s: float = AUTH_RETRY_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    # HTTP/2 from the first byte, also on http:// (h2c); off: h2 by ALPN on https, else 1.1.
+    http2_prior_knowledge: bool = False
 
 
 _INHERITED = tuple(f.name for f in fields(TtsSettings))
@@ -169,6 +171,7 @@ class StreamSettings:
     reconnect_max_s: float = RECONNECT_MAX_S
     auth_retry_s: float = AUTH_RETRY_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    http2_prior_knowledge: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -473,6 +476,7 @@ _TTS_SPEC: dict[str, Parser] = {
     "reconnect_max_s": _POSITIVE_FLOAT,
     "auth_retry_s": _POSITIVE_FLOAT,
     "connect_timeout_s": _POSITIVE_FLOAT,
+    "http2_prior_knowledge": as_bool,
 }
 _STREAM_SPEC: dict[str, Parser] = {
     "name": stream_name,

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError
 
+from ingestd.errors import EventNamesRejected
+from ingestd.eventnames import INVALID_REGEXP, defined_names, expand_names
 from ingestd.logs import redact
 
 _TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
@@ -31,7 +33,6 @@ _SHOWN_CHARS_MAX = 60
 # Both matched with fullmatch: `$` also matches before a trailing newline ("app\n").
 _TTS_ID_RE = re.compile(r"[a-z0-9](?:-?[a-z0-9]){2,}")
 _TTS_ID_MAX_CHARS = 36
-_EVENT_NAME_RE = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+")
 # The size of every `stream` column (events, stream_cursors, stream_gaps, rejected_events):
 # a longer name made PostgreSQL refuse every batch of the stream.
 STREAM_NAME_MAX_CHARS = 200
@@ -266,18 +267,26 @@ def tts_ids(values: tuple[str, ...]) -> str | None:
 
 
 def event_names(values: tuple[str, ...]) -> str | None:
+    """Each ``names`` entry as TTS judges it (:func:`ingestd.eventnames.expand_names`: its
+    v3.32 catalogue, RE2 regexps), so a filter TTS would answer with a 400 (and the stream
+    would retry forever) is a config error naming TTS's error instead."""
     bad: list[str] = []
     for entry in values:
-        if len(entry) >= 3 and entry.startswith("/") and entry.endswith("/"):
-            try:
-                re.compile(entry[1:-1])
-            except re.error as exc:
-                bad.append(f"{entry!r} is not a valid regexp: {exc.msg}")
-        elif not _EVENT_NAME_RE.fullmatch(entry):
-            bad.append(
-                f"{entry!r} is neither a dotted event name (as.up.data.forward) nor a /regexp/"
-            )
+        try:
+            expand_names([entry])
+        except EventNamesRejected as exc:
+            detail = str(exc).partition(": ")[2]
+            if exc.error_name == INVALID_REGEXP and exc.__cause__ is not None:
+                detail += f": {_re2_reason(exc.__cause__)} (TTS uses Go RE2 syntax)"
+            elif exc.error_name != INVALID_REGEXP:
+                detail += f" among the {len(defined_names())} event names of TTS v3.32"
+            bad.append(f"{entry!r} would be refused by TTS with {exc.error_name} ({detail})")
     return "; ".join(bad) if bad else None
+
+
+def _re2_reason(error: BaseException) -> str:
+    arg = error.args[0] if error.args else error
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
 
 
 def base_url(raw: Raw) -> str:

@@ -74,6 +74,7 @@ RESULT_FRAME = b'{"result":'  # how every TTS event frame begins; anything else 
 # Connections that end so, with nothing past the cursor, were no progress for /healthz; the
 # network's own ends (idle timeout, a close, a transport error) are a quiet stream's life.
 NO_PROGRESS = frozenset({"no_frame", "bad_response", "stream_error", "error", "unexpected"})
+HTTP_1_1 = "HTTP/1.1"  # long-lived HTTP/1.1 streams get stuck behind proxies (lorawan-stack#6653)
 
 
 @dataclass(slots=True)
@@ -107,6 +108,8 @@ class StreamState:
     last_frame_at: datetime | None = None  # the last valid frame: an event or a stream start
     last_commit_at: datetime | None = None  # the last batch made durable (database or spool)
     uncommitted_since: datetime | None = None  # the batch being made durable was taken then
+    # Traffic rights TTS says the key lacks (ingestd.rights_watch): connected, yet empty.
+    rights_missing: tuple[str, ...] = ()
 
     @property
     def receiving(self) -> bool:
@@ -148,6 +151,7 @@ class StreamConsumer:
         self._flush_lock = asyncio.Lock()
         self._flush_task: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
+        self._warned_http1 = False
         self._stopping = False
         self._halt = asyncio.Event()  # set when following stops (shutdown or leadership lost)
         self._overlap_s = settings.overlap_s
@@ -392,7 +396,16 @@ class StreamConsumer:
             after=conn.after,
             request_id=conn.request_id,
             store_disabled=conn.store_disabled,
+            http_version=conn.http_version,
         )
+        if conn.http_version == HTTP_1_1 and not self._warned_http1:  # once per stream
+            self._warned_http1 = True
+            log.warning(
+                "stream_http1",
+                http_version=conn.http_version,
+                detail="long-lived HTTP/1.1 streams can stall behind proxies (lorawan-stack#6653):"
+                " use https (TTS offers h2), or tts.http2_prior_knowledge for h2c on http://",
+            )
         self.connected_event.set()
         self._spawn(self._save_state(now, None))
 

@@ -179,11 +179,24 @@ def transport_outcome(exc: Exception) -> Outcome:
 
 
 def _error_text(response: httpx.Response) -> str:
-    info = parse_tts_error(_json(response.content))
+    body = _json(response.content)
+    info = parse_tts_error(body)
     if info.name:
-        return info.describe()
+        missing = _missing_rights(body)
+        return info.describe() + (f" (missing {', '.join(missing)})" if missing else "")
     snippet = response.text[:200].strip() if response.content else ""
     return f"HTTP {response.status_code}" + (f": {snippet}" if snippet else "")
+
+
+def _missing_rights(body: Any) -> list[str]:
+    """``details[0].attributes.missing`` of ``insufficient_application_rights`` (TTS_WIRE
+    §5: ``{missing:[…],uid}``): which right the key lacks, e.g. TRAFFIC_DOWN_WRITE."""
+    status = body.get("error", body) if isinstance(body, dict) else None
+    details = status.get("details") if isinstance(status, dict) else None
+    first = details[0] if isinstance(details, list) and details else None
+    attributes = first.get("attributes") if isinstance(first, dict) else None
+    missing = attributes.get("missing") if isinstance(attributes, dict) else None
+    return [str(m) for m in missing] if isinstance(missing, list) else []
 
 
 def _json(content: bytes) -> Any:

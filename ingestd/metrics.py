@@ -252,6 +252,7 @@ class StreamProgress(Protocol):
     following_since: datetime | None
     last_frame_at: datetime | None
     uncommitted_since: datetime | None
+    rights_missing: tuple[str, ...]
 
 
 def stream_health(
@@ -272,12 +273,17 @@ def stream_health(
       ``grace_s``: events are read but not made durable;
     - **retries**: not connected for over ``grace_s`` since the first failed attempt began
       (the clock starts when the attempt starts, so a connect that never finishes counts);
-      an error retrying will not fix (a rejected key) is unhealthy at once.
+      an error retrying will not fix (a rejected key) is unhealthy at once;
+    - **rights**: TTS says the key lacks the right to read traffic (``rights_missing``):
+      the stream opens, but TTS sends none of its uplinks (issue 11), so it is down however
+      well connected.
 
     A standby (another process leads the stream) is healthy; its leader reports its own.
     """
     if st.standby:
         return True, "standby"
+    if st.rights_missing:
+        return False, f"down: the key lacks {', '.join(st.rights_missing)}: no traffic is sent"
     if st.permanent_error:
         return False, f"down: {st.last_error or 'rejected'}"
     if st.uncommitted_since is not None:

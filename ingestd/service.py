@@ -1,8 +1,9 @@
-"""The daemon: owns the engine and HTTP client, runs the named tasks, stops in order.
+"""The daemon: owns the engine and HTTP clients, runs the named tasks, stops in order.
 
 Tasks: ``stream:<name>`` per configured stream, ``downlink:<n>`` workers when enabled,
-``metrics`` and ``watchdog``. If one fails unexpectedly the service logs ``task_failed``
-and stops everything (the supervisor restarts the process). Shutdown order: streams stop
+``metrics`` and ``watchdog``, and ``rights:<name>`` per stream (:mod:`ingestd.rights_watch`).
+If one of the main tasks fails unexpectedly the service logs ``task_failed`` and stops
+everything (the supervisor restarts the process). Shutdown order: streams stop
 reading and commit the batch in flight with its cursor; the downlink worker gets
 ``shutdown_grace_s`` to finish its push; the rest is cancelled; the engine is disposed.
 """
@@ -24,12 +25,13 @@ import httpx
 import sqlalchemy as sa
 import structlog
 
-from ingestd import __version__, db, metrics, migrate, sdnotify
+from ingestd import __version__, db, metrics, migrate, sdnotify, tts
 from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
 from ingestd.config import Settings
 from ingestd.consumer import StreamConsumer
 from ingestd.db import create_engine
 from ingestd.errors import AlreadyRunning, SchemaNotReady
+from ingestd.rights_watch import watch_rights
 from ingestd.signals import install_stop_handlers
 from ingestd.store import Store
 
@@ -49,7 +51,9 @@ class Service:
         self.settings = settings
         self._entered = False
         self.engine: sa.Engine | None = None
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx.AsyncClient | None = None  # for [tts]'s HTTP settings
+        # One client per distinct http2_prior_knowledge: a stream may set its own.
+        self.clients: dict[bool, httpx.AsyncClient] = {}
         self.consumers: list[StreamConsumer] = []
         self.metrics_port: int | None = None
         self.backfill_task: Any = None  # ingestd.backfill.BackfillTask while running
@@ -61,17 +65,13 @@ class Service:
         s = self.settings
         self.engine = create_engine(s.database.url)
         store = Store(self.engine, downlink_hook=_downlink_hook())
-        self.client = httpx.AsyncClient(
-            http2=True,
-            limits=httpx.Limits(max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=20),
-            headers={"User-Agent": f"ingestd/{__version__}"},
-        )
+        self.client = self.client_for(s.tts.http2_prior_knowledge)
         spool_root = s.spool.root(s.database.url) if s.spool.enabled else None
         self.consumers = [
             StreamConsumer(
                 stream,
                 store=store,
-                client=self.client,
+                client=self.client_for(stream.http2_prior_knowledge),
                 batching=s.database,
                 spool_root=spool_root,
                 spool_max_bytes=s.spool.max_bytes,
@@ -86,10 +86,21 @@ class Service:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        for client in self.clients.values():
+            await client.aclose()
         if self.engine is not None:
             self.engine.dispose()
+
+    def client_for(self, prior_knowledge: bool) -> httpx.AsyncClient:
+        """The HTTP client for ``http2_prior_knowledge = prior_knowledge`` (made once)."""
+        if prior_knowledge not in self.clients:
+            self.clients[prior_knowledge] = tts.http_client(
+                prior_knowledge=prior_knowledge,
+                limits=httpx.Limits(
+                    max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=20
+                ),
+            )
+        return self.clients[prior_knowledge]
 
     # -- health ------------------------------------------------------------------------------
 
@@ -158,6 +169,18 @@ class Service:
                 retention_loop(self.engine, max_age=retention.max_age,
                                interval_s=retention.interval_s, stop=stop),
                 name="retention",
+            )
+        for consumer in self.consumers:  # once at stream start, then every few minutes
+            stream = consumer.settings
+            side[f"rights:{stream.name}"] = asyncio.create_task(
+                watch_rights(
+                    stream,
+                    consumer.state,
+                    self.client_for(stream.http2_prior_knowledge),
+                    stop,
+                    downlinks=self.settings.downlinks.enabled,
+                ),
+                name=f"rights:{stream.name}",
             )
         server = await self._start_metrics()
         failed: BaseException | None = None

@@ -34,6 +34,19 @@ RATE_LIMIT_DEFAULT_S = 10.0  # when a 429 carries no retry header
 STORE_DISABLED_WARNING = "Events storage is not enabled"
 
 
+def http_client(*, prior_knowledge: bool = False, **kwargs: Any) -> httpx.AsyncClient:
+    """An HTTP client as ingestd talks to TTS, with its User-Agent.
+
+    TTS serves HTTP/2: h2 on TLS, negotiated by ALPN (this client offers h2 and HTTP/1.1),
+    and h2c on plain TCP (lorawan-stack ``pkg/component/web.go`` wraps its handler in
+    ``h2c.NewHandler``), which httpx speaks only with prior knowledge: ``prior_knowledge``
+    turns HTTP/1.1 off, so every request, on ``http://`` too, is HTTP/2 from the first byte.
+    Long-lived HTTP/1.1 streams get stuck behind proxies (lorawan-stack#6653).
+    """
+    headers = {"User-Agent": USER_AGENT, **kwargs.pop("headers", {})}
+    return httpx.AsyncClient(http1=not prior_knowledge, http2=True, headers=headers, **kwargs)
+
+
 def stream_body(
     *,
     application_id: str,

@@ -130,8 +130,9 @@ def test_check_passes_against_the_simulator(db_url: str, tmp_path: Path, sim: Si
         assert [w for w, _ in verdicts[subject]] == ["ok"], verdicts[subject]
     for subject in ("stream water-meters", "stream meter-1"):
         # This simulator has no Storage Integration, like open-source TTS: a warning only.
-        assert [w for w, _ in verdicts[subject]] == ["ok", "warn"], verdicts[subject]
-        assert "storage: not enabled (404" in verdicts[subject][1][1]
+        assert [w for w, _ in verdicts[subject]] == ["ok", "ok", "warn"], verdicts[subject]
+        assert verdicts[subject][1][1] == "rights: the key may read traffic and push downlinks"
+        assert "storage: not enabled (404" in verdicts[subject][2][1]
     assert verdicts["downlinks"][0][0] == "note"
     assert "2 streams, downlinks on" in verdicts["config"][0][1]
     assert "sim-app" in verdicts["stream water-meters"][0][1]
@@ -153,6 +154,45 @@ def test_check_shows_the_no_event_store_warning(tmp_path: Path) -> None:
     assert words[1][0] == "warn"
     assert "Events storage is not enabled" in words[1][1]
     assert "resumes cannot replay" in words[1][1]
+
+
+def test_check_fails_naming_the_right_a_traffic_less_key_lacks(tmp_path: Path) -> None:
+    """TTS opens the stream for a key with any right, then sends none of its traffic: the
+    stream line alone would say ok (issue 11)."""
+    with Simulator(devices=2, seed=5, api_key_rights=("RIGHT_APPLICATION_INFO",)) as info_only:
+        cfg = _write_config(tmp_path, db_url=_migrated_sqlite(tmp_path),
+                            base_url=info_only.base_url, api_key=info_only.api_key)
+        res = _ingestd(cfg, "check")
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = _verdicts(res.stdout)["stream water-meters"]
+    assert lines[0][0] == "ok"  # the stream opened: events.stream.start came
+    failed = [detail for word, detail in lines if word == "FAIL"]
+    assert len(failed) == 1
+    assert failed[0].startswith("rights: the key lacks rights on sim-app: "
+                                "RIGHT_APPLICATION_TRAFFIC_READ ")
+    assert "RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE" not in failed[0]  # downlinks are off
+
+
+@pytest.mark.parametrize("downlinks", [True, False])
+def test_check_fails_naming_the_downlink_right_only_when_downlinks_are_on(
+    tmp_path: Path, sim: Simulator, downlinks: bool
+) -> None:
+    read_only = sim.add_api_key(["RIGHT_APPLICATION_TRAFFIC_READ"])
+    cfg = _write_config(tmp_path, db_url=_migrated_sqlite(tmp_path), base_url=sim.base_url,
+                        api_key=read_only, downlinks=downlinks)
+    res = _ingestd(cfg, "check")
+    lines = _verdicts(res.stdout)["stream water-meters"]
+    rights_line = next(line for line in lines if line[1].startswith("rights: "))
+    if downlinks:
+        assert res.returncode == 1
+        assert rights_line[0] == "FAIL"
+        assert "RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE" in rights_line[1]
+        assert "insufficient_application_rights" in rights_line[1]
+        assert "RIGHT_APPLICATION_TRAFFIC_READ " not in rights_line[1]
+    else:
+        assert res.returncode == 0, res.stdout
+        assert rights_line == ("ok", "rights: the key may read traffic")
+    assert read_only not in res.stdout + res.stderr
 
 
 def test_check_fails_on_a_wrong_api_key_naming_the_tts_error(

@@ -312,6 +312,37 @@ async def test_rejected_key_fails_rows_logs_once_and_never_logs_the_key(
     assert wrong not in repr(logs)
 
 
+@pytest.mark.parametrize(
+    "granted",
+    [
+        ["RIGHT_APPLICATION_TRAFFIC_READ"],
+        ["RIGHT_APPLICATION_INFO", "RIGHT_APPLICATION_DEVICES_READ"],
+    ],
+)
+async def test_a_key_without_the_downlink_right_fails_rows_with_the_tts_error_name(
+    engine: Engine, sim: Simulator, granted: list[str]
+) -> None:
+    """TTS answers a push with 403 insufficient_application_rights (issue 11): the row fails
+    at once naming it, and nothing else is retried against a key that cannot push."""
+    read_only = sim.add_api_key(granted)
+    ids = insert(engine, "dev-0001") + insert(engine, "dev-0002")
+    settings = Settings(
+        tts=TtsSettings(base_url=sim.base_url, api_key=Secret(read_only)),
+        downlinks=settings_for(sim).downlinks,
+    )
+    with capture_logs() as logs:
+        await run_until(worker(engine, settings), settled(engine, "failed"))
+    for outbox_id in ids:
+        r = row(engine, outbox_id)
+        assert r.last_error.startswith("pkg/auth/rights:insufficient_application_rights"), r
+        assert "RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE" in r.last_error  # attributes.missing
+        assert r.attempts <= 1
+    assert all(p.status == 403 for p in pushes(sim))
+    assert len(pushes(sim)) <= len(ids)
+    assert sim.queue("dev-0001") == [] and sim.queue("dev-0002") == []
+    assert read_only not in repr(logs)
+
+
 async def test_crash_after_push_is_verified_not_pushed_again(
     engine: Engine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -48,6 +48,15 @@ class Request:
 Script = Callable[[Request, asyncio.StreamWriter], Awaitable[None]]
 
 
+_RIGHTS_BODY = (
+    b'{"rights":["RIGHT_APPLICATION_TRAFFIC_READ","RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE"]}'
+)
+_RIGHTS_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_RIGHTS_BODY), _RIGHTS_BODY)
+)
+
+
 class HostileServer:
     """One raw HTTP/1.1 answer per connection, written by ``script``; closed afterwards."""
 
@@ -87,7 +96,11 @@ class HostileServer:
                 if name.strip().lower() == b"content-length":
                     length = int(value)
             request = Request(head, await reader.readexactly(length))
-            self.requests.append(request)
+            if head.startswith(b"GET /api/v3/applications/") and b"/rights " in head:
+                writer.write(_RIGHTS_ANSWER)  # the daemon's rights check: answered honestly
+                await writer.drain()
+                return
+            self.requests.append(request)  # stream requests only
             await self.script(request, writer)
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
