@@ -45,7 +45,7 @@ import structlog
 from ingestd import migrate, schema
 from ingestd.config import DownlinkSettings, Secret, Settings, TtsSettings
 from ingestd.db import create_engine
-from ingestd.downlink import DownlinkWorker
+from ingestd.outbox.worker import DownlinkWorker
 
 T = schema.downlink_outbox
 APP = "sim-app"

@@ -31,7 +31,7 @@ from prometheus_client import (
 
 from ingestd import __version__
 from ingestd.models import Batch, CommitResult
-from ingestd.normalize_down import DOWNLINK_KINDS
+from ingestd.normalize.down import DOWNLINK_KINDS
 
 if TYPE_CHECKING:
     from ingestd.spool import Spool

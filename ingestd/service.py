@@ -209,7 +209,7 @@ class Service:
         d = self.settings.downlinks
         if not d.enabled:
             return []
-        from ingestd.downlink import DownlinkWorker
+        from ingestd.outbox.worker import DownlinkWorker
 
         assert self.engine is not None
         return [
@@ -243,7 +243,7 @@ class Service:
 
     async def _outbox_gauge(self, stop: asyncio.Event) -> None:
         """Refresh ``ingestd_outbox_rows{status}`` (one indexed GROUP BY per interval)."""
-        from ingestd import outbox
+        from ingestd.outbox import sql as outbox
 
         assert self.engine is not None
         engine = self.engine
@@ -268,7 +268,7 @@ class Service:
 
 
 def _downlink_hook() -> Any:
-    from ingestd import outbox
+    from ingestd.outbox import sql as outbox
 
     return outbox.apply_downlink_events
 

@@ -30,7 +30,7 @@ from ingestd.config import (
 )
 from ingestd.db import create_engine
 from ingestd.service import Service
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 FAST_STREAM = {
     "reconnect_min_s": 0.05,

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import Db, connected, make_settings, running, wait_for
 
 from ingestd.config import DownlinkSettings, MetricsSettings
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

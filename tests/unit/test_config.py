@@ -686,7 +686,7 @@ def test_stream_names_must_fit_the_stream_columns(tmp_path: Path, name: str, pro
 
 def test_the_longest_stream_name_is_the_stream_columns_size(tmp_path: Path) -> None:
     from ingestd import schema
-    from ingestd.config_values import STREAM_NAME_MAX_CHARS
+    from ingestd.config.values import STREAM_NAME_MAX_CHARS
 
     sizes = {
         t.c.stream.type.length  # type: ignore[attr-defined]

@@ -1,6 +1,6 @@
 """Pure helpers of the downlink worker: row validation, TTS requests, response verdicts.
 
-No I/O here (the worker in :mod:`ingestd.downlink` does it), so every rule is unit-testable:
+No I/O here (the worker in :mod:`ingestd.outbox.worker` does it), so every rule is unit-testable:
 what a valid row is (TTS_WIRE 5.3, 6), what a push looks like (5.1, 5.2, 7), and what each
 TTS answer means for the row (5.4, 7).
 """
@@ -17,13 +17,13 @@ import httpx
 import orjson
 
 from ingestd.framing import parse_tts_error
-from ingestd.normalize import outbox_correlation_id
+from ingestd.outbox.ids import outbox_correlation_id, request_id
 from ingestd.schema import OUTBOX_OPERATIONS, TX_PRIORITIES
 from ingestd.tts import rate_limit_retry_s
 
 if TYPE_CHECKING:
     from ingestd.config import Secret
-    from ingestd.outbox import OutboxItem
+    from ingestd.outbox.sql import OutboxItem
 
 F_PORT_MIN = 1
 F_PORT_MAX = 223  # TTS accepts 1-255 except 224; the docs say up to 223 (TTS_WIRE 5.3)
@@ -89,11 +89,6 @@ def validate(item: OutboxItem) -> str | None:
     return None
 
 
-def request_id(item: OutboxItem) -> str:
-    """``X-Request-ID`` of this attempt: ≤ 55 chars, so TTS's ``rpc:…:<id>`` stays ≤ 100."""
-    return f"ingestd-outbox-{item.id}-{item.attempts}"
-
-
 def _headers(key: Secret, user_agent: str) -> dict[str, str]:
     return {
         "Authorization": f"Bearer {key.reveal()}",
@@ -119,7 +114,7 @@ def push_request(
     path = PUSH_PATH.format(app=item.application_id, dev=item.device_id, operation=item.operation)
     headers = _headers(key, user_agent) | {
         "Content-Type": "application/json",
-        "X-Request-ID": request_id(item),
+        "X-Request-ID": request_id(item.id, item.attempts),
     }
     return base_url.rstrip("/") + path, headers, orjson.dumps({"downlinks": [downlink]})
 

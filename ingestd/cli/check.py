@@ -7,7 +7,7 @@ that could not run because an earlier one failed. Exit 0 only when nothing faile
 A stream is proven by opening it exactly as the daemon does and waiting for TTS's first
 frame, ``events.stream.start``: TTS sends it only after the key, its rights on every
 identifier and the ``names`` filter were accepted (TTS_WIRE §1.3, §1.5). Every line goes
-through :func:`ingestd.status.scrub`, so no key or password is ever printed.
+through :func:`ingestd.cli.status.scrub`, so no key or password is ever printed.
 """
 
 from __future__ import annotations
@@ -23,11 +23,7 @@ import httpx
 import sqlalchemy as sa
 
 from ingestd import __version__
-from ingestd.config import Settings, StreamSettings
-from ingestd.errors import ConfigError, IngestdError, MalformedEvent, StreamDisconnected
-from ingestd.framing import ErrorFrame, parse_frame
-from ingestd.models import Cursor
-from ingestd.status import (
+from ingestd.cli.status import (
     db_error_text,
     missing_sqlite_file,
     open_engine,
@@ -35,6 +31,10 @@ from ingestd.status import (
     scrub,
     secrets_of,
 )
+from ingestd.config import Settings, StreamSettings
+from ingestd.errors import ConfigError, IngestdError, MalformedEvent, StreamDisconnected
+from ingestd.framing import ErrorFrame, parse_frame
+from ingestd.models import Cursor
 from ingestd.stream import EventStream
 from ingestd.tts import STORE_DISABLED_WARNING
 

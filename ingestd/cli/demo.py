@@ -29,7 +29,7 @@ from ingestd.config import (
 )
 from ingestd.db import create_engine
 from ingestd.service import Service
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 DEMO_DEVICES = 5
 DEMO_UPLINKS_PER_S = 8.0

@@ -20,14 +20,14 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError
 
-from ingestd.config_parse import (
+from ingestd.config.sources import (
     RawConfig,
     apply_env_overrides,
     load_toml,
     raw_from_toml,
     report_unresolved,
 )
-from ingestd.config_values import (
+from ingestd.config.values import (
     Parser,
     Problems,
     Raw,

@@ -2,7 +2,7 @@
 
 The SQL here is read-only reporting (counts and latest rows for an operator, never a
 write, never on the ingest path), so it lives beside its only user rather than in
-``store.py``; outbox figures come from :mod:`ingestd.outbox`. Choices a reader of the
+``store.py``; outbox figures come from :mod:`ingestd.outbox.sql`. Choices a reader of the
 numbers should know:
 
 - ``events_last_hour`` counts a stream's events whose *event* ``time`` is within the last
@@ -32,10 +32,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from ingestd import migrate, outbox, schema, spool
+from ingestd import migrate, schema, spool
 from ingestd.config import Settings
 from ingestd.db import create_engine
 from ingestd.logs import redact
+from ingestd.outbox import sql as outbox
 
 LAST_HOUR = timedelta(hours=1)
 RECENT_GAPS = timedelta(hours=24)

@@ -1,7 +1,7 @@
 """The downlink worker: claims due outbox rows, pushes them to TTS, records each outcome.
 
 Several workers and processes may share a database: claims never overlap and a device's
-rows go out one at a time in order (see :mod:`ingestd.outbox`). Each worker runs
+rows go out one at a time in order (see :mod:`ingestd.outbox.sql`). Each worker runs
 ``concurrency`` slots; a slot claims one row, then: validate → stream gate → verify (only
 if an earlier push got no answer) → push → mark. It claims again at once after work, else
 waits for its poll timer or, on PostgreSQL, a ``NOTIFY ingestd_outbox`` from the insert
@@ -28,17 +28,18 @@ import structlog
 from sqlalchemy.engine import Engine
 from structlog.contextvars import bound_contextvars
 
-from ingestd import metrics, outbox
+from ingestd import metrics
 from ingestd.aio import sleep_or_stop, wait_any
 from ingestd.config import DownlinkSettings, Secret
 from ingestd.db import is_postgres
-from ingestd.downlink_push import (
+from ingestd.outbox import sql as outbox
+from ingestd.outbox.ids import request_id
+from ingestd.outbox.rules import (
     Outcome,
     classify_response,
     list_request,
     push_request,
     queue_has,
-    request_id,
     transport_outcome,
     validate,
 )
@@ -323,9 +324,8 @@ class DownlinkWorker:
         return "absent"
 
     async def _reconciled(self, item: outbox.OutboxItem, source: str) -> str:
-        await self._db(
-            outbox.mark_queued, self._engine, item.id, request_id=request_id(item), now=_now()
-        )
+        rid = request_id(item.id, item.attempts)
+        await self._db(outbox.mark_queued, self._engine, item.id, request_id=rid, now=_now())
         metrics.DOWNLINK_PUSHES.labels("reconciled").inc()
         log.info("downlink_reconciled", found=True, source=source, attempts=item.attempts)
         return "accepted"
@@ -348,9 +348,8 @@ class DownlinkWorker:
 
     async def _record(self, item: outbox.OutboxItem, outcome: Outcome) -> None:
         if outcome.kind == "queued":
-            await self._db(
-                outbox.mark_queued, self._engine, item.id, request_id=request_id(item), now=_now()
-            )
+            rid = request_id(item.id, item.attempts)
+            await self._db(outbox.mark_queued, self._engine, item.id, request_id=rid, now=_now())
             log.info("downlink_queued", attempts=item.attempts)
             metrics.DOWNLINK_PUSHES.labels("queued").inc()
             return

@@ -11,17 +11,17 @@ import orjson
 import pytest
 
 from ingestd.config import Secret
-from ingestd.downlink_push import (
+from ingestd.outbox.ids import request_id
+from ingestd.outbox.rules import (
     classify_response,
     list_request,
     push_request,
     queue_has,
     rate_limit_retry_s,
-    request_id,
     transport_outcome,
     validate,
 )
-from ingestd.outbox import OutboxItem
+from ingestd.outbox.sql import OutboxItem
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 KEY = Secret("NNSXS.KEY.SECRET")
@@ -78,9 +78,9 @@ def test_push_request_matches_the_tts_wire_format() -> None:
         "correlation_ids": ["ingestd:outbox:9223372036854775807"]}]}
     assert headers["Authorization"] == "Bearer NNSXS.KEY.SECRET"
     assert headers["User-Agent"] == "ingestd/1.2.3"
-    assert headers["X-Request-ID"] == request_id(ITEM)
+    assert headers["X-Request-ID"] == request_id(ITEM.id, ITEM.attempts)
     # TTS's rpc:/ttn.lorawan.v3.AppAs/DownlinkQueueReplace:<id> must stay <= 100 chars
-    assert len(request_id(ITEM)) <= 55
+    assert len(request_id(ITEM.id, ITEM.attempts)) <= 55
     list_url, _ = list_request(ITEM, "https://tts.example", KEY, user_agent="x")
     assert list_url.endswith("/devices/wm-0001/down")
 
