@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 import orjson
 
-from ingestd.framing import parse_tts_error
+from ingestd import tts
 from ingestd.outbox.ids import outbox_correlation_id, request_id
 from ingestd.schema import OUTBOX_OPERATIONS, TX_PRIORITIES
-from ingestd.tts import rate_limit_retry_s
 
 if TYPE_CHECKING:
     from ingestd.config import Secret
@@ -31,7 +30,6 @@ FRM_PAYLOAD_MAX_BYTES = 242  # EU868: 250 - 8 (TTS_WIRE 5.3); lower data rates a
 TTS_ID_MAX_CHARS = 36
 # Matched with fullmatch: `$` would also accept a trailing newline ("dev-1\n").
 _TTS_ID_RE = re.compile(r"[a-z0-9](?:-?[a-z0-9]){2,}")
-_PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409, 412, 413, 422})
 
 PUSH_PATH = "/api/v3/as/applications/{app}/devices/{dev}/down/{operation}"
 LIST_PATH = "/api/v3/as/applications/{app}/devices/{dev}/down"
@@ -45,7 +43,7 @@ class Outcome:
     error: str | None = None
     retry_after_s: float | None = None  # rate limited: wait this long (application-wide)
     queue_full: bool = False  # downlink_queue_capacity: retry with a long backoff
-    auth_rejected: bool = False  # 401: the API key itself is refused
+    auth_rejected: bool = False  # 401/403: the API key or its rights are refused
     outcome_unknown: bool = False  # TTS may have accepted it: verify before pushing again
 
 
@@ -143,23 +141,23 @@ def queue_has(content: bytes, item: OutboxItem) -> bool | None:
 
 
 def classify_response(response: httpx.Response) -> Outcome:
-    """The verdict on a push answer (TTS error name first in ``error``)."""
-    status = response.status_code
-    if status == 200:
+    """The verdict on a push answer (:func:`ingestd.tts.classify`; TTS error name first)."""
+    verdict = tts.classify(response.status_code, response.content, response.headers)
+    kind = verdict.kind
+    if kind == "ok":
         return Outcome("queued")
-    error = _error_text(response)
-    if status == 429:
-        info = parse_tts_error(_json(response.content))
-        if info.name == "downlink_queue_capacity":
-            return Outcome("retry", error, queue_full=True)
-        return Outcome("retry", error, retry_after_s=rate_limit_retry_s(response.headers))
-    if status == 401:
+    error = verdict.error
+    if kind == "queue_full":
+        return Outcome("retry", error, queue_full=True)
+    if kind == "rate_limited":
+        return Outcome("retry", error, retry_after_s=verdict.retry_after_s)
+    if kind == "auth":
         return Outcome("failed", error, auth_rejected=True)
-    if status in _PERMANENT_STATUSES or (400 <= status < 500 and status not in (408, 425)):
+    if kind == "rejected":
         return Outcome("failed", error)
-    # 5xx, 408 and anything unexpected. A 5xx may come after the AS accepted the item
-    # (e.g. a proxy's 504 while TTS went on), so the next attempt verifies first.
-    return Outcome("retry", error, outcome_unknown=status >= 500)
+    # A 5xx may come after the AS accepted the item (e.g. a proxy's 504 while TTS went
+    # on), so the next attempt verifies first.
+    return Outcome("retry", error, outcome_unknown=verdict.may_have_reached)
 
 
 def transport_outcome(exc: Exception) -> Outcome:
@@ -171,18 +169,3 @@ def transport_outcome(exc: Exception) -> Outcome:
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     return Outcome("retry", f"transport: {text}", outcome_unknown=sent)
-
-
-def _error_text(response: httpx.Response) -> str:
-    info = parse_tts_error(_json(response.content))
-    if info.name:
-        return info.describe()
-    snippet = response.text[:200].strip() if response.content else ""
-    return f"HTTP {response.status_code}" + (f": {snippet}" if snippet else "")
-
-
-def _json(content: bytes) -> Any:
-    try:
-        return orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None

@@ -17,11 +17,11 @@ from ingestd.outbox.rules import (
     list_request,
     push_request,
     queue_has,
-    rate_limit_retry_s,
     transport_outcome,
     validate,
 )
 from ingestd.outbox.sql import OutboxItem
+from ingestd.tts import rate_limit_retry_s
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 KEY = Secret("NNSXS.KEY.SECRET")
@@ -98,7 +98,9 @@ def test_queue_listing_is_matched_by_correlation_id() -> None:
     [
         (httpx.Response(200, json={}), "queued", {}),
         (_error(404, "device_not_found", "pkg/applicationserver"), "failed", {}),
-        (_error(403, "no_application_rights", "pkg/auth/rights"), "failed", {}),
+        # 403: the key lacks a right (e.g. TRAFFIC_DOWN_WRITE): an auth problem, reported once.
+        (_error(403, "no_application_rights", "pkg/auth/rights"), "failed",
+         {"auth_rejected": True}),
         (_error(400, "no_device_session"), "failed", {}),
         (_error(401, "api_key_not_found"), "failed", {"auth_rejected": True}),
         (_error(429, "downlink_queue_capacity", "pkg/networkserver"), "retry",
@@ -107,6 +109,10 @@ def test_queue_listing_is_matched_by_correlation_id() -> None:
          {"retry_after_s": 4.0}),
         (_error(503, "peer_unavailable"), "retry", {"outcome_unknown": True}),
         (httpx.Response(502, text="Bad Gateway"), "retry", {"outcome_unknown": True}),
+        # A proxy's request timeout never reached TTS; grpc-gateway's Canceled (499) may
+        # have, after TTS began handling the push: verify before pushing again.
+        (httpx.Response(408, text="Request Timeout"), "retry", {"outcome_unknown": False}),
+        (_error(499, "context_canceled", "pkg/errors"), "retry", {"outcome_unknown": True}),
     ],
 )
 def test_each_answer_has_a_verdict(
