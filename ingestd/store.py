@@ -38,7 +38,6 @@ from sqlalchemy.engine import Connection, Engine
 
 from ingestd import schema
 from ingestd.errors import StoreUnavailable
-from ingestd.logs import redact
 from ingestd.models import (
     CURSOR_FUTURE_TOLERANCE_S,
     CURSOR_IDS_MAX,
@@ -48,6 +47,7 @@ from ingestd.models import (
     Gap,
     Row,
 )
+from ingestd.secrets import redact
 
 log = structlog.get_logger()
 

@@ -23,12 +23,12 @@ from ingestd.config import (
     DatabaseSettings,
     DownlinkSettings,
     MetricsSettings,
-    Secret,
     Settings,
     SpoolSettings,
     StreamSettings,
 )
 from ingestd.db import create_engine
+from ingestd.secrets import Secret
 from ingestd.service import Service
 from ingestd.sim.server import Simulator
 

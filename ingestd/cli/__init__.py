@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _masked(text: str) -> str:
     """``text`` with configured secrets masked (an error may quote what TTS echoed)."""
-    from ingestd.logs import redact
+    from ingestd.secrets import redact
 
     return redact(text)
 

@@ -22,9 +22,7 @@ numbers should know:
 from __future__ import annotations
 
 import json
-import re
 import sys
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,13 +33,12 @@ from sqlalchemy.engine import Connection, Engine
 from ingestd import migrate, schema, spool
 from ingestd.config import Settings
 from ingestd.db import create_engine
-from ingestd.logs import redact
 from ingestd.outbox import sql as outbox
+from ingestd.secrets import redact, register_secrets
 
 LAST_HOUR = timedelta(hours=1)
 RECENT_GAPS = timedelta(hours=24)
 DB_CONNECT_TIMEOUT_S = 10
-_KEY_PATTERN = re.compile(r"NNSXS\.[A-Z2-7]{39}\.[A-Z2-7]{52}")
 
 # -- helpers shared with ``ingestd check`` ----------------------------------------------------
 
@@ -95,20 +92,6 @@ def db_error_text(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     first = str(orig).strip().splitlines()
     return f"{type(orig).__name__}: {first[0]}" if first else type(orig).__name__
-
-
-def secrets_of(settings: Settings) -> list[str]:
-    """Every secret ``settings`` holds (API keys, their secret part, the database password)."""
-    return settings.secret_values()
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every known secret and anything shaped like a TTS API key masked
-    (and whatever :func:`ingestd.logs.redact` masks: registered secrets, tokens, URL
-    passwords)."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return redact(_KEY_PATTERN.sub("NNSXS.***", text))
 
 
 # -- collecting -------------------------------------------------------------------------------
@@ -231,31 +214,31 @@ def _iso(t: datetime | None) -> str | None:
 
 def print_status(settings: Settings, *, as_json: bool) -> int:
     """Print the report (a table, or one JSON document); 1 when the database cannot answer."""
-    secrets = secrets_of(settings)
+    register_secrets(settings.secret_values())  # output goes through redact
     url = settings.database.safe_url
     missing = missing_sqlite_file(settings.database.url)
     if missing is not None:
-        _fail(f"{url}: the file {missing} does not exist: run `ingestd migrate`", secrets)
+        _fail(f"{url}: the file {missing} does not exist: run `ingestd migrate`")
         return 1
     engine = open_engine(settings.database.url)
     try:
         _, problem = schema_problem(engine)
         if problem is not None:
-            _fail(f"{url}: schema {problem}", secrets)
+            _fail(f"{url}: schema {problem}")
             return 1
         report = collect_status(engine, settings, now=datetime.now(UTC))
     except sa.exc.SQLAlchemyError as exc:
-        _fail(f"{url}: {db_error_text(exc)}", secrets)
+        _fail(f"{url}: {db_error_text(exc)}")
         return 1
     finally:
         engine.dispose()
     text = json.dumps(report, indent=2) if as_json else "\n".join(render(report))
-    print(scrub(text, secrets))
+    print(redact(text))
     return 0
 
 
-def _fail(message: str, secrets: list[str]) -> None:
-    print(f"ingestd: status: {scrub(message, secrets)}", file=sys.stderr)
+def _fail(message: str) -> None:
+    print(f"ingestd: status: {redact(message)}", file=sys.stderr)
 
 
 def render(report: dict[str, Any]) -> list[str]:

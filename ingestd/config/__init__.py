@@ -53,7 +53,7 @@ from ingestd.config.values import (
     tts_ids,
 )
 from ingestd.errors import ConfigError
-from ingestd.logs import SECRET_MIN_CHARS, register_secrets
+from ingestd.secrets import SECRET_MIN_CHARS, Secret, register_secrets
 
 CONFIG_ENV = "INGESTD_CONFIG"
 DEFAULT_CONFIG_FILE = "ingestd.toml"
@@ -77,30 +77,6 @@ _LEVELS = ("debug", "info", "warning", "error", "critical")
 _FORMATS = ("auto", "json", "console")
 _SECTIONS = ("database", "tts", "downlinks", "metrics", "logging", "spool", "backfill")
 _KEY_FIELDS = {"api_key": "api_key_file", "api_key_file": "api_key"}
-
-
-class Secret:
-    """A string that does not show itself: ``repr``/``str`` give ``Secret('***')``."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself, for the one place that sends it (an HTTP header)."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(("Secret", self._value))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)

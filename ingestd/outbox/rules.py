@@ -21,8 +21,8 @@ from ingestd.outbox.ids import outbox_correlation_id, request_id
 from ingestd.schema import OUTBOX_OPERATIONS, TX_PRIORITIES
 
 if TYPE_CHECKING:
-    from ingestd.config import Secret
     from ingestd.outbox.sql import OutboxItem
+    from ingestd.secrets import Secret
 
 F_PORT_MIN = 1
 F_PORT_MAX = 223  # TTS accepts 1-255 except 224; the docs say up to 223 (TTS_WIRE 5.3)

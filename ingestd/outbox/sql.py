@@ -33,8 +33,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from ingestd import schema
 from ingestd.db import is_postgres
-from ingestd.logs import redact
 from ingestd.outbox.ids import OUTBOX_CID_PREFIX, is_push_rpc, outbox_id_from
+from ingestd.secrets import redact
 from ingestd.store import map_db_errors
 
 _T = schema.downlink_outbox

@@ -30,7 +30,7 @@ from structlog.contextvars import bound_contextvars
 
 from ingestd import metrics
 from ingestd.aio import sleep_or_stop, wait_any
-from ingestd.config import DownlinkSettings, Secret
+from ingestd.config import DownlinkSettings
 from ingestd.db import is_postgres
 from ingestd.outbox import sql as outbox
 from ingestd.outbox.ids import request_id
@@ -44,6 +44,7 @@ from ingestd.outbox.rules import (
     validate,
 )
 from ingestd.retry import Backoff
+from ingestd.secrets import Secret
 from ingestd.tts import USER_AGENT
 
 log = structlog.get_logger()

@@ -19,11 +19,12 @@ from structlog.testing import capture_logs
 
 from ingestd import __version__, schema
 from ingestd.batch import BatchBuilder
-from ingestd.config import DownlinkSettings, Secret, Settings, TtsSettings
+from ingestd.config import DownlinkSettings, Settings, TtsSettings
 from ingestd.db import create_engine
 from ingestd.models import Cursor
 from ingestd.outbox import sql as outbox
 from ingestd.outbox.worker import DownlinkWorker
+from ingestd.secrets import Secret
 from ingestd.sim.server import Simulator
 from ingestd.store import Store
 

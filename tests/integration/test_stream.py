@@ -224,7 +224,7 @@ async def test_401_is_one_clear_error_and_the_other_streams_keep_running(
     )
     from dataclasses import replace
 
-    from ingestd.config import Secret
+    from ingestd.secrets import Secret
 
     settings = replace(
         settings,

@@ -13,7 +13,6 @@ from ingestd.config import (
     DownlinkSettings,
     LoggingSettings,
     MetricsSettings,
-    Secret,
     Settings,
     StreamSettings,
     TtsSettings,
@@ -21,6 +20,7 @@ from ingestd.config import (
     load_settings,
 )
 from ingestd.errors import ConfigError
+from ingestd.secrets import Secret
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "ingestd.example.toml"
@@ -702,7 +702,7 @@ def test_the_longest_stream_name_is_the_stream_columns_size(tmp_path: Path) -> N
 
 
 def test_loading_settings_registers_their_secrets_for_masking(tmp_path: Path) -> None:
-    from ingestd.logs import redact
+    from ingestd.secrets import redact
 
     path = write(
         tmp_path / "c.toml",

@@ -10,7 +10,6 @@ import httpx
 import orjson
 import pytest
 
-from ingestd.config import Secret
 from ingestd.outbox.ids import request_id
 from ingestd.outbox.rules import (
     classify_response,
@@ -21,6 +20,7 @@ from ingestd.outbox.rules import (
     validate,
 )
 from ingestd.outbox.sql import OutboxItem
+from ingestd.secrets import Secret
 from ingestd.tts import rate_limit_retry_s
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
