@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 
 from ingestd import __version__
+from ingestd.config.values import split_host_port
 from ingestd.models import Batch, CommitResult
 from ingestd.normalize.down import DOWNLINK_KINDS
 
@@ -344,11 +345,7 @@ class _Server(uvicorn.Server):
 
 def _bind(listen: str) -> socket.socket:
     """A listening TCP socket for ``host:port`` (``[v6]:port`` too; port 0 picks one)."""
-    host, sep, port_text = listen.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"metrics listen address must be host:port, got {listen!r}")
-    port = int(port_text)
+    host, port = split_host_port(listen)
     family, *_ = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     dualstack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
     return socket.create_server((host, port), family=family, dualstack_ipv6=dualstack)

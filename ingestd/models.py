@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, TypedDict
 
+# TTS's TxSchedulePriority names, in enum-number order (a downlink's ``priority``).
+TX_PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
+
 
 class TtsEvent(TypedDict, total=False):
     """An ``Event`` as TTS writes it on ``/api/v3/events`` (TTS_WIRE §2)."""

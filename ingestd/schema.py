@@ -26,6 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
+from ingestd.models import TX_PRIORITIES
+
 
 class UtcDateTime(sa.TypeDecorator[datetime]):
     """A timezone-aware UTC datetime on every dialect (SQLite drops the zone otherwise)."""
@@ -233,7 +235,6 @@ OUTBOX_STATUSES = (
 )
 OUTBOX_OPERATIONS = ("push", "replace")
 # TTS TxSchedulePriority names (TTS_WIRE 5.2), lowest first.
-TX_PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
 # Statuses of rows TTS has not accepted yet: they hold back later rows of the same device.
 OUTBOX_ACTIVE_STATUSES = ("pending", "pushing")
 

@@ -24,7 +24,7 @@ import httpx
 import sqlalchemy as sa
 import structlog
 
-from ingestd import __version__, db, metrics, migrate, sdnotify
+from ingestd import __version__, db, metrics, migrate, sdnotify, tts
 from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
 from ingestd.config import Settings
 from ingestd.consumer import StreamConsumer
@@ -64,7 +64,7 @@ class Service:
         self.client = httpx.AsyncClient(
             http2=True,
             limits=httpx.Limits(max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=20),
-            headers={"User-Agent": f"ingestd/{__version__}"},
+            headers={"User-Agent": tts.USER_AGENT},
         )
         spool_root = s.spool.root(s.database.url) if s.spool.enabled else None
         self.consumers = [
@@ -335,11 +335,10 @@ def _migrate_or_check(settings: Settings, *, migrate_first: bool) -> None:
         if migrate_first:
             migrate.upgrade(engine)
         else:
-            current, head = migrate.current_revision(engine), migrate.head_revision()
-            if current != head:
+            _, problem = migrate.schema_problem(engine)
+            if problem is not None:
                 raise SchemaNotReady(
-                    f"{settings.database.safe_url} is at revision {current or '(none)'}, "
-                    f"this ingestd needs {head}: run `ingestd migrate` (or drop --no-migrate)"
+                    f"{settings.database.safe_url}: schema {problem} (or drop --no-migrate)"
                 )
     finally:
         engine.dispose()

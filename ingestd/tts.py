@@ -9,13 +9,15 @@ translation of status codes and ``google.rpc.Status`` bodies into our error tree
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import httpx
 import orjson
+import structlog
 
 from ingestd import __version__
 from ingestd.errors import (
@@ -28,11 +30,24 @@ from ingestd.errors import (
 )
 from ingestd.framing import TtsErrorInfo, parse_tts_error
 
+log = structlog.get_logger()
+
 USER_AGENT = f"ingestd/{__version__}"
 EVENT_STREAM_ACCEPT = "text/event-stream"  # exactly this value selects "\n\n" framing (§1.2)
 RATE_LIMIT_EXTRA_S = 1.0  # X-Rate-Limit-Retry is truncated to whole seconds (§7)
 RATE_LIMIT_DEFAULT_S = 10.0  # when a 429 carries no retry header
 STORE_DISABLED_WARNING = "Events storage is not enabled"
+TTS_ID_MAX_CHARS = 36
+# An application/device/gateway id. Matched with fullmatch: `$` would also accept a
+# trailing newline ("dev-1\n").
+_TTS_ID_RE = re.compile(r"[a-z0-9](?:-?[a-z0-9]){2,}")
+
+
+def is_tts_id(value: object) -> bool:
+    """True for a valid TTS entity id: lowercase letters, digits, single dashes, 3-36 chars."""
+    return isinstance(value, str) and len(value) <= TTS_ID_MAX_CHARS and bool(
+        _TTS_ID_RE.fullmatch(value)
+    )
 
 
 def stream_body(
@@ -91,6 +106,21 @@ def rate_limit_retry_s(headers: httpx.Headers) -> float | None:
 def warnings_of(response: httpx.Response) -> list[str]:
     """Every ``X-Warning`` header value (one line per warning)."""
     return response.headers.get_list("x-warning")
+
+
+class WarningLog:
+    """Logs each distinct ``X-Warning`` once (``tts_warning``): TTS repeats its warnings
+    (a deprecated field, a disabled store) on every answer."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def log(self, warnings: Iterable[str]) -> None:
+        """Log the warnings not logged before."""
+        for warning in warnings:
+            if warning not in self._seen:
+                self._seen.add(warning)
+                log.warning("tts_warning", warning=warning)
 
 
 def error_info(status_code: int, body: bytes) -> TtsErrorInfo:

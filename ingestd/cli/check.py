@@ -22,12 +22,11 @@ from typing import Any, Literal
 import httpx
 import sqlalchemy as sa
 
-from ingestd import __version__
+from ingestd import migrate
 from ingestd.cli.status import (
     db_error_text,
     missing_sqlite_file,
     open_engine,
-    schema_problem,
 )
 from ingestd.config import Settings, StreamSettings
 from ingestd.errors import ConfigError, IngestdError, MalformedEvent, StreamDisconnected
@@ -35,7 +34,7 @@ from ingestd.framing import ErrorFrame, parse_frame
 from ingestd.models import Cursor
 from ingestd.secrets import redact, register_secrets
 from ingestd.stream import EventStream
-from ingestd.tts import STORE_DISABLED_WARNING
+from ingestd.tts import STORE_DISABLED_WARNING, USER_AGENT
 
 # The check reads one frame: ask for the smallest history that still makes a server
 # without an event store say so (it warns only when ``tail`` or ``after`` is sent).
@@ -156,7 +155,7 @@ def check_database(settings: Settings) -> list[CheckLine]:
             ]
         lines = [CheckLine(word="ok", subject="database", detail=f"{url} ({engine.dialect.name})")]
         try:
-            revision, problem = schema_problem(engine)
+            revision, problem = migrate.schema_problem(engine)
         except sa.exc.SQLAlchemyError as exc:
             problem, revision = f"cannot read the revision: {db_error_text(exc)}", None
         if problem is None:
@@ -189,7 +188,7 @@ async def check_streams(settings: Settings) -> list[list[CheckLine]]:
     """Every stream's lines, checked concurrently, in config order."""
     if not settings.streams:
         return []
-    async with httpx.AsyncClient(http2=True, headers={"User-Agent": f"ingestd/{__version__}"}) as c:
+    async with httpx.AsyncClient(http2=True, headers={"User-Agent": USER_AGENT}) as c:
         return list(await asyncio.gather(*(check_stream(s, c) for s in settings.streams)))
 
 

@@ -62,31 +62,6 @@ def missing_sqlite_file(url: str) -> Path | None:
     return None if path.exists() else path
 
 
-def schema_problem(engine: Engine) -> tuple[str | None, str | None]:
-    """``(current revision, problem)``: the problem is None when the schema is at head."""
-    current = migrate.current_revision(engine)
-    head = migrate.head_revision()
-    if current == head:
-        return current, None
-    if current is None:
-        return None, "not migrated: run `ingestd migrate`"
-    if not _known_revision(current):
-        return current, (
-            f"at revision {current}, which this ingestd does not know (head {head}): "
-            "the database was migrated by a newer ingestd"
-        )
-    return current, f"at revision {current}, this ingestd needs {head}: run `ingestd migrate`"
-
-
-def _known_revision(revision: str) -> bool:
-    from alembic.script import ScriptDirectory
-
-    try:
-        return ScriptDirectory(str(migrate.migrations_dir())).get_revision(revision) is not None
-    except Exception:  # alembic raises several resolution errors for an unknown id
-        return False
-
-
 def db_error_text(exc: BaseException) -> str:
     """The driver's own first line, without SQLAlchemy's SQL echo and background link."""
     orig = getattr(exc, "orig", None) or exc
@@ -99,7 +74,7 @@ def db_error_text(exc: BaseException) -> str:
 
 def collect_status(engine: Engine, settings: Settings, *, now: datetime) -> dict[str, Any]:
     """The whole report as one JSON-ready document (stable keys; times as ISO-8601)."""
-    revision, _ = schema_problem(engine)
+    revision, _ = migrate.schema_problem(engine)
     with engine.connect() as conn:
         cursors = {r.stream: r for r in conn.execute(sa.select(schema.stream_cursors))}
         configured = {s.name: s for s in settings.streams}
@@ -222,7 +197,7 @@ def print_status(settings: Settings, *, as_json: bool) -> int:
         return 1
     engine = open_engine(settings.database.url)
     try:
-        _, problem = schema_problem(engine)
+        _, problem = migrate.schema_problem(engine)
         if problem is not None:
             _fail(f"{url}: schema {problem}")
             return 1

@@ -48,6 +48,7 @@ from ingestd.config.values import (
     parse_entries,
     positive,
     read_secret_file,
+    split_host_port,
     stream_name,
     tts_id_problem,
     tts_ids,
@@ -170,8 +171,7 @@ class MetricsSettings:
         """``(host, port)`` to bind (IPv6 brackets removed), or ``None`` when disabled."""
         if not self.listen:
             return None
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        return split_host_port(self.listen)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

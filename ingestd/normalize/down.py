@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from ingestd.errors import MalformedEvent
-from ingestd.models import Row
+from ingestd.models import TX_PRIORITIES, Row
 from ingestd.outbox.ids import outbox_id_from
 
 _SHOW_MAX_CHARS = 60
@@ -44,7 +44,6 @@ DOWNLINK_KINDS: dict[str, str] = {
 
 # TxSchedulePriority by number, for the rare sub-object rendered with enum numbers.
 _PRIORITY_MAX_CHARS = 16  # downlink_events.priority
-_PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
 
 
 # --- value readers shared with ingestd.normalize -------------------------------------
@@ -222,6 +221,6 @@ def _cids_of(obj: Mapping[str, Any], what: str) -> list[Any]:
 def _priority(value: Any) -> str:
     if type(value) is str and len(value) <= _PRIORITY_MAX_CHARS:
         return value
-    if type(value) is int and 0 <= value < len(_PRIORITIES):
-        return _PRIORITIES[value]
+    if type(value) is int and 0 <= value < len(TX_PRIORITIES):
+        return TX_PRIORITIES[value]
     raise MalformedEvent(f"downlink.priority is not a TxSchedulePriority: {show(value)}")

@@ -8,7 +8,6 @@ TTS answer means for the row (5.4, 7).
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,8 +16,9 @@ import httpx
 import orjson
 
 from ingestd import tts
+from ingestd.models import TX_PRIORITIES
 from ingestd.outbox.ids import outbox_correlation_id, request_id
-from ingestd.schema import OUTBOX_OPERATIONS, TX_PRIORITIES
+from ingestd.schema import OUTBOX_OPERATIONS
 
 if TYPE_CHECKING:
     from ingestd.outbox.sql import OutboxItem
@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 F_PORT_MIN = 1
 F_PORT_MAX = 223  # TTS accepts 1-255 except 224; the docs say up to 223 (TTS_WIRE 5.3)
 FRM_PAYLOAD_MAX_BYTES = 242  # EU868: 250 - 8 (TTS_WIRE 5.3); lower data rates allow less
-TTS_ID_MAX_CHARS = 36
-# Matched with fullmatch: `$` would also accept a trailing newline ("dev-1\n").
-_TTS_ID_RE = re.compile(r"[a-z0-9](?:-?[a-z0-9]){2,}")
 
 PUSH_PATH = "/api/v3/as/applications/{app}/devices/{dev}/down/{operation}"
 LIST_PATH = "/api/v3/as/applications/{app}/devices/{dev}/down"
@@ -52,14 +49,10 @@ def validate(item: OutboxItem) -> str | None:
     if item.problem is not None:
         return item.problem
     for what, value in (("application_id", item.application_id), ("device_id", item.device_id)):
-        if not (
-            isinstance(value, str)
-            and len(value) <= TTS_ID_MAX_CHARS
-            and _TTS_ID_RE.fullmatch(value)
-        ):
+        if not tts.is_tts_id(value):
             return (
                 f"{what} {value!r} is not a TTS id (lowercase letters, digits and single "
-                f"dashes, 3-{TTS_ID_MAX_CHARS} characters)"
+                f"dashes, 3-{tts.TTS_ID_MAX_CHARS} characters)"
             )
     if not isinstance(item.f_port, int) or not F_PORT_MIN <= item.f_port <= F_PORT_MAX:
         return f"f_port {item.f_port!r} is outside {F_PORT_MIN}-{F_PORT_MAX}"
@@ -87,17 +80,7 @@ def validate(item: OutboxItem) -> str | None:
     return None
 
 
-def _headers(key: Secret, user_agent: str) -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {key.reveal()}",
-        "User-Agent": user_agent,
-        "Accept": "application/json",
-    }
-
-
-def push_request(
-    item: OutboxItem, base_url: str, key: Secret, *, user_agent: str
-) -> tuple[str, dict[str, str], bytes]:
+def push_request(item: OutboxItem, base_url: str, key: Secret) -> tuple[str, dict[str, str], bytes]:
     """(url, headers, body) of the ``down/push`` or ``down/replace`` call for ``item``."""
     downlink: dict[str, Any] = {
         "f_port": item.f_port,
@@ -110,19 +93,17 @@ def push_request(
     else:
         downlink["decoded_payload"] = item.decoded_payload
     path = PUSH_PATH.format(app=item.application_id, dev=item.device_id, operation=item.operation)
-    headers = _headers(key, user_agent) | {
+    headers = tts.headers(key.reveal()) | {
         "Content-Type": "application/json",
         "X-Request-ID": request_id(item.id, item.attempts),
     }
     return base_url.rstrip("/") + path, headers, orjson.dumps({"downlinks": [downlink]})
 
 
-def list_request(
-    item: OutboxItem, base_url: str, key: Secret, *, user_agent: str
-) -> tuple[str, dict[str, str]]:
+def list_request(item: OutboxItem, base_url: str, key: Secret) -> tuple[str, dict[str, str]]:
     """(url, headers) of the device queue listing (``GET …/down``)."""
     path = LIST_PATH.format(app=item.application_id, dev=item.device_id)
-    return base_url.rstrip("/") + path, _headers(key, user_agent)
+    return base_url.rstrip("/") + path, tts.headers(key.reveal())
 
 
 def queue_has(content: bytes, item: OutboxItem) -> bool | None:

@@ -28,7 +28,7 @@ import structlog
 from sqlalchemy.engine import Engine
 from structlog.contextvars import bound_contextvars
 
-from ingestd import metrics
+from ingestd import metrics, tts
 from ingestd.aio import sleep_or_stop, wait_any
 from ingestd.config import DownlinkSettings
 from ingestd.db import is_postgres
@@ -45,7 +45,6 @@ from ingestd.outbox.rules import (
 )
 from ingestd.retry import Backoff
 from ingestd.secrets import Secret
-from ingestd.tts import USER_AGENT
 
 log = structlog.get_logger()
 
@@ -107,7 +106,7 @@ class DownlinkWorker:
         self._stream_recheck_s = min(STREAM_WAIT_RECHECK_MAX_S, self._cfg.poll_interval_s)
         self._wakeup = asyncio.Event()
         self._paused_until: dict[str, float] = {}  # application_id -> monotonic deadline
-        self._warnings_seen: set[str] = set()
+        self._warnings = tts.WarningLog()
         self._auth_rejected: set[str] = set()
         self._waiting_for_stream: set[tuple[str, str]] = set()
         self.pushes = 0  # HTTP push requests sent (for tests, metrics)
@@ -260,7 +259,7 @@ class DownlinkWorker:
             )
             return
         try:
-            request = push_request(item, base_url, key, user_agent=USER_AGENT)
+            request = push_request(item, base_url, key)
         except (TypeError, ValueError) as exc:  # orjson: e.g. a payload nested too deep
             await self._fail(
                 item, f"invalid row: cannot encode the push request: {exc}", reason="invalid"
@@ -295,7 +294,7 @@ class DownlinkWorker:
         accepted = await self._db(outbox.accepted_per_events, self._engine, item.id, now=_now())
         if accepted:
             return await self._reconciled(item, "events")
-        url, headers = list_request(item, base_url, key, user_agent=USER_AGENT)
+        url, headers = list_request(item, base_url, key)
         error: str | None = None
         try:
             async with asyncio.timeout(self._cfg.request_timeout_s):
@@ -411,12 +410,8 @@ class DownlinkWorker:
         )
 
     def _log_warnings(self, response: httpx.Response | None) -> None:
-        if response is None:
-            return
-        for warning in response.headers.get_list("x-warning"):
-            if warning not in self._warnings_seen:
-                self._warnings_seen.add(warning)
-                log.warning("tts_warning", warning=warning)
+        if response is not None:
+            self._warnings.log(tts.warnings_of(response))
 
     # -- wakeups, stale claims, database calls ------------------------------------------
 

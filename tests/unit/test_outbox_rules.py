@@ -10,6 +10,7 @@ import httpx
 import orjson
 import pytest
 
+from ingestd import __version__
 from ingestd.outbox.ids import request_id
 from ingestd.outbox.rules import (
     classify_response,
@@ -71,17 +72,17 @@ def test_invalid_values_are_named(changes: dict[str, object], reason: str) -> No
 
 def test_push_request_matches_the_tts_wire_format() -> None:
     url, headers, body = push_request(replace(ITEM, operation="replace"), "https://tts.example/",
-                                      KEY, user_agent="ingestd/1.2.3")
+                                      KEY)
     assert url == "https://tts.example/api/v3/as/applications/acme-app/devices/wm-0001/down/replace"
     assert orjson.loads(body) == {"downlinks": [{
         "f_port": 10, "frm_payload": "AQI=", "confirmed": True, "priority": "HIGH",
         "correlation_ids": ["ingestd:outbox:9223372036854775807"]}]}
     assert headers["Authorization"] == "Bearer NNSXS.KEY.SECRET"
-    assert headers["User-Agent"] == "ingestd/1.2.3"
+    assert headers["User-Agent"] == f"ingestd/{__version__}"
     assert headers["X-Request-ID"] == request_id(ITEM.id, ITEM.attempts)
     # TTS's rpc:/ttn.lorawan.v3.AppAs/DownlinkQueueReplace:<id> must stay <= 100 chars
     assert len(request_id(ITEM.id, ITEM.attempts)) <= 55
-    list_url, _ = list_request(ITEM, "https://tts.example", KEY, user_agent="x")
+    list_url, _ = list_request(ITEM, "https://tts.example", KEY)
     assert list_url.endswith("/devices/wm-0001/down")
 
 
