@@ -368,6 +368,13 @@ class MetricsServer:
         self._port: int | None = None
 
     @property
+    def task(self) -> asyncio.Task[None]:
+        """The task serving requests (only after ``start()``): it runs until ``stop()``."""
+        if self._task is None:
+            raise RuntimeError("MetricsServer is not started")
+        return self._task
+
+    @property
     def port(self) -> int:
         """The bound TCP port (useful with port 0); only after ``start()``."""
         if self._port is None:

@@ -134,7 +134,15 @@ class Service:
     # -- running -----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run every task until ``stop`` is set or one of them fails."""
+        """Run every task until ``stop`` is set or one of them fails.
+
+        Streams, downlink workers, backfill and the metrics server must run until the stop;
+        the side tasks (``ready``, ``watchdog``, ``outbox_gauge``) may finish early but must
+        not fail. Either way a failure logs ``task_failed`` and stops the daemon (a dead
+        watchdog task would otherwise have systemd kill it after ``WatchdogSec``, with no
+        line saying why); errors that tasks raise while stopping are logged too.
+        """
+        server = await self._start_metrics()  # first: a bind failure leaves nothing running
         tasks: dict[str, asyncio.Task[Any]] = {}
         for consumer in self.consumers:
             name = f"stream:{consumer.settings.name}"
@@ -150,10 +158,11 @@ class Service:
             "watchdog": asyncio.create_task(self._watchdog(stop), name="watchdog"),
             "outbox_gauge": asyncio.create_task(self._outbox_gauge(stop), name="outbox_gauge"),
         }
-        server = await self._start_metrics()
+        if server is not None:
+            tasks["metrics"] = server.task
         failed: BaseException | None = None
         try:
-            failed = await self._monitor(tasks, stop)
+            failed = await self._monitor(tasks, side, stop)
         finally:
             sdnotify.stopping()
             stop.set()
@@ -173,24 +182,36 @@ class Service:
             await cancel_and_wait(side.values())
             if server is not None:
                 await server.stop()
+            _log_shutdown_errors({**tasks, **side}, reported=failed)
         if failed is not None:
             raise failed
 
     async def _monitor(
-        self, tasks: dict[str, asyncio.Task[Any]], stop: asyncio.Event
+        self,
+        tasks: dict[str, asyncio.Task[Any]],
+        side: dict[str, asyncio.Task[Any]],
+        stop: asyncio.Event,
     ) -> BaseException | None:
-        """Wait for stop; if a task ends early, log ``task_failed`` and stop everything."""
+        """Wait for stop; if a task ends early (a side task: fails), log ``task_failed``
+        and return its error, which stops everything."""
         while not stop.is_set():
-            running = [t for t in tasks.values() if not t.done()]
+            running = [t for t in (*tasks.values(), *side.values()) if not t.done()]
             if running:
                 await wait_any(stop.wait(), asyncio.wait(running, return_when="FIRST_COMPLETED"))
             else:
                 await stop.wait()
+            if stop.is_set():
+                break
             for name, task in tasks.items():
-                if task.done() and not stop.is_set():
+                if task.done():
                     exc = None if task.cancelled() else task.exception()
                     log.error("task_failed", task=name, error=repr(exc))
                     return exc or RuntimeError(f"task {name} ended unexpectedly")
+            for name, task in side.items():
+                exc = task.exception() if task.done() and not task.cancelled() else None
+                if exc is not None or task.cancelled():
+                    log.error("task_failed", task=name, error=repr(exc))
+                    return exc or RuntimeError(f"task {name} was cancelled")
         return None
 
     def _backfill(self) -> Any:
@@ -265,6 +286,19 @@ class Service:
             return
         while not await sleep_or_stop(min(interval, WATCHDOG_DEFAULT_S), stop):
             sdnotify.watchdog()
+
+
+def _log_shutdown_errors(
+    tasks: dict[str, asyncio.Task[Any]], *, reported: BaseException | None
+) -> None:
+    """Log what tasks raised while stopping (``task_failed_at_stop``), not drop it; the
+    error that stopped the daemon was logged as ``task_failed`` already."""
+    for name, task in tasks.items():
+        if not task.done() or task.cancelled():
+            continue
+        exc = task.exception()
+        if exc is not None and exc is not reported:
+            log.error("task_failed_at_stop", task=name, error=repr(exc), exc_info=exc)
 
 
 def _downlink_hook() -> Any:
