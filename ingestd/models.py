@@ -8,10 +8,59 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, NamedTuple, TypedDict
 
-# TTS's TxSchedulePriority names, in enum-number order (a downlink's ``priority``).
-TX_PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
+# Closed sets as StrEnums: each member is its own string, so rows, SQL parameters and
+# comparisons with plain strings work unchanged, and the declaration is the one home.
+
+
+class Priority(StrEnum):
+    """TTS's TxSchedulePriority (TTS_WIRE 5.2), in enum-number order, lowest first."""
+
+    LOWEST = "LOWEST"
+    LOW = "LOW"
+    BELOW_NORMAL = "BELOW_NORMAL"
+    NORMAL = "NORMAL"
+    ABOVE_NORMAL = "ABOVE_NORMAL"
+    HIGH = "HIGH"
+    HIGHEST = "HIGHEST"
+
+
+class OutboxStatus(StrEnum):
+    """``downlink_outbox.status``; statuses only move forward (see :mod:`ingestd.outbox.sql`)."""
+
+    PENDING = "pending"
+    PUSHING = "pushing"
+    QUEUED = "queued"
+    SENT = "sent"
+    ACKED = "acked"
+    FAILED = "failed"
+    INVALIDATED = "invalidated"
+    DROPPED = "dropped"
+
+
+class Operation(StrEnum):
+    """``downlink_outbox.operation``: TTS's ``down/push`` or ``down/replace``."""
+
+    PUSH = "push"
+    REPLACE = "replace"
+
+
+class DownlinkKind(StrEnum):
+    """``downlink_events.kind``: which ``as.down.data.*`` lifecycle event a row records."""
+
+    RECEIVE = "receive"
+    FORWARD = "forward"
+    SENT = "sent"
+    ACK = "ack"
+    NACK = "nack"
+    FAILED = "failed"
+    QUEUE_INVALIDATED = "queue_invalidated"
+    DROP = "drop"
+
+
+TX_PRIORITIES: tuple[str, ...] = tuple(Priority)
 
 
 class TtsEvent(TypedDict, total=False):

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
-from ingestd.models import TX_PRIORITIES
+from ingestd.models import TX_PRIORITIES, Operation, OutboxStatus
 
 
 class UtcDateTime(sa.TypeDecorator[datetime]):
@@ -223,20 +223,10 @@ rejected_events = sa.Table(
     sa.Column("received_at", UtcDateTime(), nullable=False, server_default=NOW),
 )
 
-OUTBOX_STATUSES = (
-    "pending",
-    "pushing",
-    "queued",
-    "sent",
-    "acked",
-    "failed",
-    "invalidated",
-    "dropped",
-)
-OUTBOX_OPERATIONS = ("push", "replace")
-# TTS TxSchedulePriority names (TTS_WIRE 5.2), lowest first.
+OUTBOX_STATUSES: tuple[str, ...] = tuple(OutboxStatus)
+OUTBOX_OPERATIONS: tuple[str, ...] = tuple(Operation)
 # Statuses of rows TTS has not accepted yet: they hold back later rows of the same device.
-OUTBOX_ACTIVE_STATUSES = ("pending", "pushing")
+OUTBOX_ACTIVE_STATUSES: tuple[str, ...] = (OutboxStatus.PENDING, OutboxStatus.PUSHING)
 
 
 def _in_list(column: str, values: tuple[str, ...]) -> str:

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from ingestd.errors import MalformedEvent
-from ingestd.models import TX_PRIORITIES, Row
+from ingestd.models import TX_PRIORITIES, DownlinkKind, Row
 from ingestd.outbox.ids import outbox_id_from
 
 _SHOW_MAX_CHARS = 60
@@ -31,18 +31,16 @@ EMPTY: Mapping[str, Any] = {}
 """Stands in for an omitted sub-object so that chained ``.get`` calls stay flat."""
 
 # Event name -> downlink_events.kind (DESIGN §4). These names exist from TTS v3.32.1 on.
-DOWNLINK_KINDS: dict[str, str] = {
-    "as.down.data.receive": "receive",
-    "as.down.data.forward": "forward",
-    "as.down.data.sent.forward": "sent",
-    "as.down.data.ack.forward": "ack",
-    "as.down.data.nack.forward": "nack",
-    "as.down.data.failed.forward": "failed",
-    "as.down.data.queue.invalidated.forward": "queue_invalidated",
-    "as.down.data.drop": "drop",
+DOWNLINK_KINDS: dict[str, DownlinkKind] = {
+    "as.down.data.receive": DownlinkKind.RECEIVE,
+    "as.down.data.forward": DownlinkKind.FORWARD,
+    "as.down.data.sent.forward": DownlinkKind.SENT,
+    "as.down.data.ack.forward": DownlinkKind.ACK,
+    "as.down.data.nack.forward": DownlinkKind.NACK,
+    "as.down.data.failed.forward": DownlinkKind.FAILED,
+    "as.down.data.queue.invalidated.forward": DownlinkKind.QUEUE_INVALIDATED,
+    "as.down.data.drop": DownlinkKind.DROP,
 }
-
-# TxSchedulePriority by number, for the rare sub-object rendered with enum numbers.
 _PRIORITY_MAX_CHARS = 16  # downlink_events.priority
 
 
@@ -116,7 +114,7 @@ def downlink_row(
     event: Mapping[str, Any],
     data: Mapping[str, Any],
     *,
-    kind: str,
+    kind: DownlinkKind,
     unique_id: str,
     time: datetime,
 ) -> Row:
@@ -221,6 +219,6 @@ def _cids_of(obj: Mapping[str, Any], what: str) -> list[Any]:
 def _priority(value: Any) -> str:
     if type(value) is str and len(value) <= _PRIORITY_MAX_CHARS:
         return value
-    if type(value) is int and 0 <= value < len(TX_PRIORITIES):
+    if type(value) is int and 0 <= value < len(TX_PRIORITIES):  # rendered as enum numbers
         return TX_PRIORITIES[value]
     raise MalformedEvent(f"downlink.priority is not a TxSchedulePriority: {show(value)}")
