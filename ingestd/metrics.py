@@ -153,8 +153,8 @@ EVENT_TO_COMMIT_SECONDS = Histogram(
 RECONNECTS = Counter(
     "ingestd_reconnects_total",
     "Stream reconnects, by stream and reason (transport, idle_timeout, no_frame,"
-    " headers_timeout, bad_response, server_error, rate_limited, auth, rejected, stream_error,"
-    " server_closed, error, unexpected).",
+    " headers_timeout, bad_response, reject_flood, spool_full, server_error, rate_limited,"
+    " auth, rejected, stream_error, server_closed, error, unexpected).",
     ("stream", "reason"),
     registry=REGISTRY,
 )

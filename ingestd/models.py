@@ -1,7 +1,7 @@
 """Values passed between the pipeline's stages.
 
-Raw Things Stack JSON stays a plain ``dict`` (decoded by orjson); :class:`TtsEvent`
-documents the keys we read. Internal values are small frozen dataclasses or NamedTuples.
+Raw Things Stack JSON stays a plain ``dict`` (decoded by orjson; TTS_WIRE §2 has its keys).
+Internal values are small frozen dataclasses or NamedTuples, closed sets StrEnums.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple
 
 # Closed sets as StrEnums: each member is its own string, so rows, SQL parameters and
 # comparisons with plain strings work unchanged, and the declaration is the one home.
@@ -61,20 +61,6 @@ class DownlinkKind(StrEnum):
 
 
 TX_PRIORITIES: tuple[str, ...] = tuple(Priority)
-
-
-class TtsEvent(TypedDict, total=False):
-    """An ``Event`` as TTS writes it on ``/api/v3/events`` (TTS_WIRE §2)."""
-
-    name: str
-    time: str
-    identifiers: list[dict[str, Any]]
-    data: dict[str, Any]
-    correlation_ids: list[str]
-    origin: str
-    context: dict[str, str]
-    visibility: dict[str, Any]
-    unique_id: str
 
 
 class Row(NamedTuple):

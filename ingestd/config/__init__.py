@@ -86,7 +86,7 @@ class DatabaseSettings:
 
     url: str = DATABASE_URL_DEFAULT
     batch_max_events: int = BATCH_MAX_EVENTS  # flush a batch at this many events
-    batch_max_delay_s: float = BATCH_MAX_DELAY_S  # ... or this long after its first event
+    batch_max_delay_s: float = BATCH_MAX_DELAY_S  # ... or at the latest every this many seconds
 
     @property
     def safe_url(self) -> str:
