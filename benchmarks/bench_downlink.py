@@ -43,9 +43,10 @@ import sqlalchemy as sa
 import structlog
 
 from ingestd import migrate, schema
-from ingestd.config import DownlinkSettings, Secret, Settings, TtsSettings
+from ingestd.config import DownlinkSettings, Settings, TtsSettings
 from ingestd.db import create_engine
-from ingestd.downlink import DownlinkWorker
+from ingestd.outbox.worker import DownlinkWorker
+from ingestd.secrets import Secret
 
 T = schema.downlink_outbox
 APP = "sim-app"

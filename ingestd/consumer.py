@@ -35,6 +35,7 @@ import structlog
 
 from ingestd import metrics
 from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
+from ingestd.batch import BatchBuilder
 from ingestd.config import DatabaseSettings, StreamSettings
 from ingestd.errors import (
     AuthRejected,
@@ -49,7 +50,6 @@ from ingestd.errors import (
     TtsError,
 )
 from ingestd.framing import ErrorFrame, parse_frame
-from ingestd.ingest import BatchBuilder
 from ingestd.leader import StreamLeadership
 from ingestd.models import Batch, Gap
 from ingestd.retry import Backoff

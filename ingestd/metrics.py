@@ -30,8 +30,9 @@ from prometheus_client import (
 )
 
 from ingestd import __version__
+from ingestd.config.values import split_host_port
 from ingestd.models import Batch, CommitResult
-from ingestd.normalize_down import DOWNLINK_KINDS
+from ingestd.normalize.down import DOWNLINK_KINDS
 
 if TYPE_CHECKING:
     from ingestd.spool import Spool
@@ -152,8 +153,8 @@ EVENT_TO_COMMIT_SECONDS = Histogram(
 RECONNECTS = Counter(
     "ingestd_reconnects_total",
     "Stream reconnects, by stream and reason (transport, idle_timeout, no_frame,"
-    " headers_timeout, bad_response, server_error, rate_limited, auth, rejected, stream_error,"
-    " server_closed, error, unexpected).",
+    " headers_timeout, bad_response, reject_flood, spool_full, server_error, rate_limited,"
+    " auth, rejected, stream_error, server_closed, error, unexpected).",
     ("stream", "reason"),
     registry=REGISTRY,
 )
@@ -350,11 +351,7 @@ class _Server(uvicorn.Server):
 
 def _bind(listen: str) -> socket.socket:
     """A listening TCP socket for ``host:port`` (``[v6]:port`` too; port 0 picks one)."""
-    host, sep, port_text = listen.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"metrics listen address must be host:port, got {listen!r}")
-    port = int(port_text)
+    host, port = split_host_port(listen)
     family, *_ = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     dualstack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
     return socket.create_server((host, port), family=family, dualstack_ipv6=dualstack)
@@ -375,6 +372,13 @@ class MetricsServer:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._port: int | None = None
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The task serving requests (only after ``start()``): it runs until ``stop()``."""
+        if self._task is None:
+            raise RuntimeError("MetricsServer is not started")
+        return self._task
 
     @property
     def port(self) -> int:

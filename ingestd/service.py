@@ -39,7 +39,6 @@ log = structlog.get_logger()
 
 HTTP_MAX_CONNECTIONS = 100
 HEALTH_DB_TIMEOUT_S = 2.0
-STOP_CHECK_S = 0.2
 WATCHDOG_DEFAULT_S = 10.0
 OUTBOX_GAUGE_INTERVAL_S = 10.0
 
@@ -145,7 +144,15 @@ class Service:
     # -- running -----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run every task until ``stop`` is set or one of them fails."""
+        """Run every task until ``stop`` is set or one of them fails.
+
+        Streams, downlink workers, backfill and the metrics server must run until the stop;
+        the side tasks (``ready``, ``watchdog``, ``outbox_gauge``) may finish early but must
+        not fail. Either way a failure logs ``task_failed`` and stops the daemon (a dead
+        watchdog task would otherwise have systemd kill it after ``WatchdogSec``, with no
+        line saying why); errors that tasks raise while stopping are logged too.
+        """
+        server = await self._start_metrics()  # first: a bind failure leaves nothing running
         tasks: dict[str, asyncio.Task[Any]] = {}
         for consumer in self.consumers:
             name = f"stream:{consumer.settings.name}"
@@ -182,10 +189,11 @@ class Service:
                 ),
                 name=f"rights:{stream.name}",
             )
-        server = await self._start_metrics()
+        if server is not None:
+            tasks["metrics"] = server.task
         failed: BaseException | None = None
         try:
-            failed = await self._monitor(tasks, stop)
+            failed = await self._monitor(tasks, side, stop)
         finally:
             sdnotify.stopping()
             stop.set()
@@ -205,24 +213,36 @@ class Service:
             await cancel_and_wait(side.values())
             if server is not None:
                 await server.stop()
+            _log_shutdown_errors({**tasks, **side}, reported=failed)
         if failed is not None:
             raise failed
 
     async def _monitor(
-        self, tasks: dict[str, asyncio.Task[Any]], stop: asyncio.Event
+        self,
+        tasks: dict[str, asyncio.Task[Any]],
+        side: dict[str, asyncio.Task[Any]],
+        stop: asyncio.Event,
     ) -> BaseException | None:
-        """Wait for stop; if a task ends early, log ``task_failed`` and stop everything."""
+        """Wait for stop; if a task ends early (a side task: fails), log ``task_failed``
+        and return its error, which stops everything."""
         while not stop.is_set():
-            running = [t for t in tasks.values() if not t.done()]
+            running = [t for t in (*tasks.values(), *side.values()) if not t.done()]
             if running:
                 await wait_any(stop.wait(), asyncio.wait(running, return_when="FIRST_COMPLETED"))
             else:
                 await stop.wait()
+            if stop.is_set():
+                break
             for name, task in tasks.items():
-                if task.done() and not stop.is_set():
+                if task.done():
                     exc = None if task.cancelled() else task.exception()
                     log.error("task_failed", task=name, error=repr(exc))
                     return exc or RuntimeError(f"task {name} ended unexpectedly")
+            for name, task in side.items():
+                exc = task.exception() if task.done() and not task.cancelled() else None
+                if exc is not None or task.cancelled():
+                    log.error("task_failed", task=name, error=repr(exc))
+                    return exc or RuntimeError(f"task {name} was cancelled")
         return None
 
     def _backfill(self) -> Any:
@@ -241,7 +261,7 @@ class Service:
         d = self.settings.downlinks
         if not d.enabled:
             return []
-        from ingestd.downlink import DownlinkWorker
+        from ingestd.outbox.worker import DownlinkWorker
 
         assert self.engine is not None
         return [
@@ -275,7 +295,7 @@ class Service:
 
     async def _outbox_gauge(self, stop: asyncio.Event) -> None:
         """Refresh ``ingestd_outbox_rows{status}`` (one indexed GROUP BY per interval)."""
-        from ingestd import outbox
+        from ingestd.outbox import sql as outbox
 
         assert self.engine is not None
         engine = self.engine
@@ -299,8 +319,21 @@ class Service:
             sdnotify.watchdog()
 
 
+def _log_shutdown_errors(
+    tasks: dict[str, asyncio.Task[Any]], *, reported: BaseException | None
+) -> None:
+    """Log what tasks raised while stopping (``task_failed_at_stop``), not drop it; the
+    error that stopped the daemon was logged as ``task_failed`` already."""
+    for name, task in tasks.items():
+        if not task.done() or task.cancelled():
+            continue
+        exc = task.exception()
+        if exc is not None and exc is not reported:
+            log.error("task_failed_at_stop", task=name, error=repr(exc), exc_info=exc)
+
+
 def _downlink_hook() -> Any:
-    from ingestd import outbox
+    from ingestd.outbox import sql as outbox
 
     return outbox.apply_downlink_events
 
@@ -367,11 +400,10 @@ def _migrate_or_check(settings: Settings, *, migrate_first: bool) -> None:
         if migrate_first:
             migrate.upgrade(engine)
         else:
-            current, head = migrate.current_revision(engine), migrate.head_revision()
-            if current != head:
+            _, problem = migrate.schema_problem(engine)
+            if problem is not None:
                 raise SchemaNotReady(
-                    f"{settings.database.safe_url} is at revision {current or '(none)'}, "
-                    f"this ingestd needs {head}: run `ingestd migrate` (or drop --no-migrate)"
+                    f"{settings.database.safe_url}: schema {problem} (or drop --no-migrate)"
                 )
     finally:
         engine.dispose()

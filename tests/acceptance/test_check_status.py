@@ -20,9 +20,10 @@ import pytest
 import sqlalchemy as sa
 from support import Db
 
-from ingestd import eventgen, migrate, schema
+from ingestd import migrate, schema
 from ingestd.db import create_engine
-from ingestd.simulator import Simulator, fake_api_key
+from ingestd.sim import events as eventgen
+from ingestd.sim.server import Simulator, fake_api_key
 from ingestd.store import Store
 
 DIALECTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]

@@ -19,7 +19,7 @@ from ingestd.__main__ import main
 from ingestd.db import create_engine
 from ingestd.identity import uplink_id
 from ingestd.report import write_report
-from ingestd.report_data import load_report_data
+from ingestd.report.data import load_report_data
 
 RENDER_BUDGET_MS = 2000  # from navigation start to every plot drawn
 RENDER_TRIES = 5

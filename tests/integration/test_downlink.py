@@ -17,13 +17,15 @@ from outbox_rows import insert_unreadable, unreadable_values
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
-from ingestd import __version__, outbox, schema
-from ingestd.config import DownlinkSettings, Secret, Settings, TtsSettings
+from ingestd import __version__, schema
+from ingestd.batch import BatchBuilder
+from ingestd.config import DownlinkSettings, Settings, TtsSettings
 from ingestd.db import create_engine
-from ingestd.downlink import DownlinkWorker
-from ingestd.ingest import BatchBuilder
 from ingestd.models import Cursor
-from ingestd.simulator import Simulator
+from ingestd.outbox import sql as outbox
+from ingestd.outbox.worker import DownlinkWorker
+from ingestd.secrets import Secret
+from ingestd.sim.server import Simulator
 from ingestd.store import Store
 
 T = schema.downlink_outbox

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from support import Db, connected, make_settings, running, wait_for, with_stream
 
 from ingestd import rights, rights_watch
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 TRAFFIC_READ = "RIGHT_APPLICATION_TRAFFIC_READ"
 

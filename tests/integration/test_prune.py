@@ -19,7 +19,7 @@ from ingestd.__main__ import main
 from ingestd.config import RetentionSettings
 from ingestd.db import create_engine
 from ingestd.prune import TABLES, prune
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 CUTOFF = D1 + timedelta(hours=9)  # after the downlinks (D1 08:00), before dev-a's S2 uplinks
 

@@ -16,8 +16,8 @@ import httpx
 import orjson
 import pytest
 
-from ingestd import eventgen
-from ingestd.simulator import Simulator
+from ingestd.sim import events as eventgen
+from ingestd.sim.server import Simulator
 
 APP = "sim-app"
 APP_IDS = {"application_ids": {"application_id": APP}}

@@ -30,7 +30,7 @@ from ingestd.config import MetricsSettings, Settings, StreamSettings
 from ingestd.errors import ServerUnavailable, StreamDisconnected
 from ingestd.models import Cursor
 from ingestd.service import Service
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 from ingestd.store import Store
 from ingestd.stream import EventStream
 

@@ -15,15 +15,15 @@ from ingestd.config import (
     LoggingSettings,
     MetricsSettings,
     RetentionSettings,
-    Secret,
     Settings,
     StreamSettings,
     TtsSettings,
     default_settings,
     load_settings,
 )
-from ingestd.config_values import Invalid, parse_age
+from ingestd.config.values import Invalid, parse_age
 from ingestd.errors import ConfigError
+from ingestd.secrets import Secret
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "ingestd.example.toml"
@@ -692,7 +692,7 @@ def test_stream_names_must_fit_the_stream_columns(tmp_path: Path, name: str, pro
 
 def test_the_longest_stream_name_is_the_stream_columns_size(tmp_path: Path) -> None:
     from ingestd import schema
-    from ingestd.config_values import STREAM_NAME_MAX_CHARS
+    from ingestd.config.values import STREAM_NAME_MAX_CHARS
 
     sizes = {
         t.c.stream.type.length  # type: ignore[attr-defined]
@@ -708,7 +708,7 @@ def test_the_longest_stream_name_is_the_stream_columns_size(tmp_path: Path) -> N
 
 
 def test_loading_settings_registers_their_secrets_for_masking(tmp_path: Path) -> None:
-    from ingestd.logs import redact
+    from ingestd.secrets import redact
 
     path = write(
         tmp_path / "c.toml",

@@ -19,14 +19,12 @@ from ingestd import schema
 from ingestd.errors import MalformedEvent
 from ingestd.models import Row
 from ingestd.normalize import (
-    OUTBOX_CID_PREFIX,
     event_row,
     normalize,
-    outbox_correlation_id,
-    outbox_id_from,
     parse_duration_s,
     parse_time,
 )
+from ingestd.outbox.ids import OUTBOX_CID_PREFIX, outbox_correlation_id, outbox_id_from
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "events"
 STREAM = "app:acme-water-meters"

@@ -13,8 +13,9 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from ingestd.config import Secret, StreamSettings
+from ingestd.config import StreamSettings
 from ingestd.rights_watch import watch_rights
+from ingestd.secrets import Secret
 
 KEY = "NNSXS." + "A" * 39 + "." + "B" * 52
 STREAM = StreamSettings(

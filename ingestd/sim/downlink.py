@@ -20,8 +20,8 @@ from typing import Any
 
 import orjson
 
-from ingestd import eventgen
-from ingestd.sim_store import ERROR_FOR_STATUS, EventStore, RateLimiter, SimError, error_details
+from ingestd.sim import events as eventgen
+from ingestd.sim.store import ERROR_FOR_STATUS, EventStore, RateLimiter, SimError, error_details
 
 MAX_FRM_PAYLOAD_B = 255
 NS_MAX_PAYLOAD_B = 242  # EU868: 250 - 8 over all data rates

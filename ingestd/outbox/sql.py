@@ -33,8 +33,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from ingestd import schema
 from ingestd.db import is_postgres
-from ingestd.logs import redact
-from ingestd.normalize import OUTBOX_CID_PREFIX, outbox_id_from
+from ingestd.outbox.ids import OUTBOX_CID_PREFIX, is_push_rpc, outbox_id_from
+from ingestd.secrets import redact
 from ingestd.store import map_db_errors
 
 _T = schema.downlink_outbox
@@ -511,18 +511,9 @@ def apply_downlink_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
             conn.execute(_transition_stmt(_TRANSITIONS[kind]), list(by_id.values()))
 
 
-_PUSH_RPC_PREFIXES = (
-    "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:",
-    "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueueReplace:",
-)
-
-
 def _is_push_refusal(row: Mapping[str, Any]) -> bool:
     """A drop published while TTS handled a push/replace request (it carries its rpc id)."""
-    return any(
-        isinstance(c, str) and c.startswith(_PUSH_RPC_PREFIXES)
-        for c in row.get("correlation_ids") or ()
-    )
+    return any(is_push_rpc(c) for c in row.get("correlation_ids") or ())
 
 
 def _outbox_ids(row: Mapping[str, Any]) -> list[int]:

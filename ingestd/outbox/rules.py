@@ -1,6 +1,6 @@
 """Pure helpers of the downlink worker: row validation, TTS requests, response verdicts.
 
-No I/O here (the worker in :mod:`ingestd.downlink` does it), so every rule is unit-testable:
+No I/O here (the worker in :mod:`ingestd.outbox.worker` does it), so every rule is unit-testable:
 what a valid row is (TTS_WIRE 5.3, 6), what a push looks like (5.1, 5.2, 7), and what each
 TTS answer means for the row (5.4, 7).
 """
@@ -8,7 +8,6 @@ TTS answer means for the row (5.4, 7).
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,22 +15,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 import orjson
 
-from ingestd.framing import parse_tts_error
-from ingestd.normalize import outbox_correlation_id
-from ingestd.schema import OUTBOX_OPERATIONS, TX_PRIORITIES
-from ingestd.tts import rate_limit_retry_s
+from ingestd import tts
+from ingestd.models import TX_PRIORITIES
+from ingestd.outbox.ids import outbox_correlation_id, request_id
+from ingestd.schema import OUTBOX_OPERATIONS
 
 if TYPE_CHECKING:
-    from ingestd.config import Secret
-    from ingestd.outbox import OutboxItem
+    from ingestd.outbox.sql import OutboxItem
+    from ingestd.secrets import Secret
 
 F_PORT_MIN = 1
 F_PORT_MAX = 223  # TTS accepts 1-255 except 224; the docs say up to 223 (TTS_WIRE 5.3)
 FRM_PAYLOAD_MAX_BYTES = 242  # EU868: 250 - 8 (TTS_WIRE 5.3); lower data rates allow less
-TTS_ID_MAX_CHARS = 36
-# Matched with fullmatch: `$` would also accept a trailing newline ("dev-1\n").
-_TTS_ID_RE = re.compile(r"[a-z0-9](?:-?[a-z0-9]){2,}")
-_PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409, 412, 413, 422})
 
 PUSH_PATH = "/api/v3/as/applications/{app}/devices/{dev}/down/{operation}"
 LIST_PATH = "/api/v3/as/applications/{app}/devices/{dev}/down"
@@ -45,7 +40,7 @@ class Outcome:
     error: str | None = None
     retry_after_s: float | None = None  # rate limited: wait this long (application-wide)
     queue_full: bool = False  # downlink_queue_capacity: retry with a long backoff
-    auth_rejected: bool = False  # 401: the API key itself is refused
+    auth_rejected: bool = False  # 401/403: the API key or its rights are refused
     outcome_unknown: bool = False  # TTS may have accepted it: verify before pushing again
 
 
@@ -54,14 +49,10 @@ def validate(item: OutboxItem) -> str | None:
     if item.problem is not None:
         return item.problem
     for what, value in (("application_id", item.application_id), ("device_id", item.device_id)):
-        if not (
-            isinstance(value, str)
-            and len(value) <= TTS_ID_MAX_CHARS
-            and _TTS_ID_RE.fullmatch(value)
-        ):
+        if not tts.is_tts_id(value):
             return (
                 f"{what} {value!r} is not a TTS id (lowercase letters, digits and single "
-                f"dashes, 3-{TTS_ID_MAX_CHARS} characters)"
+                f"dashes, 3-{tts.TTS_ID_MAX_CHARS} characters)"
             )
     if not isinstance(item.f_port, int) or not F_PORT_MIN <= item.f_port <= F_PORT_MAX:
         return f"f_port {item.f_port!r} is outside {F_PORT_MIN}-{F_PORT_MAX}"
@@ -89,22 +80,7 @@ def validate(item: OutboxItem) -> str | None:
     return None
 
 
-def request_id(item: OutboxItem) -> str:
-    """``X-Request-ID`` of this attempt: ≤ 55 chars, so TTS's ``rpc:…:<id>`` stays ≤ 100."""
-    return f"ingestd-outbox-{item.id}-{item.attempts}"
-
-
-def _headers(key: Secret, user_agent: str) -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {key.reveal()}",
-        "User-Agent": user_agent,
-        "Accept": "application/json",
-    }
-
-
-def push_request(
-    item: OutboxItem, base_url: str, key: Secret, *, user_agent: str
-) -> tuple[str, dict[str, str], bytes]:
+def push_request(item: OutboxItem, base_url: str, key: Secret) -> tuple[str, dict[str, str], bytes]:
     """(url, headers, body) of the ``down/push`` or ``down/replace`` call for ``item``."""
     downlink: dict[str, Any] = {
         "f_port": item.f_port,
@@ -117,19 +93,17 @@ def push_request(
     else:
         downlink["decoded_payload"] = item.decoded_payload
     path = PUSH_PATH.format(app=item.application_id, dev=item.device_id, operation=item.operation)
-    headers = _headers(key, user_agent) | {
+    headers = tts.headers(key.reveal()) | {
         "Content-Type": "application/json",
-        "X-Request-ID": request_id(item),
+        "X-Request-ID": request_id(item.id, item.attempts),
     }
     return base_url.rstrip("/") + path, headers, orjson.dumps({"downlinks": [downlink]})
 
 
-def list_request(
-    item: OutboxItem, base_url: str, key: Secret, *, user_agent: str
-) -> tuple[str, dict[str, str]]:
+def list_request(item: OutboxItem, base_url: str, key: Secret) -> tuple[str, dict[str, str]]:
     """(url, headers) of the device queue listing (``GET …/down``)."""
     path = LIST_PATH.format(app=item.application_id, dev=item.device_id)
-    return base_url.rstrip("/") + path, _headers(key, user_agent)
+    return base_url.rstrip("/") + path, tts.headers(key.reveal())
 
 
 def queue_has(content: bytes, item: OutboxItem) -> bool | None:
@@ -148,23 +122,23 @@ def queue_has(content: bytes, item: OutboxItem) -> bool | None:
 
 
 def classify_response(response: httpx.Response) -> Outcome:
-    """The verdict on a push answer (TTS error name first in ``error``)."""
-    status = response.status_code
-    if status == 200:
+    """The verdict on a push answer (:func:`ingestd.tts.classify`; TTS error name first)."""
+    verdict = tts.classify(response.status_code, response.content, response.headers)
+    kind = verdict.kind
+    if kind == "ok":
         return Outcome("queued")
-    error = _error_text(response)
-    if status == 429:
-        info = parse_tts_error(_json(response.content))
-        if info.name == "downlink_queue_capacity":
-            return Outcome("retry", error, queue_full=True)
-        return Outcome("retry", error, retry_after_s=rate_limit_retry_s(response.headers))
-    if status == 401:
+    error = verdict.error
+    if kind == "queue_full":
+        return Outcome("retry", error, queue_full=True)
+    if kind == "rate_limited":
+        return Outcome("retry", error, retry_after_s=verdict.retry_after_s)
+    if kind == "auth":
         return Outcome("failed", error, auth_rejected=True)
-    if status in _PERMANENT_STATUSES or (400 <= status < 500 and status not in (408, 425)):
+    if kind == "rejected":
         return Outcome("failed", error)
-    # 5xx, 408 and anything unexpected. A 5xx may come after the AS accepted the item
-    # (e.g. a proxy's 504 while TTS went on), so the next attempt verifies first.
-    return Outcome("retry", error, outcome_unknown=status >= 500)
+    # A 5xx may come after the AS accepted the item (e.g. a proxy's 504 while TTS went
+    # on), so the next attempt verifies first.
+    return Outcome("retry", error, outcome_unknown=verdict.may_have_reached)
 
 
 def transport_outcome(exc: Exception) -> Outcome:
@@ -176,31 +150,3 @@ def transport_outcome(exc: Exception) -> Outcome:
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     return Outcome("retry", f"transport: {text}", outcome_unknown=sent)
-
-
-def _error_text(response: httpx.Response) -> str:
-    body = _json(response.content)
-    info = parse_tts_error(body)
-    if info.name:
-        missing = _missing_rights(body)
-        return info.describe() + (f" (missing {', '.join(missing)})" if missing else "")
-    snippet = response.text[:200].strip() if response.content else ""
-    return f"HTTP {response.status_code}" + (f": {snippet}" if snippet else "")
-
-
-def _missing_rights(body: Any) -> list[str]:
-    """``details[0].attributes.missing`` of ``insufficient_application_rights`` (TTS_WIRE
-    §5: ``{missing:[…],uid}``): which right the key lacks, e.g. TRAFFIC_DOWN_WRITE."""
-    status = body.get("error", body) if isinstance(body, dict) else None
-    details = status.get("details") if isinstance(status, dict) else None
-    first = details[0] if isinstance(details, list) and details else None
-    attributes = first.get("attributes") if isinstance(first, dict) else None
-    missing = attributes.get("missing") if isinstance(attributes, dict) else None
-    return [str(m) for m in missing] if isinstance(missing, list) else []
-
-
-def _json(content: bytes) -> Any:
-    try:
-        return orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None

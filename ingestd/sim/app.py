@@ -4,7 +4,7 @@
 identifiers → names → rights), then writes the start frame, history and live events framed
 as grpc-gateway does: bare ``{"result":…}`` objects followed by ``\\n\\n`` for an exact
 ``Accept: text/event-stream``, else ``\\n``. No heartbeats. Stream faults (drop, stall,
-error frame, shuffle, fragmenting) apply here. Downlink requests go to ``sim_downlink``.
+error frame, shuffle, fragmenting) apply here. Downlink requests go to :mod:`ingestd.sim.downlink`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ingestd import eventgen, sim_fidelity
-from ingestd.sim_downlink import DownlinkRequest
-from ingestd.sim_storage import STORAGE_RE
-from ingestd.sim_store import (
+from ingestd.sim import events as eventgen
+from ingestd.sim import fidelity as sim_fidelity
+from ingestd.sim.downlink import DownlinkRequest
+from ingestd.sim.storage import STORAGE_RE
+from ingestd.sim.store import (
     ERROR_FOR_STATUS,
     SimError,
     Subscription,
@@ -33,7 +34,7 @@ from ingestd.sim_store import (
 )
 
 if TYPE_CHECKING:
-    from ingestd.simulator import Simulator
+    from ingestd.sim.server import Simulator
 
 CHUNK_FRAMES = 256  # frames joined into one write when a reader lags
 OUT_OF_ORDER_WAIT_S = 0.02  # how long to gather a window before shuffling it

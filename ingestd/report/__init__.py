@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingestd import __version__
 from ingestd.errors import IngestdError
-from ingestd.report_data import ReportData, Table, load_report_data
+from ingestd.report.data import ReportData, Table, load_report_data
 
 if TYPE_CHECKING:
     from bokeh.model import Model

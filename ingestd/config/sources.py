@@ -6,7 +6,7 @@ one ``ConfigError`` can name every bad key at once (HOUSE_STYLE 21):
 1. ``raw_from_toml`` (here) turns the parsed TOML into ``RawConfig``: every value a ``Raw``
    that remembers its source, with ``${VAR}`` already expanded;
 2. ``apply_env_overrides`` (here) replaces entries with ``INGESTD_<SECTION>__<KEY>`` values;
-3. ``config_values.parse_entries`` converts each ``Raw`` with its field parser.
+3. ``values.parse_entries`` converts each ``Raw`` with its field parser.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingestd.config_values import Problems, Raw, show, suggestion
+from ingestd.config.values import Problems, Raw, show, suggestion
 
 ENV_PREFIX = "INGESTD_"
 _ENV_SEPARATOR = "__"

@@ -2,7 +2,7 @@
 
 The SQL here is read-only reporting (counts and latest rows for an operator, never a
 write, never on the ingest path), so it lives beside its only user rather than in
-``store.py``; outbox figures come from :mod:`ingestd.outbox`. Choices a reader of the
+``store.py``; outbox figures come from :mod:`ingestd.outbox.sql`. Choices a reader of the
 numbers should know:
 
 - ``events_last_hour`` counts a stream's events whose *event* ``time`` is within the last
@@ -22,9 +22,7 @@ numbers should know:
 from __future__ import annotations
 
 import json
-import re
 import sys
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,15 +30,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from ingestd import migrate, outbox, schema, spool
+from ingestd import migrate, schema, spool
 from ingestd.config import Settings
 from ingestd.db import create_engine
-from ingestd.logs import redact
+from ingestd.outbox import sql as outbox
+from ingestd.secrets import redact, register_secrets
 
 LAST_HOUR = timedelta(hours=1)
 RECENT_GAPS = timedelta(hours=24)
 DB_CONNECT_TIMEOUT_S = 10
-_KEY_PATTERN = re.compile(r"NNSXS\.[A-Z2-7]{39}\.[A-Z2-7]{52}")
 
 # -- helpers shared with ``ingestd check`` ----------------------------------------------------
 
@@ -64,31 +62,6 @@ def missing_sqlite_file(url: str) -> Path | None:
     return None if path.exists() else path
 
 
-def schema_problem(engine: Engine) -> tuple[str | None, str | None]:
-    """``(current revision, problem)``: the problem is None when the schema is at head."""
-    current = migrate.current_revision(engine)
-    head = migrate.head_revision()
-    if current == head:
-        return current, None
-    if current is None:
-        return None, "not migrated: run `ingestd migrate`"
-    if not _known_revision(current):
-        return current, (
-            f"at revision {current}, which this ingestd does not know (head {head}): "
-            "the database was migrated by a newer ingestd"
-        )
-    return current, f"at revision {current}, this ingestd needs {head}: run `ingestd migrate`"
-
-
-def _known_revision(revision: str) -> bool:
-    from alembic.script import ScriptDirectory
-
-    try:
-        return ScriptDirectory(str(migrate.migrations_dir())).get_revision(revision) is not None
-    except Exception:  # alembic raises several resolution errors for an unknown id
-        return False
-
-
 def db_error_text(exc: BaseException) -> str:
     """The driver's own first line, without SQLAlchemy's SQL echo and background link."""
     orig = getattr(exc, "orig", None) or exc
@@ -96,26 +69,12 @@ def db_error_text(exc: BaseException) -> str:
     return f"{type(orig).__name__}: {first[0]}" if first else type(orig).__name__
 
 
-def secrets_of(settings: Settings) -> list[str]:
-    """Every secret ``settings`` holds (API keys, their secret part, the database password)."""
-    return settings.secret_values()
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every known secret and anything shaped like a TTS API key masked
-    (and whatever :func:`ingestd.logs.redact` masks: registered secrets, tokens, URL
-    passwords)."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return redact(_KEY_PATTERN.sub("NNSXS.***", text))
-
-
 # -- collecting -------------------------------------------------------------------------------
 
 
 def collect_status(engine: Engine, settings: Settings, *, now: datetime) -> dict[str, Any]:
     """The whole report as one JSON-ready document (stable keys; times as ISO-8601)."""
-    revision, _ = schema_problem(engine)
+    revision, _ = migrate.schema_problem(engine)
     with engine.connect() as conn:
         cursors = {r.stream: r for r in conn.execute(sa.select(schema.stream_cursors))}
         configured = {s.name: s for s in settings.streams}
@@ -230,31 +189,31 @@ def _iso(t: datetime | None) -> str | None:
 
 def print_status(settings: Settings, *, as_json: bool) -> int:
     """Print the report (a table, or one JSON document); 1 when the database cannot answer."""
-    secrets = secrets_of(settings)
+    register_secrets(settings.secret_values())  # output goes through redact
     url = settings.database.safe_url
     missing = missing_sqlite_file(settings.database.url)
     if missing is not None:
-        _fail(f"{url}: the file {missing} does not exist: run `ingestd migrate`", secrets)
+        _fail(f"{url}: the file {missing} does not exist: run `ingestd migrate`")
         return 1
     engine = open_engine(settings.database.url)
     try:
-        _, problem = schema_problem(engine)
+        _, problem = migrate.schema_problem(engine)
         if problem is not None:
-            _fail(f"{url}: schema {problem}", secrets)
+            _fail(f"{url}: schema {problem}")
             return 1
         report = collect_status(engine, settings, now=datetime.now(UTC))
     except sa.exc.SQLAlchemyError as exc:
-        _fail(f"{url}: {db_error_text(exc)}", secrets)
+        _fail(f"{url}: {db_error_text(exc)}")
         return 1
     finally:
         engine.dispose()
     text = json.dumps(report, indent=2) if as_json else "\n".join(render(report))
-    print(scrub(text, secrets))
+    print(redact(text))
     return 0
 
 
-def _fail(message: str, secrets: list[str]) -> None:
-    print(f"ingestd: status: {scrub(message, secrets)}", file=sys.stderr)
+def _fail(message: str) -> None:
+    print(f"ingestd: status: {redact(message)}", file=sys.stderr)
 
 
 def render(report: dict[str, Any]) -> list[str]:

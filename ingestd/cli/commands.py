@@ -13,10 +13,10 @@ from typing import IO
 
 from ingestd import migrate as migrations
 from ingestd.config import Settings, load_settings
-from ingestd.config_values import stream_name_problem
+from ingestd.config.values import stream_name_problem
 from ingestd.db import create_engine
 from ingestd.errors import ConfigError, SchemaNotReady, UsageError
-from ingestd.ingest import ImportSummary, import_stream
+from ingestd.importer import ImportSummary, import_stream
 from ingestd.logs import configure_logging
 from ingestd.store import Store
 
@@ -162,27 +162,27 @@ def run(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     """``ingestd check``: one line per check; exit 0 only when all pass."""
-    from ingestd.ops import run_checks
+    from ingestd.cli.check import run_checks
 
     return run_checks(load_settings(args.config))
 
 
 def status(args: argparse.Namespace) -> int:
     """``ingestd status``: streams and outbox at a glance."""
-    from ingestd.ops import print_status
+    from ingestd.cli.status import print_status
 
     return print_status(load_settings(args.config), as_json=args.json)
 
 
 def demo(args: argparse.Namespace) -> int:
     """``ingestd demo``: see it work with one command."""
-    from ingestd.demo import run_demo
+    from ingestd.cli.demo import run_demo
 
     return run_demo(database=args.database, seconds=args.seconds)
 
 
 def _age(text: str, option: str) -> timedelta:
-    from ingestd.config_values import Invalid, parse_age
+    from ingestd.config.values import Invalid, parse_age
 
     try:
         return parse_age(text)

@@ -21,14 +21,14 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError
 
-from ingestd.config_parse import (
+from ingestd.config.sources import (
     RawConfig,
     apply_env_overrides,
     load_toml,
     raw_from_toml,
     report_unresolved,
 )
-from ingestd.config_values import (
+from ingestd.config.values import (
     Parser,
     Problems,
     Raw,
@@ -50,12 +50,13 @@ from ingestd.config_values import (
     parse_entries,
     positive,
     read_secret_file,
+    split_host_port,
     stream_name,
     tts_id_problem,
     tts_ids,
 )
 from ingestd.errors import ConfigError
-from ingestd.logs import SECRET_MIN_CHARS, register_secrets
+from ingestd.secrets import SECRET_MIN_CHARS, Secret, register_secrets
 
 CONFIG_ENV = "INGESTD_CONFIG"
 DEFAULT_CONFIG_FILE = "ingestd.toml"
@@ -84,37 +85,13 @@ _SECTIONS = (
 _KEY_FIELDS = {"api_key": "api_key_file", "api_key_file": "api_key"}
 
 
-class Secret:
-    """A string that does not show itself: ``repr``/``str`` give ``Secret('***')``."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself, for the one place that sends it (an HTTP header)."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(("Secret", self._value))
-
-
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
 class DatabaseSettings:
     """Where rows go, and how the ingest batches are cut (PERF_NOTES: batch commits)."""
 
     url: str = DATABASE_URL_DEFAULT
     batch_max_events: int = BATCH_MAX_EVENTS  # flush a batch at this many events
-    batch_max_delay_s: float = BATCH_MAX_DELAY_S  # ... or this long after its first event
+    batch_max_delay_s: float = BATCH_MAX_DELAY_S  # ... or at the latest every this many seconds
 
     @property
     def safe_url(self) -> str:
@@ -202,8 +179,7 @@ class MetricsSettings:
         """``(host, port)`` to bind (IPv6 brackets removed), or ``None`` when disabled."""
         if not self.listen:
             return None
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        return split_host_port(self.listen)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -25,14 +25,13 @@ from sqlalchemy.exc import ArgumentError
 
 from ingestd.errors import EventNamesRejected
 from ingestd.eventnames import INVALID_REGEXP, defined_names, expand_names
-from ingestd.logs import redact
+from ingestd.secrets import redact
+from ingestd.tts import TTS_ID_MAX_CHARS, is_tts_id
 
 _TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 _FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 _SHOWN_CHARS_MAX = 60
 # Both matched with fullmatch: `$` also matches before a trailing newline ("app\n").
-_TTS_ID_RE = re.compile(r"[a-z0-9](?:-?[a-z0-9]){2,}")
-_TTS_ID_MAX_CHARS = 36
 # The size of every `stream` column (events, stream_cursors, stream_gaps, rejected_events):
 # a longer name made PostgreSQL refuse every batch of the stream.
 STREAM_NAME_MAX_CHARS = 200
@@ -256,9 +255,12 @@ def non_negative(value: float) -> str | None:
 
 
 def tts_id_problem(value: str) -> str | None:
-    if _TTS_ID_RE.fullmatch(value) and len(value) <= _TTS_ID_MAX_CHARS:
+    if is_tts_id(value):
         return None
-    return f"{value!r} is not a valid TTS id (lowercase a-z0-9 and single dashes, 3-36 chars)"
+    return (
+        f"{value!r} is not a valid TTS id (lowercase a-z0-9 and single dashes, "
+        f"3-{TTS_ID_MAX_CHARS} chars)"
+    )
 
 
 def tts_ids(values: tuple[str, ...]) -> str | None:
@@ -358,14 +360,26 @@ def database_url(raw: Raw) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def split_host_port(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as ``(host, port)`` without brackets; ValueError
+    when ``text`` is not one."""
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") == host.endswith("]")
+    if not sep or not host or not bracketed or not port.isdigit() or int(port) > _PORT_MAX:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9464), got {text!r}")
+    return host.strip("[]"), int(port)
+
+
 def listen(raw: Raw) -> str:
     text = as_str(raw).strip()
     if not text:
         return ""
-    host, sep, port = text.rpartition(":")
-    bracketed = host.startswith("[") == host.endswith("]")
-    if not sep or not host or not bracketed or not port.isdigit() or int(port) > _PORT_MAX:
-        raise Invalid(f'expected host:port (e.g. 127.0.0.1:9464) or "" to disable, got {text!r}')
+    try:
+        split_host_port(text)
+    except ValueError:
+        raise Invalid(
+            f'expected host:port (e.g. 127.0.0.1:9464) or "" to disable, got {text!r}'
+        ) from None
     return text
 
 

@@ -7,7 +7,7 @@ that could not run because an earlier one failed. Exit 0 only when nothing faile
 A stream is proven by opening it exactly as the daemon does and waiting for TTS's first
 frame, ``events.stream.start``: TTS sends it only after the key, its rights on every
 identifier and the ``names`` filter were accepted (TTS_WIRE §1.3, §1.5). Every line goes
-through :func:`ingestd.status.scrub`, so no key or password is ever printed.
+through :func:`ingestd.secrets.redact`, so no key or password is ever printed.
 """
 
 from __future__ import annotations
@@ -22,19 +22,17 @@ from typing import Any, Literal
 import httpx
 import sqlalchemy as sa
 
-from ingestd import rights, tts
+from ingestd import migrate, rights, tts
+from ingestd.cli.status import (
+    db_error_text,
+    missing_sqlite_file,
+    open_engine,
+)
 from ingestd.config import Settings, StreamSettings
 from ingestd.errors import ConfigError, IngestdError, MalformedEvent, StreamDisconnected
 from ingestd.framing import ErrorFrame, parse_frame
 from ingestd.models import Cursor
-from ingestd.status import (
-    db_error_text,
-    missing_sqlite_file,
-    open_engine,
-    schema_problem,
-    scrub,
-    secrets_of,
-)
+from ingestd.secrets import redact, register_secrets
 from ingestd.stream import EventStream
 from ingestd.tts import STORE_DISABLED_WARNING
 
@@ -74,7 +72,7 @@ class CheckLine:
 
 def run_checks(settings: Settings) -> int:
     """Run every check, print one line each as it completes; 0 only when none failed."""
-    secrets = secrets_of(settings)
+    register_secrets(settings.secret_values())  # every line goes through redact
     subjects = ["config", "database", "schema", "downlinks"]
     subjects += [_subject(s) for s in settings.streams]
     width = max(len(s) for s in subjects)
@@ -85,7 +83,7 @@ def run_checks(settings: Settings) -> int:
         for line in lines:
             failed = failed or line.word == "FAIL"
             text = f"{line.word:<5} {line.subject:<{width}}  {line.detail}"
-            print(scrub(text, secrets), flush=True)
+            print(redact(text), flush=True)
 
     emit(check_config(settings))
     emit(check_database(settings))
@@ -157,7 +155,7 @@ def check_database(settings: Settings) -> list[CheckLine]:
             ]
         lines = [CheckLine(word="ok", subject="database", detail=f"{url} ({engine.dialect.name})")]
         try:
-            revision, problem = schema_problem(engine)
+            revision, problem = migrate.schema_problem(engine)
         except sa.exc.SQLAlchemyError as exc:
             problem, revision = f"cannot read the revision: {db_error_text(exc)}", None
         if problem is None:

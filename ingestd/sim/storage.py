@@ -45,8 +45,8 @@ from urllib.parse import parse_qsl
 import orjson
 
 from ingestd import rights
-from ingestd.eventgen import parse_time_ns
-from ingestd.sim_store import ERROR_FOR_STATUS, RateLimiter, SimError
+from ingestd.sim.events import parse_time_ns
+from ingestd.sim.store import ERROR_FOR_STATUS, RateLimiter, SimError
 
 STORAGE_RE = re.compile(
     r"^/api/v3/as/applications/([^/]+)(?:/devices/([^/]+))?/packages/storage(?:/([a-z_]*))?"

@@ -1,7 +1,7 @@
 """The downlink worker: claims due outbox rows, pushes them to TTS, records each outcome.
 
 Several workers and processes may share a database: claims never overlap and a device's
-rows go out one at a time in order (see :mod:`ingestd.outbox`). Each worker runs
+rows go out one at a time in order (see :mod:`ingestd.outbox.sql`). Each worker runs
 ``concurrency`` slots; a slot claims one row, then: validate → stream gate → verify (only
 if an earlier push got no answer) → push → mark. It claims again at once after work, else
 waits for its poll timer or, on PostgreSQL, a ``NOTIFY ingestd_outbox`` from the insert
@@ -28,22 +28,23 @@ import structlog
 from sqlalchemy.engine import Engine
 from structlog.contextvars import bound_contextvars
 
-from ingestd import metrics, outbox
+from ingestd import metrics, tts
 from ingestd.aio import sleep_or_stop, wait_any
-from ingestd.config import DownlinkSettings, Secret
+from ingestd.config import DownlinkSettings
 from ingestd.db import is_postgres
-from ingestd.downlink_push import (
+from ingestd.outbox import sql as outbox
+from ingestd.outbox.ids import request_id
+from ingestd.outbox.rules import (
     Outcome,
     classify_response,
     list_request,
     push_request,
     queue_has,
-    request_id,
     transport_outcome,
     validate,
 )
 from ingestd.retry import Backoff
-from ingestd.tts import USER_AGENT
+from ingestd.secrets import Secret
 
 log = structlog.get_logger()
 
@@ -105,7 +106,7 @@ class DownlinkWorker:
         self._stream_recheck_s = min(STREAM_WAIT_RECHECK_MAX_S, self._cfg.poll_interval_s)
         self._wakeup = asyncio.Event()
         self._paused_until: dict[str, float] = {}  # application_id -> monotonic deadline
-        self._warnings_seen: set[str] = set()
+        self._warnings = tts.WarningLog()
         self._auth_rejected: set[str] = set()
         self._waiting_for_stream: set[tuple[str, str]] = set()
         self.pushes = 0  # HTTP push requests sent (for tests, metrics)
@@ -258,7 +259,7 @@ class DownlinkWorker:
             )
             return
         try:
-            request = push_request(item, base_url, key, user_agent=USER_AGENT)
+            request = push_request(item, base_url, key)
         except (TypeError, ValueError) as exc:  # orjson: e.g. a payload nested too deep
             await self._fail(
                 item, f"invalid row: cannot encode the push request: {exc}", reason="invalid"
@@ -293,7 +294,7 @@ class DownlinkWorker:
         accepted = await self._db(outbox.accepted_per_events, self._engine, item.id, now=_now())
         if accepted:
             return await self._reconciled(item, "events")
-        url, headers = list_request(item, base_url, key, user_agent=USER_AGENT)
+        url, headers = list_request(item, base_url, key)
         error: str | None = None
         try:
             async with asyncio.timeout(self._cfg.request_timeout_s):
@@ -323,9 +324,8 @@ class DownlinkWorker:
         return "absent"
 
     async def _reconciled(self, item: outbox.OutboxItem, source: str) -> str:
-        await self._db(
-            outbox.mark_queued, self._engine, item.id, request_id=request_id(item), now=_now()
-        )
+        rid = request_id(item.id, item.attempts)
+        await self._db(outbox.mark_queued, self._engine, item.id, request_id=rid, now=_now())
         metrics.DOWNLINK_PUSHES.labels("reconciled").inc()
         log.info("downlink_reconciled", found=True, source=source, attempts=item.attempts)
         return "accepted"
@@ -348,9 +348,8 @@ class DownlinkWorker:
 
     async def _record(self, item: outbox.OutboxItem, outcome: Outcome) -> None:
         if outcome.kind == "queued":
-            await self._db(
-                outbox.mark_queued, self._engine, item.id, request_id=request_id(item), now=_now()
-            )
+            rid = request_id(item.id, item.attempts)
+            await self._db(outbox.mark_queued, self._engine, item.id, request_id=rid, now=_now())
             log.info("downlink_queued", attempts=item.attempts)
             metrics.DOWNLINK_PUSHES.labels("queued").inc()
             return
@@ -411,12 +410,8 @@ class DownlinkWorker:
         )
 
     def _log_warnings(self, response: httpx.Response | None) -> None:
-        if response is None:
-            return
-        for warning in response.headers.get_list("x-warning"):
-            if warning not in self._warnings_seen:
-                self._warnings_seen.add(warning)
-                log.warning("tts_warning", warning=warning)
+        if response is not None:
+            self._warnings.log(tts.warnings_of(response))
 
     # -- wakeups, stale claims, database calls ------------------------------------------
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ingestd import eventgen, rights
+from ingestd import rights
+from ingestd.sim import events as eventgen
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 DEFAULT_KEY_RIGHTS = (rights.APPLICATION_ALL,)

@@ -1,31 +1,28 @@
-"""Downlink half of :mod:`ingestd.normalize`: lifecycle rows and the outbox correlation id.
+"""Downlink half of :mod:`ingestd.normalize`: lifecycle rows.
 
 Pure like its parent: no clock, log or database. It also holds the small value readers
 that both halves share (it is the lower module, so :mod:`ingestd.normalize` imports from
 it and not the other way round).
 
 Every ``as.down.data.*`` lifecycle event becomes one ``downlink_events`` row. The outbox
-row an event belongs to is found through the correlation id ingestd sets when it pushes
-(``ingestd:outbox:<id>``). Where that id shows up differs per event (TTS_WIRE §4): for
-``receive``/``forward`` only in ``data.correlation_ids``, for ``sent``/``ack``/``nack``/
-``failed`` in both the event and the item, and never in ``drop`` (the AS publishes it with
-the request context's ids only).
+row an event belongs to is found through the ids ingestd sets when it pushes
+(:mod:`ingestd.outbox.ids`). Where ``ingestd:outbox:<id>`` shows up differs per event
+(TTS_WIRE §4): for ``receive``/``forward`` only in ``data.correlation_ids``, for
+``sent``/``ack``/``nack``/``failed`` in both the event and the item, and never in ``drop``
+(the AS publishes it with the request context's ids only).
 """
 
 from __future__ import annotations
 
 import binascii
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from ingestd.errors import MalformedEvent
-from ingestd.models import Row
+from ingestd.models import TX_PRIORITIES, DownlinkKind, Row
+from ingestd.outbox.ids import outbox_id_from
 
-OUTBOX_CID_PREFIX = "ingestd:outbox:"
-_PREFIX_LEN = len(OUTBOX_CID_PREFIX)
-_BIGINT_MAX = 2**63 - 1  # downlink_outbox.id is a signed 64-bit integer
-_BIGINT_MAX_DIGITS = len(str(_BIGINT_MAX))
 _SHOW_MAX_CHARS = 60
 UINT32_MAX = 2**32 - 1  # f_cnt (a uint32 in TTS's messages)
 FPORT_MAX = 255  # LoRaWAN FPort is one byte; TTS validates f_port <= 255
@@ -34,76 +31,17 @@ EMPTY: Mapping[str, Any] = {}
 """Stands in for an omitted sub-object so that chained ``.get`` calls stay flat."""
 
 # Event name -> downlink_events.kind (DESIGN §4). These names exist from TTS v3.32.1 on.
-DOWNLINK_KINDS: dict[str, str] = {
-    "as.down.data.receive": "receive",
-    "as.down.data.forward": "forward",
-    "as.down.data.sent.forward": "sent",
-    "as.down.data.ack.forward": "ack",
-    "as.down.data.nack.forward": "nack",
-    "as.down.data.failed.forward": "failed",
-    "as.down.data.queue.invalidated.forward": "queue_invalidated",
-    "as.down.data.drop": "drop",
+DOWNLINK_KINDS: dict[str, DownlinkKind] = {
+    "as.down.data.receive": DownlinkKind.RECEIVE,
+    "as.down.data.forward": DownlinkKind.FORWARD,
+    "as.down.data.sent.forward": DownlinkKind.SENT,
+    "as.down.data.ack.forward": DownlinkKind.ACK,
+    "as.down.data.nack.forward": DownlinkKind.NACK,
+    "as.down.data.failed.forward": DownlinkKind.FAILED,
+    "as.down.data.queue.invalidated.forward": DownlinkKind.QUEUE_INVALIDATED,
+    "as.down.data.drop": DownlinkKind.DROP,
 }
-
-# TxSchedulePriority by number, for the rare sub-object rendered with enum numbers.
 _PRIORITY_MAX_CHARS = 16  # downlink_events.priority
-_PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
-
-
-def outbox_correlation_id(outbox_id: int) -> str:
-    """The correlation id ingestd attaches to a pushed downlink: ``ingestd:outbox:42``."""
-    if type(outbox_id) is not int or not 0 < outbox_id <= _BIGINT_MAX:
-        raise ValueError(f"outbox id must be a positive 64-bit integer, got {outbox_id!r}")
-    return f"{OUTBOX_CID_PREFIX}{outbox_id}"
-
-
-def outbox_id_from(correlation_ids: Iterable[str] | None) -> int | None:
-    """The outbox id in a list of correlation ids, or None.
-
-    Only the exact form :func:`outbox_correlation_id` writes counts: ASCII digits without
-    a leading zero, within 64 bits, so ``outbox_id_from([c]) == n`` implies
-    ``c == outbox_correlation_id(n)``. Other prefixes and non-strings are skipped. With
-    several outbox ids the first in the given order wins (ingestd pushes one id per item,
-    so several only appear when a client adds its own).
-    """
-    if not correlation_ids:
-        return None
-    from_request_id = None
-    for cid in correlation_ids:
-        if type(cid) is not str:
-            continue
-        if cid.startswith(OUTBOX_CID_PREFIX):
-            value = _outbox_number(cid[_PREFIX_LEN:])
-            if value is not None:
-                return value
-        elif from_request_id is None and cid.startswith(_PUSH_RPC_PREFIXES):
-            # ``as.down.data.drop`` carries only the request's context ids; the push's
-            # X-Request-ID (ingestd-outbox-<id>-<attempt>) is in its rpc: id (TTS_WIRE §4).
-            request_id = cid.partition(":")[2].partition(":")[2]
-            if request_id.startswith(_REQUEST_ID_PREFIX):
-                number = request_id[len(_REQUEST_ID_PREFIX) :].partition("-")[0]
-                from_request_id = _outbox_number(number)
-    return from_request_id
-
-
-def _outbox_number(digits: str) -> int | None:
-    if (
-        0 < len(digits) <= _BIGINT_MAX_DIGITS
-        and digits.isascii()
-        and digits.isdigit()
-        and digits[0] != "0"
-    ):
-        value = int(digits)
-        if value <= _BIGINT_MAX:
-            return value
-    return None
-
-
-_PUSH_RPC_PREFIXES = (
-    "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueuePush:",
-    "rpc:/ttn.lorawan.v3.AppAs/DownlinkQueueReplace:",
-)
-_REQUEST_ID_PREFIX = "ingestd-outbox-"  # the X-Request-ID the downlink worker sends
 
 
 # --- value readers shared with ingestd.normalize -------------------------------------
@@ -176,7 +114,7 @@ def downlink_row(
     event: Mapping[str, Any],
     data: Mapping[str, Any],
     *,
-    kind: str,
+    kind: DownlinkKind,
     unique_id: str,
     time: datetime,
 ) -> Row:
@@ -281,6 +219,6 @@ def _cids_of(obj: Mapping[str, Any], what: str) -> list[Any]:
 def _priority(value: Any) -> str:
     if type(value) is str and len(value) <= _PRIORITY_MAX_CHARS:
         return value
-    if type(value) is int and 0 <= value < len(_PRIORITIES):
-        return _PRIORITIES[value]
+    if type(value) is int and 0 <= value < len(TX_PRIORITIES):  # rendered as enum numbers
+        return TX_PRIORITIES[value]
     raise MalformedEvent(f"downlink.priority is not a TxSchedulePriority: {show(value)}")

@@ -5,7 +5,7 @@ deeply, runs no regex and reads the orjson-decoded dicts directly with ``.get``.
 
 - :func:`event_row` gives the raw ``events`` row that every event gets.
 - :func:`normalize` gives the derived rows (``uplinks`` + ``uplink_receptions``, ``joins``,
-  ``downlink_events``; the downlink half lives in :mod:`ingestd.normalize_down`). An
+  ``downlink_events``; the downlink half lives in :mod:`ingestd.normalize.down`). An
   unknown event name gives ``[]``, and so does a known event without ``data``: TTS replays
   events without payload once its store's payload TTL has passed (TTS_WIRE §1.6). A
   known event that is malformed raises :class:`MalformedEvent` saying what was wrong, so
@@ -30,28 +30,22 @@ from typing import Any, TypeGuard
 from ingestd.errors import MalformedEvent
 from ingestd.identity import uplink_id
 from ingestd.models import Row
-from ingestd.normalize_down import (
+from ingestd.normalize.down import (
     DOWNLINK_KINDS,
     EMPTY,
     FPORT_MAX,
-    OUTBOX_CID_PREFIX,
     app_device_of,
     bytes_of,
     device_ids_of,
     downlink_row,
-    outbox_correlation_id,
-    outbox_id_from,
     show,
     uint_of,
 )
 
 __all__ = [
-    "OUTBOX_CID_PREFIX",
     "event_row",
     "normalize",
     "normalize_application_up",
-    "outbox_correlation_id",
-    "outbox_id_from",
     "parse_duration_s",
     "parse_time",
     "valid_unique_id",

@@ -10,18 +10,19 @@ import httpx
 import orjson
 import pytest
 
-from ingestd.config import Secret
-from ingestd.downlink_push import (
+from ingestd import __version__
+from ingestd.outbox.ids import request_id
+from ingestd.outbox.rules import (
     classify_response,
     list_request,
     push_request,
     queue_has,
-    rate_limit_retry_s,
-    request_id,
     transport_outcome,
     validate,
 )
-from ingestd.outbox import OutboxItem
+from ingestd.outbox.sql import OutboxItem
+from ingestd.secrets import Secret
+from ingestd.tts import rate_limit_retry_s
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 KEY = Secret("NNSXS.KEY.SECRET")
@@ -71,17 +72,17 @@ def test_invalid_values_are_named(changes: dict[str, object], reason: str) -> No
 
 def test_push_request_matches_the_tts_wire_format() -> None:
     url, headers, body = push_request(replace(ITEM, operation="replace"), "https://tts.example/",
-                                      KEY, user_agent="ingestd/1.2.3")
+                                      KEY)
     assert url == "https://tts.example/api/v3/as/applications/acme-app/devices/wm-0001/down/replace"
     assert orjson.loads(body) == {"downlinks": [{
         "f_port": 10, "frm_payload": "AQI=", "confirmed": True, "priority": "HIGH",
         "correlation_ids": ["ingestd:outbox:9223372036854775807"]}]}
     assert headers["Authorization"] == "Bearer NNSXS.KEY.SECRET"
-    assert headers["User-Agent"] == "ingestd/1.2.3"
-    assert headers["X-Request-ID"] == request_id(ITEM)
+    assert headers["User-Agent"] == f"ingestd/{__version__}"
+    assert headers["X-Request-ID"] == request_id(ITEM.id, ITEM.attempts)
     # TTS's rpc:/ttn.lorawan.v3.AppAs/DownlinkQueueReplace:<id> must stay <= 100 chars
-    assert len(request_id(ITEM)) <= 55
-    list_url, _ = list_request(ITEM, "https://tts.example", KEY, user_agent="x")
+    assert len(request_id(ITEM.id, ITEM.attempts)) <= 55
+    list_url, _ = list_request(ITEM, "https://tts.example", KEY)
     assert list_url.endswith("/devices/wm-0001/down")
 
 
@@ -98,7 +99,9 @@ def test_queue_listing_is_matched_by_correlation_id() -> None:
     [
         (httpx.Response(200, json={}), "queued", {}),
         (_error(404, "device_not_found", "pkg/applicationserver"), "failed", {}),
-        (_error(403, "no_application_rights", "pkg/auth/rights"), "failed", {}),
+        # 403: the key lacks a right (e.g. TRAFFIC_DOWN_WRITE): an auth problem, reported once.
+        (_error(403, "no_application_rights", "pkg/auth/rights"), "failed",
+         {"auth_rejected": True}),
         (_error(400, "no_device_session"), "failed", {}),
         (_error(401, "api_key_not_found"), "failed", {"auth_rejected": True}),
         (_error(429, "downlink_queue_capacity", "pkg/networkserver"), "retry",
@@ -107,6 +110,10 @@ def test_queue_listing_is_matched_by_correlation_id() -> None:
          {"retry_after_s": 4.0}),
         (_error(503, "peer_unavailable"), "retry", {"outcome_unknown": True}),
         (httpx.Response(502, text="Bad Gateway"), "retry", {"outcome_unknown": True}),
+        # A proxy's request timeout never reached TTS; grpc-gateway's Canceled (499) may
+        # have, after TTS began handling the push: verify before pushing again.
+        (httpx.Response(408, text="Request Timeout"), "retry", {"outcome_unknown": False}),
+        (_error(499, "context_canceled", "pkg/errors"), "retry", {"outcome_unknown": True}),
     ],
 )
 def test_each_answer_has_a_verdict(

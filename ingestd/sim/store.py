@@ -22,7 +22,7 @@ import orjson
 
 from ingestd import eventnames
 from ingestd.errors import EventNamesRejected
-from ingestd.eventgen import parse_time_ns
+from ingestd.sim.events import parse_time_ns
 
 # --- event definitions (TTS_WIRE §3): name → propagates to the application stream ---------
 

@@ -23,13 +23,13 @@ from ingestd.config import (
     DatabaseSettings,
     DownlinkSettings,
     MetricsSettings,
-    Secret,
     Settings,
     StreamSettings,
 )
 from ingestd.db import create_engine
+from ingestd.secrets import Secret
 from ingestd.service import Service
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 DEMO_DEVICES = 5
 DEMO_UPLINKS_PER_S = 8.0
