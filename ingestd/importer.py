@@ -47,9 +47,7 @@ def import_stream(
     nothing twice.
     """
     # A capture is finite and chosen by the user: every reject it holds is stored.
-    builder = BatchBuilder(
-        stream, store.load_cursor(stream), reject_rows_max=None, source="import"
-    )
+    builder = BatchBuilder(stream, store.load_cursor(stream), reject_rows_max=None, source="import")
     summary = ImportSummary()
     # Commit batch N in a worker thread while batch N+1 is parsed: a pipeline of depth one
     # keeps commits in order (so the cursor only moves forward) and uses the second core.

@@ -173,8 +173,12 @@ class Service:
 
             assert self.engine is not None
             side["retention"] = asyncio.create_task(
-                retention_loop(self.engine, max_age=retention.max_age,
-                               interval_s=retention.interval_s, stop=stop),
+                retention_loop(
+                    self.engine,
+                    max_age=retention.max_age,
+                    interval_s=retention.interval_s,
+                    stop=stop,
+                ),
                 name="retention",
             )
         for consumer in self.consumers:  # once at stream start, then every few minutes

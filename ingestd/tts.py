@@ -46,8 +46,10 @@ _TTS_ID_RE = re.compile(r"[a-z0-9](?:-?[a-z0-9]){2,}")
 
 def is_tts_id(value: object) -> bool:
     """True for a valid TTS entity id: lowercase letters, digits, single dashes, 3-36 chars."""
-    return isinstance(value, str) and len(value) <= TTS_ID_MAX_CHARS and bool(
-        _TTS_ID_RE.fullmatch(value)
+    return (
+        isinstance(value, str)
+        and len(value) <= TTS_ID_MAX_CHARS
+        and bool(_TTS_ID_RE.fullmatch(value))
     )
 
 

@@ -58,8 +58,12 @@ def run_demo(*, database: str, seconds: float) -> int:
     _quiet_logs()
     print(f"ingestd demo: simulated TTS + daemon into {path} for {seconds:.0f} s")
     with Simulator(
-        devices=DEMO_DEVICES, uplink_rate=DEMO_UPLINKS_PER_S, downlink_ack_delay_s=1.0, seed=7,
-        store_entity_count=DEMO_REPLAY_EVENTS, storage_enabled=True,
+        devices=DEMO_DEVICES,
+        uplink_rate=DEMO_UPLINKS_PER_S,
+        downlink_ack_delay_s=1.0,
+        seed=7,
+        store_entity_count=DEMO_REPLAY_EVENTS,
+        storage_enabled=True,
     ) as sim:
         settings = _settings(sim, url)
         engine = create_engine(url)
@@ -76,8 +80,10 @@ def run_demo(*, database: str, seconds: float) -> int:
 async def _outage_and_heal(settings: Settings, engine: sa.Engine, sim: Simulator) -> bool:
     """The daemon is down while more uplinks arrive than TTS replays; storage heals the gap."""
     sim.uplinks(DEMO_OUTAGE_UPLINKS)
-    print(f"\n  daemon stopped; {DEMO_OUTAGE_UPLINKS} uplinks arrive meanwhile (the simulated TTS "
-          f"replays only the last {DEMO_REPLAY_EVENTS} events)")
+    print(
+        f"\n  daemon stopped; {DEMO_OUTAGE_UPLINKS} uplinks arrive meanwhile (the simulated TTS "
+        f"replays only the last {DEMO_REPLAY_EVENTS} events)"
+    )
     settings = dataclasses.replace(
         settings, backfill=BackfillSettings(settle_s=0.0, poll_interval_s=0.2)
     )
@@ -98,11 +104,15 @@ async def _outage_and_heal(settings: Settings, engine: sa.Engine, sim: Simulator
     if row is None:
         print("  no gap was recorded")
         return False
-    print(f"  restarted: gap recorded ({row.reason}, {str(row.gap_start)[11:23]} -> "
-          f"{str(row.gap_end)[11:23]} UTC)")
+    print(
+        f"  restarted: gap recorded ({row.reason}, {str(row.gap_start)[11:23]} -> "
+        f"{str(row.gap_end)[11:23]} UTC)"
+    )
     if healed:
-        print(f"  healed from the Storage Integration: {row.recovered} uplinks recovered "
-              "(source = 'storage')")
+        print(
+            f"  healed from the Storage Integration: {row.recovered} uplinks recovered "
+            "(source = 'storage')"
+        )
     else:
         print(f"  not healed: {row.backfill_error or 'timed out'}")
     return healed

@@ -80,7 +80,14 @@ RETENTION_INTERVAL_S = 86400.0  # prune once a day
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _FORMATS = ("auto", "json", "console")
 _SECTIONS = (
-    "database", "tts", "downlinks", "metrics", "logging", "spool", "backfill", "retention",
+    "database",
+    "tts",
+    "downlinks",
+    "metrics",
+    "logging",
+    "spool",
+    "backfill",
+    "retention",
 )
 _KEY_FIELDS = {"api_key": "api_key_file", "api_key_file": "api_key"}
 

@@ -161,10 +161,14 @@ def event_row(event: Mapping[str, Any], *, stream: str) -> dict[str, Any]:
         # Strings within their column's width, or absent: anything else would make the
         # database refuse the row (PostgreSQL) or store a mistyped value (SQLite).
         if not (  # inline, not _fits(): this runs for every event
-            (application_id is None or (type(application_id) is str
-             and len(application_id) <= _ENTITY_ID_MAX_CHARS))
-            and (device_id is None or (type(device_id) is str
-                 and len(device_id) <= _ENTITY_ID_MAX_CHARS))
+            (
+                application_id is None
+                or (type(application_id) is str and len(application_id) <= _ENTITY_ID_MAX_CHARS)
+            )
+            and (
+                device_id is None
+                or (type(device_id) is str and len(device_id) <= _ENTITY_ID_MAX_CHARS)
+            )
             and (dev_eui is None or (type(dev_eui) is str and len(dev_eui) <= _EUI_MAX_CHARS))
         ):
             raise MalformedEvent(
@@ -235,8 +239,10 @@ def normalize_application_up(up: Mapping[str, Any], source: str = "storage") -> 
     ids = up.get("end_device_ids")
     # Stands in for the event the stream would have carried; its time (the fallback of
     # received_at) is the message's own received_at.
-    pseudo = {"identifiers": [{"device_ids": ids}] if type(ids) is dict else [],
-              "time": up.get("received_at")}
+    pseudo = {
+        "identifiers": [{"device_ids": ids}] if type(ids) is dict else [],
+        "time": up.get("received_at"),
+    }
     try:
         return handler(pseudo, up, None, source)
     except MalformedEvent as exc:
@@ -299,8 +305,7 @@ def _ids(event: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[Any, ...]:
     dev_eui = ids.get("dev_eui")
     join_eui = ids.get("join_eui")
     dev_addr = ids.get("dev_addr")
-    if type(application_id) is str and type(device_id) is str and dev_eui and join_eui \
-            and dev_addr:
+    if type(application_id) is str and type(device_id) is str and dev_eui and join_eui and dev_addr:
         return application_id, device_id, dev_eui, join_eui, dev_addr
     fallback = device_ids_of(event)  # rarely needed: ABP devices have no join_eui
     application_id, device_id = app_device_of(ids, fallback)
@@ -318,7 +323,8 @@ def _member_object(data: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key)
     if type(value) is not dict:
         raise MalformedEvent(
-            f"data has no {key} object" if value is None
+            f"data has no {key} object"
+            if value is None
             else f"{key} is not an object: {show(value)}"
         )
     return value
@@ -362,9 +368,15 @@ def _uplink(
         bandwidth = lrfhss.get("operating_channel_width")
     if modulation is not None and not (
         # LoRa's usual shape first, inline; _int32/_fits() for the rest.
-        (type(spreading_factor) is int and type(bandwidth) is int and bit_rate is None
-         and type(coding_rate) is str and 0 <= spreading_factor <= _INT32_MAX
-         and 0 <= bandwidth <= _INT32_MAX and len(coding_rate) <= _CODING_RATE_MAX_CHARS)
+        (
+            type(spreading_factor) is int
+            and type(bandwidth) is int
+            and bit_rate is None
+            and type(coding_rate) is str
+            and 0 <= spreading_factor <= _INT32_MAX
+            and 0 <= bandwidth <= _INT32_MAX
+            and len(coding_rate) <= _CODING_RATE_MAX_CHARS
+        )
         or (
             _int32(spreading_factor)
             and _int32(bandwidth)
@@ -372,8 +384,10 @@ def _uplink(
             and _fits(coding_rate, _CODING_RATE_MAX_CHARS)
         )
     ):
-        raise MalformedEvent(f"settings.data_rate.{modulation} has a mistyped or out of range "
-                             f"value: {show(data_rate)}")
+        raise MalformedEvent(
+            f"settings.data_rate.{modulation} has a mistyped or out of range "
+            f"value: {show(data_rate)}"
+        )
 
     rx = up.get("rx_metadata")
     if rx is None:
@@ -402,8 +416,9 @@ def _uplink(
             or (snr is not None and type(snr) not in _NUMBER)
             or type(channel_index) is not int
         ):
-            raise MalformedEvent(f"rx_metadata[{index}] has a non-numeric rssi, channel_rssi, "
-                                 f"snr or channel_index")
+            raise MalformedEvent(
+                f"rx_metadata[{index}] has a non-numeric rssi, channel_rssi, snr or channel_index"
+            )
         gateway = meta.get("gateway_ids") or EMPTY
         location = meta.get("location")
         if location is None:
@@ -413,22 +428,27 @@ def _uplink(
             longitude = location.get("longitude", 0.0)
             altitude = location.get("altitude", 0.0)
         time = meta.get("time")
-        rows.append(Row("uplink_receptions", {
-            "uplink_id": uid,
-            "received_at": received_at,
-            "reception_index": index,
-            "gateway_id": gateway.get("gateway_id"),
-            "gateway_eui": gateway.get("eui"),
-            "rssi": rssi,
-            "channel_rssi": channel_rssi,
-            "snr": snr,
-            "time": None if time is None else parse_time(time),
-            "channel_index": channel_index,
-            "latitude": latitude,
-            "longitude": longitude,
-            "altitude": altitude,
-            "source": source,
-        }))
+        rows.append(
+            Row(
+                "uplink_receptions",
+                {
+                    "uplink_id": uid,
+                    "received_at": received_at,
+                    "reception_index": index,
+                    "gateway_id": gateway.get("gateway_id"),
+                    "gateway_eui": gateway.get("eui"),
+                    "rssi": rssi,
+                    "channel_rssi": channel_rssi,
+                    "snr": snr,
+                    "time": None if time is None else parse_time(time),
+                    "channel_index": channel_index,
+                    "latitude": latitude,
+                    "longitude": longitude,
+                    "altitude": altitude,
+                    "source": source,
+                },
+            )
+        )
         if best_rssi is None or rssi > best_rssi:
             best_rssi = rssi
         if snr is not None and (best_snr is None or snr > best_snr):
@@ -440,37 +460,41 @@ def _uplink(
     airtime = up.get("consumed_airtime")
     packet_error_rate = up.get("packet_error_rate")  # None when absent: new in v3.34
     if packet_error_rate is not None and type(packet_error_rate) not in _NUMBER:
-        raise MalformedEvent(f"uplink_message.packet_error_rate is not a number: "
-                             f"{show(packet_error_rate)}")
-    rows[0] = Row("uplinks", {
-        "uplink_id": uid,
-        "event_unique_id": unique_id,
-        "application_id": application_id,
-        "device_id": device_id,
-        "dev_eui": dev_eui,
-        "join_eui": join_eui,
-        "dev_addr": dev_addr,
-        "session_key_id": up.get("session_key_id"),  # opaque; kept as TTS's base64
-        "f_port": uint_of(up, "f_port", "uplink_message", FPORT_MAX),
-        "f_cnt": f_cnt,
-        "frm_payload": bytes_of(up.get("frm_payload"), "uplink_message.frm_payload"),
-        "decoded_payload": up.get("decoded_payload"),
-        "confirmed": confirmed,
-        "received_at": received_at,
-        "rssi": best_rssi,
-        "snr": best_snr,
-        "gateway_count": len(rx),
-        "frequency": frequency,
-        "modulation": modulation,
-        "spreading_factor": spreading_factor,
-        "bandwidth": bandwidth,
-        "coding_rate": coding_rate,
-        "bit_rate": bit_rate,
-        "consumed_airtime_s": None if airtime is None else parse_duration_s(airtime),
-        "packet_error_rate": packet_error_rate,
-        "source": source,
-        "simulated": data.get("simulated") is True,  # Console/API "simulate uplink"
-    })
+        raise MalformedEvent(
+            f"uplink_message.packet_error_rate is not a number: {show(packet_error_rate)}"
+        )
+    rows[0] = Row(
+        "uplinks",
+        {
+            "uplink_id": uid,
+            "event_unique_id": unique_id,
+            "application_id": application_id,
+            "device_id": device_id,
+            "dev_eui": dev_eui,
+            "join_eui": join_eui,
+            "dev_addr": dev_addr,
+            "session_key_id": up.get("session_key_id"),  # opaque; kept as TTS's base64
+            "f_port": uint_of(up, "f_port", "uplink_message", FPORT_MAX),
+            "f_cnt": f_cnt,
+            "frm_payload": bytes_of(up.get("frm_payload"), "uplink_message.frm_payload"),
+            "decoded_payload": up.get("decoded_payload"),
+            "confirmed": confirmed,
+            "received_at": received_at,
+            "rssi": best_rssi,
+            "snr": best_snr,
+            "gateway_count": len(rx),
+            "frequency": frequency,
+            "modulation": modulation,
+            "spreading_factor": spreading_factor,
+            "bandwidth": bandwidth,
+            "coding_rate": coding_rate,
+            "bit_rate": bit_rate,
+            "consumed_airtime_s": None if airtime is None else parse_duration_s(airtime),
+            "packet_error_rate": packet_error_rate,
+            "source": source,
+            "simulated": data.get("simulated") is True,  # Console/API "simulate uplink"
+        },
+    )
     return rows
 
 
@@ -479,17 +503,22 @@ def _join(
 ) -> list[Row]:
     accept = _member_object(data, "join_accept")
     application_id, device_id, dev_eui, join_eui, dev_addr = _ids(event, data)
-    return [Row("joins", {
-        "event_unique_id": unique_id,
-        "application_id": application_id,
-        "device_id": device_id,
-        "dev_eui": dev_eui,
-        "join_eui": join_eui,
-        "dev_addr": dev_addr,
-        "session_key_id": accept.get("session_key_id"),
-        "received_at": _received_at(accept.get("received_at"), data, event),
-        "source": source,
-    })]
+    return [
+        Row(
+            "joins",
+            {
+                "event_unique_id": unique_id,
+                "application_id": application_id,
+                "device_id": device_id,
+                "dev_eui": dev_eui,
+                "join_eui": join_eui,
+                "dev_addr": dev_addr,
+                "session_key_id": accept.get("session_key_id"),
+                "received_at": _received_at(accept.get("received_at"), data, event),
+                "source": source,
+            },
+        )
+    ]
 
 
 def _downlink(

@@ -76,9 +76,7 @@ def uint_of(obj: Mapping[str, Any], key: str, what: str, maximum: int = UINT32_M
     value = obj.get(key, 0)
     if type(value) is int and 0 <= value <= maximum:
         return value
-    raise MalformedEvent(
-        f"{what}.{key} is not an integer from 0 to {maximum}: {show(value)}"
-    )
+    raise MalformedEvent(f"{what}.{key} is not an integer from 0 to {maximum}: {show(value)}")
 
 
 def device_ids_of(event: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -134,8 +132,9 @@ def downlink_row(
         invalidated = _sub(data, "downlink_queue_invalidated")
         downlinks = invalidated.get("downlinks") or []
         if type(downlinks) is not list:
-            raise MalformedEvent(f"downlink_queue_invalidated.downlinks is not a list: "
-                                 f"{show(downlinks)}")
+            raise MalformedEvent(
+                f"downlink_queue_invalidated.downlinks is not a list: {show(downlinks)}"
+            )
         # One row per event, keyed by its unique_id: the payload columns describe the
         # first invalidated item, while correlation_ids collects every item's ids so that
         # each invalidated outbox row can still be found from this one row.
@@ -202,8 +201,11 @@ def downlink_row(
 def _sub(obj: Mapping[str, Any], key: str, what: str | None = None) -> Mapping[str, Any]:
     value = obj.get(key)
     if type(value) is not dict:
-        raise MalformedEvent(f"data has no {what or key} object" if value is None
-                             else f"{what or key} is not an object: {show(value)}")
+        raise MalformedEvent(
+            f"data has no {what or key} object"
+            if value is None
+            else f"{what or key} is not an object: {show(value)}"
+        )
     return value
 
 

@@ -44,9 +44,12 @@ _ID_KINDS = ("application", "client", "device", "gateway", "organization", "user
 _ID_PATTERN = r"^[a-z0-9](?:[-]?[a-z0-9]){2,}$"  # Go RE2: `$` is the end of text
 _RIGHTS_RE = re.compile(r"^/api/v3/applications/([^/]+)/rights$")
 _DOWN_RE = re.compile(r"^/api/v3/as/applications/([^/]+)/devices/([^/]+)/down(/push|/replace)?$")
-_SECURITY_HEADERS = [("referrer-policy", "strict-origin-when-cross-origin"),
-                     ("x-content-type-options", "nosniff"), ("x-frame-options", "SAMEORIGIN"),
-                     ("x-xss-protection", "1; mode=block")]
+_SECURITY_HEADERS = [
+    ("referrer-policy", "strict-origin-when-cross-origin"),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "SAMEORIGIN"),
+    ("x-xss-protection", "1; mode=block"),
+]
 Send = Callable[[dict[str, Any]], Any]
 
 
@@ -116,8 +119,12 @@ def _parse(body: bytes) -> tuple[list[dict[str, Any]], int, int | None, str | No
     req = orjson.loads(body or b"{}")
     if not isinstance(req, dict):
         raise ValueError("proto: syntax error (line 1:1): unexpected token")
-    idents, tail, after, names = (req.get("identifiers") or [], req.get("tail") or 0,
-                                  req.get("after"), req.get("names") or [])
+    idents, tail, after, names = (
+        req.get("identifiers") or [],
+        req.get("tail") or 0,
+        req.get("after"),
+        req.get("names") or [],
+    )
     if not isinstance(idents, list) or not all(isinstance(i, dict) for i in idents):
         raise ValueError("invalid value for identifiers")
     idents = sim_fidelity.snake_identifiers(idents)  # TTS accepts lowerCamelCase keys too
@@ -137,29 +144,51 @@ def _validate_identifiers(idents: list[dict[str, Any]]) -> None:
     for i, ids in enumerate(idents):
         kinds = [k for k in _ID_KINDS if f"{k}_ids" in ids]
         inner = ids.get(f"{kinds[0]}_ids") if kinds else None
-        values = [] if not isinstance(inner, dict) else (
-            [str(inner.get("device_id", "")),
-             str(inner.get("application_ids", {}).get("application_id", ""))]
-            if kinds[0] == "device" else [str(inner.get(f"{kinds[0]}_id", ""))])
+        values = (
+            []
+            if not isinstance(inner, dict)
+            else (
+                [
+                    str(inner.get("device_id", "")),
+                    str(inner.get("application_ids", {}).get("application_id", "")),
+                ]
+                if kinds[0] == "device"
+                else [str(inner.get(f"{kinds[0]}_id", ""))]
+            )
+        )
         bad = not values or any(not re.fullmatch(_ID_PATTERN, v) or len(v) > 36 for v in values)
         if bad:
             reason = f'value does not match regex pattern "{_ID_PATTERN}"'
-            cause = error_details("validation", {
-                "field": "ids", "name": "EntityIdentifiersValidationError", "reason": reason})
-            raise SimError("validation", {"field": f"identifiers[{i}]",
-                                          "name": "StreamEventsRequestValidationError",
-                                          "reason": "embedded message failed validation"},
-                           cause=cause)
+            cause = error_details(
+                "validation",
+                {"field": "ids", "name": "EntityIdentifiersValidationError", "reason": reason},
+            )
+            raise SimError(
+                "validation",
+                {
+                    "field": f"identifiers[{i}]",
+                    "name": "StreamEventsRequestValidationError",
+                    "reason": "embedded message failed validation",
+                },
+                cause=cause,
+            )
 
 
-async def serve_stream(sim: Simulator, receive: Callable[[], Any],
-                       send: Callable[[dict[str, Any]], Any], *, headers: dict[str, str],
-                       accepts: list[str], body: bytes, base_headers: list[tuple[str, str]],
-                       recorded_headers: dict[str, str]) -> None:
+async def serve_stream(
+    sim: Simulator,
+    receive: Callable[[], Any],
+    send: Callable[[dict[str, Any]], Any],
+    *,
+    headers: dict[str, str],
+    accepts: list[str],
+    body: bytes,
+    base_headers: list[tuple[str, str]],
+    recorded_headers: dict[str, str],
+) -> None:
     """Answer one events stream request until it ends, the client leaves or the sim stops."""
     sse = "text/event-stream" in accepts  # grpc-gateway: exact match of a whole value
     delim = b"\n\n" if sse else b"\n"
-    ctype = (b"text/event-stream" if sse else b"application/json")
+    ctype = b"text/event-stream" if sse else b"application/json"
     request_id = headers["x-request-id"]
     extra: list[tuple[str, str]] = []
     idents: list[dict[str, Any]] = []
@@ -168,15 +197,30 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
     parsed: Any = None
 
     def record(status: int, error: str | None = None) -> None:
-        sim.stream_requests.append(StreamRequest(
-            time=time.time(), request_id=request_id, headers=recorded_headers, body=parsed,
-            identifiers=idents, after=after, tail=tail, names=names, status=status,
-            error_name=error))
+        sim.stream_requests.append(
+            StreamRequest(
+                time=time.time(),
+                request_id=request_id,
+                headers=recorded_headers,
+                body=parsed,
+                identifiers=idents,
+                after=after,
+                tail=tail,
+                names=names,
+                status=status,
+                error_name=error,
+            )
+        )
 
     async def start(status: int, hdrs: list[tuple[str, str]]) -> None:
         raw = [(k.encode(), v.encode()) for k, v in base_headers + hdrs]
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*raw, (b"content-type", ctype)]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*raw, (b"content-type", ctype)],
+            }
+        )
 
     try:
         if sim.fail_next_requests:  # an outage in front of the handler
@@ -189,12 +233,17 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
         if sim.stream_limiter is not None:
             token = (headers.get("authorization") or "").rpartition(".")[0].partition(".")[2]
             result = sim.stream_limiter.check(
-                f"grpc:stream:accept:/ttn.lorawan.v3.Events/Stream:token:{token}")
+                f"grpc:stream:accept:/ttn.lorawan.v3.Events/Stream:token:{token}"
+            )
             extra = result.headers
             if not result.allowed:
-                raise SimError("rate_limit_exceeded", {
-                    "key": f"grpc:stream:accept:/ttn.lorawan.v3.Events/Stream:token:{token}",
-                    "rate": sim.stream_limiter.per_min})
+                raise SimError(
+                    "rate_limit_exceeded",
+                    {
+                        "key": f"grpc:stream:accept:/ttn.lorawan.v3.Events/Stream:token:{token}",
+                        "rate": sim.stream_limiter.per_min,
+                    },
+                )
         if not idents:
             raise SimError("no_identifiers")
         expanded = expand_names(names)
@@ -203,24 +252,30 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
     except (ValueError, orjson.JSONDecodeError) as exc:
         record(400)
         await start(400, extra)
-        await send({"type": "http.response.body",
-                    "body": orjson.dumps({"code": 3, "message": str(exc)})})
+        await send(
+            {"type": "http.response.body", "body": orjson.dumps({"code": 3, "message": str(exc)})}
+        )
         return
     except SimError as exc:
         record(exc.status, exc.name)
         await start(exc.status, extra + exc.headers)
-        await send({"type": "http.response.body",
-                    "body": orjson.dumps({"error": exc.body}) + delim})
+        await send(
+            {"type": "http.response.body", "body": orjson.dumps({"error": exc.body}) + delim}
+        )
         return
 
     record(200)
     conn = StreamConn(asyncio.get_running_loop())
     conn.transport = getattr(send, "transport", None) or getattr(
-        getattr(send, "__self__", None), "transport", None)
-    sub = Subscription(keys, frozenset(expanded) if expanded else None,
-                       min(max(tail, MIN_BUFFER), MAX_BUFFER), wake=conn.notify_threadsafe,
-                       visible=sim_fidelity.visibility_filter(sim.application_id,
-                                                              sim.key_rights(token_id)))
+        getattr(send, "__self__", None), "transport", None
+    )
+    sub = Subscription(
+        keys,
+        frozenset(expanded) if expanded else None,
+        min(max(tail, MIN_BUFFER), MAX_BUFFER),
+        wake=conn.notify_threadsafe,
+        visible=sim_fidelity.visibility_filter(sim.application_id, sim.key_rights(token_id)),
+    )
     if not sim.store and (tail or after is not None):
         extra.append(("x-warning", "Events storage is not enabled"))
     sim.conns.add(conn)
@@ -229,11 +284,15 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
     try:
         now_ns = time.time_ns()
         start_event: dict[str, Any] = {
-            "name": "events.stream.start", "time": eventgen.format_time_ns(now_ns),
-            "identifiers": idents}
+            "name": "events.stream.start",
+            "time": eventgen.format_time_ns(now_ns),
+            "identifiers": idents,
+        }
         if expanded:
-            start_event["data"] = {"@type": "type.googleapis.com/google.protobuf.Value",
-                                   "value": expanded}
+            start_event["data"] = {
+                "@type": "type.googleapis.com/google.protobuf.Value",
+                "value": expanded,
+            }
         start_event["correlation_ids"] = [f"rpc:/ttn.lorawan.v3.Events/Stream:{request_id}"]
         start_event["origin"] = socket.gethostname()
         start_event["unique_id"] = sim.ulids(datetime.fromtimestamp(now_ns / 1e9, UTC))
@@ -250,8 +309,14 @@ async def serve_stream(sim: Simulator, receive: Callable[[], Any],
         conn.done.set()
 
 
-async def _pump(sim: Simulator, send: Callable[[dict[str, Any]], Any], conn: StreamConn,
-                sub: Subscription, disconnect: asyncio.Future[None], delim: bytes) -> None:
+async def _pump(
+    sim: Simulator,
+    send: Callable[[dict[str, Any]], Any],
+    conn: StreamConn,
+    sub: Subscription,
+    disconnect: asyncio.Future[None],
+    delim: bytes,
+) -> None:
     """Write buffered events until the stream must end; apply the stream faults."""
     sent = 0
     while not conn.closing and not disconnect.done():
@@ -286,9 +351,9 @@ async def _pump(sim: Simulator, send: Callable[[dict[str, Any]], Any], conn: Str
                 await asyncio.sleep(0.002)
                 batch += sim.event_store.take(sub, window - len(batch))
             for i in range(0, len(batch), window):
-                part = batch[i:i + window]
+                part = batch[i : i + window]
                 sim.rng.shuffle(part)
-                batch[i:i + window] = part
+                batch[i : i + window] = part
         chunk = bytearray()
         for _uid, frame in batch:
             if not frame:
@@ -344,8 +409,9 @@ async def _wait_disconnect(receive: Callable[[], Any]) -> None:
         pass
 
 
-async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
-              send: Send) -> None:
+async def app(
+    sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any], send: Send
+) -> None:
     """The ASGI entry point: one HTTP request."""
     if scope["type"] != "http":
         return
@@ -359,8 +425,10 @@ async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
     request_id = headers.get("x-request-id") or sim.ulids()
     headers["x-request-id"] = request_id
     # Records keep the scheme and key id, never the secret part.
-    recorded = {k: (v.rpartition(".")[0] + ".…" if k == "authorization" and "." in v else v)
-                for k, v in headers.items()}
+    recorded = {
+        k: (v.rpartition(".")[0] + ".…" if k == "authorization" and "." in v else v)
+        for k, v in headers.items()
+    }
     base = [("x-request-id", request_id), *_SECURITY_HEADERS]
     body = b""
     while True:
@@ -375,20 +443,42 @@ async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
         if sim.h2c:  # hypercorn hides its transport; the abrupt-close fault needs it
             peer = sim_fidelity.peer_transport(scope.get("client"))
             send = sim_fidelity.TransportSend(send, peer)
-        await serve_stream(sim, receive, send, headers=headers, accepts=accepts, body=body,
-                           base_headers=base, recorded_headers=recorded)
+        await serve_stream(
+            sim,
+            receive,
+            send,
+            headers=headers,
+            accepts=accepts,
+            body=body,
+            base_headers=base,
+            recorded_headers=recorded,
+        )
         return
     match = _DOWN_RE.match(path)
     if match and method == ("GET" if match.group(3) is None else "POST"):
         op = (match.group(3) or "/list")[1:]
         status, extra, answer = sim.downlinks.handle(
-            op=op, application_id=match.group(1), device_id=match.group(2), body=body,
-            headers=headers)
-        sim.downlink_requests.append(DownlinkRequest(
-            time=time.time(), method=method, path=path, op=op,
-            application_id=match.group(1), device_id=match.group(2),
-            body=_json_or_none(body), headers=recorded, request_id=request_id, status=status,
-            error_name=_error_name(answer)))
+            op=op,
+            application_id=match.group(1),
+            device_id=match.group(2),
+            body=body,
+            headers=headers,
+        )
+        sim.downlink_requests.append(
+            DownlinkRequest(
+                time=time.time(),
+                method=method,
+                path=path,
+                op=op,
+                application_id=match.group(1),
+                device_id=match.group(2),
+                body=_json_or_none(body),
+                headers=recorded,
+                request_id=request_id,
+                status=status,
+                error_name=_error_name(answer),
+            )
+        )
         await _respond(send, status, base + extra, answer)
     elif (rights_match := _RIGHTS_RE.match(path)) and method == "GET":
         status, answer = _list_rights(sim, rights_match.group(1), headers)
@@ -397,8 +487,11 @@ async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
         if sim.storage.delay_s:
             await asyncio.sleep(sim.storage.delay_s)
         status, extra, data = sim.storage.handle(
-            match=storage, query_string=scope["query_string"], headers=headers,
-            authorize=sim.authorize)
+            match=storage,
+            query_string=scope["query_string"],
+            headers=headers,
+            authorize=sim.authorize,
+        )
         await _respond_raw(send, status, base + extra, data)
     elif path == "/api/v3/events/related" and method == "GET":
         status, answer = _related(sim, scope, headers)
@@ -406,12 +499,20 @@ async def app(sim: Simulator, scope: dict[str, Any], receive: Callable[[], Any],
     elif path.startswith("/_sim/"):
         await _respond(send, 200, base, _control(sim, path, body))
     else:
-        await _respond(send, 404 if not match else 405, base,
-                       {"code": 5 if not match else 12,
-                        "message": "Not Found" if not match else "Method Not Allowed"})
+        await _respond(
+            send,
+            404 if not match else 405,
+            base,
+            {
+                "code": 5 if not match else 12,
+                "message": "Not Found" if not match else "Method Not Allowed",
+            },
+        )
 
-def _related(sim: Simulator, scope: dict[str, Any],
-             headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+
+def _related(
+    sim: Simulator, scope: dict[str, Any], headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
     query = dict(p.partition("=")[::2] for p in scope["query_string"].decode().split("&"))
     try:
         sim._token_id(headers.get("authorization"))
@@ -421,8 +522,10 @@ def _related(sim: Simulator, scope: dict[str, Any],
         return exc.status, exc.body
     return 200, {"events": sim.event_store.find_related(query.get("correlation_id", ""))}
 
-def _list_rights(sim: Simulator, application_id: str,
-                 headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+
+def _list_rights(
+    sim: Simulator, application_id: str, headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
     """``ApplicationAccess.ListRights``: no right needed; ``{}`` for none or another app."""
     try:
         token_id = sim._token_id(headers.get("authorization"))
@@ -451,9 +554,12 @@ def _control(sim: Simulator, path: str, body: bytes) -> dict[str, Any]:
                 setattr(sim.storage, key[8:], value)  # e.g. storage_enabled, storage_forbidden
             elif hasattr(sim, key) and not key.startswith("_"):
                 setattr(sim, key, value)
-    return {"streams": len(sim.conns), "events": len(sim.events),
-            "dropped_events": sim.dropped_events,
-            "queues": {d: len(q) for d, q in sim.downlinks.queues.items()}}
+    return {
+        "streams": len(sim.conns),
+        "events": len(sim.events),
+        "dropped_events": sim.dropped_events,
+        "queues": {d: len(q) for d, q in sim.downlinks.queues.items()},
+    }
 
 
 async def _respond(send: Send, status: int, headers: list[tuple[str, str]], body: Any) -> None:
@@ -466,8 +572,9 @@ async def _respond(send: Send, status: int, headers: list[tuple[str, str]], body
     await send({"type": "http.response.body", "body": data})
 
 
-async def _respond_raw(send: Send, status: int, headers: list[tuple[str, str]],
-                       data: bytes) -> None:
+async def _respond_raw(
+    send: Send, status: int, headers: list[tuple[str, str]], data: bytes
+) -> None:
     raw = [(k.encode(), v.encode()) for k, v in headers]
     if not any(k == "content-type" for k, _ in headers):
         raw.append((b"content-type", b"application/json"))

@@ -31,21 +31,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out-of-order", type=int, default=0, help="shuffle events within windows of N")
     add("--rate-limit", type=int, default=None, help="requests per minute per key (429 beyond)")
     add("--seed", type=int, default=None, help="seed for reproducible keys and events")
-    add("--key-rights", default=None, metavar="RIGHT[,RIGHT…]",
+    add(
+        "--key-rights",
+        default=None,
+        metavar="RIGHT[,RIGHT…]",
         help="rights of the API key (default: RIGHT_APPLICATION_ALL), e.g. "
-             "RIGHT_APPLICATION_INFO to see a stream that stays empty")
-    add("--simulated-fraction", type=float, default=0.0,
-        help="share of generated uplinks published as Console-simulated (data.simulated)")
-    add("--entity-ttl", type=float, default=86400.0,
-        help="seconds an entity's history is kept after its last event (TTS entity-ttl)")
+        "RIGHT_APPLICATION_INFO to see a stream that stays empty",
+    )
+    add(
+        "--simulated-fraction",
+        type=float,
+        default=0.0,
+        help="share of generated uplinks published as Console-simulated (data.simulated)",
+    )
+    add(
+        "--entity-ttl",
+        type=float,
+        default=86400.0,
+        help="seconds an entity's history is kept after its last event (TTS entity-ttl)",
+    )
     add("--gzip", action="store_true", help="gzip streams for clients that accept it")
     add("--h2c", action="store_true", help="serve HTTP/2 with prior knowledge (needs hypercorn)")
-    add("--storage", action="store_true",
-        help="serve the Storage Integration API (TTS Cloud/Enterprise; off = open source)")
-    add("--storage-retention", type=float, default=30 * 86400.0,
-        help="seconds the storage keeps messages (default: 30 days)")
-    add("--storage-write-delay", type=float, default=0.0,
-        help="seconds until a message appears in storage (writes are batched)")
+    add(
+        "--storage",
+        action="store_true",
+        help="serve the Storage Integration API (TTS Cloud/Enterprise; off = open source)",
+    )
+    add(
+        "--storage-retention",
+        type=float,
+        default=30 * 86400.0,
+        help="seconds the storage keeps messages (default: 30 days)",
+    )
+    add(
+        "--storage-write-delay",
+        type=float,
+        default=0.0,
+        help="seconds until a message appears in storage (writes are batched)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,20 +77,38 @@ def run(args: argparse.Namespace) -> int:
     from ingestd.sim.server import Simulator
 
     sim = Simulator(
-        application_id=args.application_id, devices=args.devices, api_key=args.api_key or "",
-        store=not args.no_store, store_entity_count=args.store_entity_count,
-        payload_ttl_s=args.payload_ttl, gateways=args.gateways, uplink_rate=args.rate,
-        rate_limit_per_min=args.rate_limit, seed=args.seed, host=args.host, port=args.port,
-        drop_every_n_frames=args.drop_every, out_of_order_window=args.out_of_order,
-        max_recorded_events=10_000, simulated_uplink_fraction=args.simulated_fraction,
-        entity_ttl_s=args.entity_ttl, gzip_stream=args.gzip, h2c=args.h2c,
-        api_key_rights=(tuple(r.strip() for r in args.key_rights.split(",") if r.strip())
-                        if args.key_rights else sim_fidelity.DEFAULT_KEY_RIGHTS),
-        storage_enabled=args.storage, storage_retention_s=args.storage_retention,
-        storage_write_delay_s=args.storage_write_delay)
+        application_id=args.application_id,
+        devices=args.devices,
+        api_key=args.api_key or "",
+        store=not args.no_store,
+        store_entity_count=args.store_entity_count,
+        payload_ttl_s=args.payload_ttl,
+        gateways=args.gateways,
+        uplink_rate=args.rate,
+        rate_limit_per_min=args.rate_limit,
+        seed=args.seed,
+        host=args.host,
+        port=args.port,
+        drop_every_n_frames=args.drop_every,
+        out_of_order_window=args.out_of_order,
+        max_recorded_events=10_000,
+        simulated_uplink_fraction=args.simulated_fraction,
+        entity_ttl_s=args.entity_ttl,
+        gzip_stream=args.gzip,
+        h2c=args.h2c,
+        api_key_rights=(
+            tuple(r.strip() for r in args.key_rights.split(",") if r.strip())
+            if args.key_rights
+            else sim_fidelity.DEFAULT_KEY_RIGHTS
+        ),
+        storage_enabled=args.storage,
+        storage_retention_s=args.storage_retention,
+        storage_write_delay_s=args.storage_write_delay,
+    )
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         try:
             sim.start()
@@ -75,9 +116,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"ingestd simulate: {exc} (is the port in use? try --port 0)", file=sys.stderr)
             return 1
         # A local fake key: printing it is the point, so a user can configure the daemon.
-        print(f"base_url        {sim.base_url}\napplication_id  {sim.application_id}\n"
-              f"api_key         {sim.api_key}\ndevices         {', '.join(sim.device_ids[:3])}"
-              f"{' …' if len(sim.device_ids) > 3 else ''}", flush=True)
+        print(
+            f"base_url        {sim.base_url}\napplication_id  {sim.application_id}\n"
+            f"api_key         {sim.api_key}\ndevices         {', '.join(sim.device_ids[:3])}"
+            f"{' …' if len(sim.device_ids) > 3 else ''}",
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
     finally:

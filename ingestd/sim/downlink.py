@@ -26,10 +26,17 @@ from ingestd.sim.store import ERROR_FOR_STATUS, EventStore, RateLimiter, SimErro
 MAX_FRM_PAYLOAD_B = 255
 NS_MAX_PAYLOAD_B = 242  # EU868: 250 - 8 over all data rates
 AS_MAX_RETRIES = 32
-_CAMEL = {"fPort": "f_port", "frmPayload": "frm_payload", "decodedPayload": "decoded_payload",
-          "correlationIds": "correlation_ids", "confirmedRetry": "confirmed_retry",
-          "classBC": "class_b_c", "sessionKeyId": "session_key_id", "fCnt": "f_cnt",
-          "maxAttempts": "max_attempts"}
+_CAMEL = {
+    "fPort": "f_port",
+    "frmPayload": "frm_payload",
+    "decodedPayload": "decoded_payload",
+    "correlationIds": "correlation_ids",
+    "confirmedRetry": "confirmed_retry",
+    "classBC": "class_b_c",
+    "sessionKeyId": "session_key_id",
+    "fCnt": "f_cnt",
+    "maxAttempts": "max_attempts",
+}
 _DOWNLINK_CLASS_PREFIXES = ("as:downlink:", "ns:downlink:", "pba:downlink:")
 # RequireApplication rights per call (LS pkg/applicationserver/io/grpc/grpc.go).
 LIST_RIGHTS = ("RIGHT_APPLICATION_TRAFFIC_READ",)
@@ -54,8 +61,13 @@ class SimDevice:
     last_f_cnt_down: int = 0
 
     def ids(self) -> dict[str, Any]:
-        return eventgen.device_ids(self.application_id, self.device_id, dev_eui=self.dev_eui,
-                                   join_eui=self.join_eui, dev_addr=self.dev_addr)
+        return eventgen.device_ids(
+            self.application_id,
+            self.device_id,
+            dev_eui=self.dev_eui,
+            join_eui=self.join_eui,
+            dev_addr=self.dev_addr,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,8 +107,9 @@ def decode_request(body: bytes) -> list[dict[str, Any]]:
             raise DecodeError("proto: syntax error: unexpected token, expected object")
         item = _snake(raw)
         for key, kind in (("f_port", int), ("f_cnt", int), ("confirmed", bool)):
-            if key in item and (not isinstance(item[key], kind) or
-                                (kind is int and isinstance(item[key], bool))):
+            if key in item and (
+                not isinstance(item[key], kind) or (kind is int and isinstance(item[key], bool))
+            ):
                 raise DecodeError(f"invalid value for {key}: {item[key]!r}")
         for key in ("frm_payload", "session_key_id"):
             if item.get(key) is not None:
@@ -118,11 +131,19 @@ def decode_request(body: bytes) -> list[dict[str, Any]]:
 
 
 def _invalid(index: int, field_name: str, reason: str) -> SimError:
-    cause = error_details("validation", {"field": field_name, "name":
-                                         "ApplicationDownlinkValidationError", "reason": reason})
-    return SimError("validation", {"field": f"downlinks[{index}]",
-                                   "name": "DownlinkQueueRequestValidationError",
-                                   "reason": "embedded message failed validation"}, cause=cause)
+    cause = error_details(
+        "validation",
+        {"field": field_name, "name": "ApplicationDownlinkValidationError", "reason": reason},
+    )
+    return SimError(
+        "validation",
+        {
+            "field": f"downlinks[{index}]",
+            "name": "DownlinkQueueRequestValidationError",
+            "reason": "embedded message failed validation",
+        },
+        cause=cause,
+    )
 
 
 def validate_items(items: list[dict[str, Any]]) -> None:
@@ -145,8 +166,9 @@ def validate_items(items: list[dict[str, Any]]) -> None:
                 raise _invalid(i, f"correlation_ids[{j}]", "value length must be at most 100 runes")
         retry = item.get("confirmed_retry") or {}
         max_attempts = retry.get("max_attempts")
-        if max_attempts is not None and not (isinstance(max_attempts, int)
-                                             and 0 < max_attempts <= 100):
+        if max_attempts is not None and not (
+            isinstance(max_attempts, int) and 0 < max_attempts <= 100
+        ):
             raise _invalid(i, "confirmed_retry", "embedded message failed validation")
 
 
@@ -177,8 +199,15 @@ class DownlinkApi:
         with self.store.lock:
             return [eventgen.downlink_item(_wire(it)) for it in self.queues.get(device_id, [])]
 
-    def handle(self, *, op: str, application_id: str, device_id: str, body: bytes,
-               headers: Mapping[str, str]) -> tuple[int, list[tuple[str, str]], dict[str, Any]]:
+    def handle(
+        self,
+        *,
+        op: str,
+        application_id: str,
+        device_id: str,
+        body: bytes,
+        headers: Mapping[str, str],
+    ) -> tuple[int, list[tuple[str, str]], dict[str, Any]]:
         """Answer one request: (status, extra headers, JSON body). Raises nothing."""
         extra: list[tuple[str, str]] = []
         try:
@@ -192,13 +221,16 @@ class DownlinkApi:
             if self.rate_limiter is not None:
                 method = "DownlinkQueuePush" if op == "push" else "DownlinkQueueReplace"
                 token = (headers.get("authorization") or "").rpartition(".")[0].partition(".")[2]
-                key = (f"grpc:method:/ttn.lorawan.v3.AppAs/{method}:end device:"
-                       f"{application_id}.{device_id}:token:{token}")
+                key = (
+                    f"grpc:method:/ttn.lorawan.v3.AppAs/{method}:end device:"
+                    f"{application_id}.{device_id}:token:{token}"
+                )
                 result = self.rate_limiter.check(key)
                 extra = result.headers
                 if not result.allowed:
-                    raise SimError("rate_limit_exceeded",
-                                   {"key": key, "rate": self.rate_limiter.per_min})
+                    raise SimError(
+                        "rate_limit_exceeded", {"key": key, "rate": self.rate_limiter.per_min}
+                    )
             token_id = self.authorize(headers.get("authorization"), application_id, PUSH_RIGHTS)
             forced = self.fail_next_pushes.get(device_id)
             if forced:
@@ -218,14 +250,21 @@ class DownlinkApi:
             raise SimError("device_not_found", {"device_uid": f"{application_id}.{device_id}"})
         return dev
 
-    def _queue_op(self, op: str, dev: SimDevice, items: list[dict[str, Any]],
-                  headers: Mapping[str, str], token_id: str) -> None:
+    def _queue_op(
+        self,
+        op: str,
+        dev: SimDevice,
+        items: list[dict[str, Any]],
+        headers: Mapping[str, str],
+        token_id: str,
+    ) -> None:
         for item in items:
             if not item.get("frm_payload") and item.get("decoded_payload") is None:
                 raise SimError("no_payload")
             if not item.get("frm_payload"):  # the simulated device's formatter: compact JSON
-                item["frm_payload"] = orjson.dumps(item["decoded_payload"],
-                                                   option=orjson.OPT_SORT_KEYS)
+                item["frm_payload"] = orjson.dumps(
+                    item["decoded_payload"], option=orjson.OPT_SORT_KEYS
+                )
             max_attempts = (item.get("confirmed_retry") or {}).get("max_attempts") or 0
             if max_attempts > AS_MAX_RETRIES:
                 raise SimError("downlink_max_retries_invalid", {"max": AS_MAX_RETRIES})
@@ -236,14 +275,22 @@ class DownlinkApi:
         ctx_ids: list[list[str]] = []
         for item in items:
             client = [str(c) for c in item.get("correlation_ids") or []]
-            own = (len(items) > 1 and any(c.startswith(_DOWNLINK_CLASS_PREFIXES) for c in client))
+            own = len(items) > 1 and any(c.startswith(_DOWNLINK_CLASS_PREFIXES) for c in client)
             ids = [rpc_id] + ([] if own else [f"as:downlink:{eventgen.new_ulid(now)}"])
             ctx_ids.append(ids)
             item["correlation_ids"] = eventgen.merge_correlation_ids(ids, client)
-            self.store.publish(eventgen.downlink_as_event(
-                "receive", ids=path_ids, item=_wire(item), context_ids=ids, time=now,
-                unique_id=eventgen.new_ulid(now), token_id=token_id,
-                user_agent=headers.get("user-agent")))
+            self.store.publish(
+                eventgen.downlink_as_event(
+                    "receive",
+                    ids=path_ids,
+                    item=_wire(item),
+                    context_ids=ids,
+                    time=now,
+                    unique_id=eventgen.new_ulid(now),
+                    token_id=token_id,
+                    user_agent=headers.get("user-agent"),
+                )
+            )
         with self.store.lock:
             queue = self.queues.setdefault(dev.device_id, [])
             error = None
@@ -251,14 +298,17 @@ class DownlinkApi:
                 error = SimError("no_f_port")
             elif len(items) + (len(queue) if op == "push" else 0) > self.capacity:
                 error = SimError("downlink_queue_capacity")
-            elif (long := max((len(it["frm_payload"]) for it in items), default=0)) > \
-                    NS_MAX_PAYLOAD_B:
-                error = SimError("application_downlink_too_long",
-                                 {"length": long, "max": NS_MAX_PAYLOAD_B})
+            elif (
+                long := max((len(it["frm_payload"]) for it in items), default=0)
+            ) > NS_MAX_PAYLOAD_B:
+                error = SimError(
+                    "application_downlink_too_long", {"length": long, "max": NS_MAX_PAYLOAD_B}
+                )
             if error is None:
                 if op == "replace":  # replaced items give their unsent FCnts back
                     dev.last_f_cnt_down = min(
-                        [dev.last_f_cnt_down] + [it["f_cnt"] - 1 for it in queue])
+                        [dev.last_f_cnt_down] + [it["f_cnt"] - 1 for it in queue]
+                    )
                     queue.clear()
                 for item in items:  # the AS encrypts with the session key and next FCnt
                     dev.last_f_cnt_down += 1
@@ -267,17 +317,30 @@ class DownlinkApi:
                     queue.append(item)
         for item, ids in zip(items, ctx_ids, strict=True):
             if error is not None:
-                self.store.publish(eventgen.event(
-                    name="as.down.data.drop", time=eventgen.format_time(now),
-                    identifiers=[{"device_ids": path_ids}],
-                    data=dict(error.body["details"][0]),
-                    correlation_ids=sorted(ids), unique_id=eventgen.new_ulid(now)))
+                self.store.publish(
+                    eventgen.event(
+                        name="as.down.data.drop",
+                        time=eventgen.format_time(now),
+                        identifiers=[{"device_ids": path_ids}],
+                        data=dict(error.body["details"][0]),
+                        correlation_ids=sorted(ids),
+                        unique_id=eventgen.new_ulid(now),
+                    )
+                )
                 continue
             encrypted = _wire({**item, "frm_payload": _encrypt(item["frm_payload"], item["f_cnt"])})
-            self.store.publish(eventgen.downlink_as_event(
-                "forward", ids=path_ids, item=encrypted, context_ids=ids, time=now,
-                unique_id=eventgen.new_ulid(now), token_id=token_id,
-                user_agent=headers.get("user-agent")))
+            self.store.publish(
+                eventgen.downlink_as_event(
+                    "forward",
+                    ids=path_ids,
+                    item=encrypted,
+                    context_ids=ids,
+                    time=now,
+                    unique_id=eventgen.new_ulid(now),
+                    token_id=token_id,
+                    user_agent=headers.get("user-agent"),
+                )
+            )
         if error is not None:
             raise error
         self._schedule(dev.device_id)
@@ -288,7 +351,8 @@ class DownlinkApi:
         if self.loop is None or device_id in self._timers:
             return
         self._timers[device_id] = self.loop.call_later(
-            self.ack_delay_s if delay_s is None else delay_s, self._transmit, device_id)
+            self.ack_delay_s if delay_s is None else delay_s, self._transmit, device_id
+        )
 
     def _transmit(self, device_id: str) -> None:
         """The next class-A uplink arrived: the head of the queue goes out."""
@@ -301,12 +365,16 @@ class DownlinkApi:
             item = queue.pop(0)
             more = bool(queue)
         now = datetime.now(UTC)
-        up_ids = [f"gs:uplink:{eventgen.new_ulid(now)}",
-                  f"rpc:/ttn.lorawan.v3.GsNs/HandleUplink:{eventgen.new_ulid(now)}"]
-        tx_ids = [f"ns:transmission:{eventgen.new_ulid(now)}",
-                  f"rpc:/ttn.lorawan.v3.NsGs/ScheduleDownlink:{eventgen.new_ulid(now)}",
-                  f"gs:tx_ack:{eventgen.new_ulid(now)}",
-                  f"rpc:/ttn.lorawan.v3.GsNs/ReportTxAcknowledgment:{eventgen.new_ulid(now)}"]
+        up_ids = [
+            f"gs:uplink:{eventgen.new_ulid(now)}",
+            f"rpc:/ttn.lorawan.v3.GsNs/HandleUplink:{eventgen.new_ulid(now)}",
+        ]
+        tx_ids = [
+            f"ns:transmission:{eventgen.new_ulid(now)}",
+            f"rpc:/ttn.lorawan.v3.NsGs/ScheduleDownlink:{eventgen.new_ulid(now)}",
+            f"gs:tx_ack:{eventgen.new_ulid(now)}",
+            f"rpc:/ttn.lorawan.v3.GsNs/ReportTxAcknowledgment:{eventgen.new_ulid(now)}",
+        ]
         if device_id in self.failing_devices:
             error = error_details("transmission", {"result": "TOO_LATE"})
             self._publish_up("failed", dev, item, item["correlation_ids"], error=error)
@@ -317,19 +385,42 @@ class DownlinkApi:
             self._publish_up("sent", dev, sent, [*merged, as_id])
             if item.get("confirmed") and self.loop is not None:
                 kind = "nack" if device_id in self.nacking_devices else "ack"
-                acked = {**item, "confirmed_retry": {**(item.get("confirmed_retry") or {}),
-                                                     "attempt": 1}}
-                self.loop.call_later(self.ack_delay_s, self._publish_up, kind, dev, acked,
-                                     item["correlation_ids"] + up_ids)
+                acked = {
+                    **item,
+                    "confirmed_retry": {**(item.get("confirmed_retry") or {}), "attempt": 1},
+                }
+                self.loop.call_later(
+                    self.ack_delay_s,
+                    self._publish_up,
+                    kind,
+                    dev,
+                    acked,
+                    item["correlation_ids"] + up_ids,
+                )
         if more:
             self._schedule(device_id)
 
-    def _publish_up(self, kind: str, dev: SimDevice, item: dict[str, Any], cids: list[str], *,
-                    error: dict[str, Any] | None = None) -> None:
+    def _publish_up(
+        self,
+        kind: str,
+        dev: SimDevice,
+        item: dict[str, Any],
+        cids: list[str],
+        *,
+        error: dict[str, Any] | None = None,
+    ) -> None:
         now = datetime.now(UTC)
-        self.store.publish(eventgen.downlink_up_event(
-            kind, ids=dev.ids(), item=_wire(item), correlation_ids=cids, time=now,
-            unique_id=eventgen.new_ulid(now), error=error))
+        self.store.publish(
+            eventgen.downlink_up_event(
+                kind,
+                ids=dev.ids(),
+                item=_wire(item),
+                correlation_ids=cids,
+                time=now,
+                unique_id=eventgen.new_ulid(now),
+                error=error,
+            )
+        )
 
     def cancel_timers(self) -> None:
         for handle in self._timers.values():
@@ -354,4 +445,3 @@ def _encrypt(payload: bytes, f_cnt: int) -> bytes:
 
 def _retry(status: int) -> list[tuple[str, str]]:
     return [("x-rate-limit-retry", "1")] if status == 429 else []
-

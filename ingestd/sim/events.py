@@ -23,13 +23,22 @@ DEFAULT_ORIGIN = "ip-10-22-3-145.eu-west-1.compute.internal"
 TTN_CONTEXT = {"tenant-id": "CgN0dG4="}  # proto TenantIdentifiers{tenant_id:"ttn"}
 TRAFFIC_READ = {"rights": ["RIGHT_APPLICATION_TRAFFIC_READ"]}
 PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
-EU868_LORA_HZ = (868100000, 868300000, 868500000, 867100000, 867300000, 867500000, 867700000,
-                 867900000)
+EU868_LORA_HZ = (
+    868100000,
+    868300000,
+    868500000,
+    867100000,
+    867300000,
+    867500000,
+    867700000,
+    867900000,
+)
 EU868_FSK_HZ = 868800000
 GATEWAY_TO_AS_DELAY_S = 0.26  # gateway reception → AS event, as in the §2.1 capture
 
 
 # --- times and ids ------------------------------------------------------------------------
+
 
 def _fraction(ns: int) -> str:
     """Fractional seconds with 0, 3, 6 or 9 digits, as protojson and TTS write them."""
@@ -153,12 +162,17 @@ def uplink_token(gateway_id: str, eui: str, timestamp: int, server_time: datetim
     gw = _pb_field(1, gateway_id.encode()) + _pb_field(2, bytes.fromhex(eui))
     secs = int(server_time.timestamp())
     ts = _pb_field(1, secs) + _pb_field(2, server_time.microsecond * 1000)
-    token = (_pb_field(1, _pb_field(1, gw)) + _pb_field(2, timestamp) + _pb_field(3, ts)
-             + _pb_field(4, timestamp))
+    token = (
+        _pb_field(1, _pb_field(1, gw))
+        + _pb_field(2, timestamp)
+        + _pb_field(3, ts)
+        + _pb_field(4, timestamp)
+    )
     return b64(token)
 
 
 # --- radio --------------------------------------------------------------------------------
+
 
 def lora_airtime_s(payload_len: int, sf: int, bandwidth_hz: int = 125000) -> float:
     """LoRa time on air (Semtech AN1200.13) for a PHY payload, CR 4/5, 8 preamble symbols."""
@@ -189,12 +203,15 @@ def default_gateways(count: int) -> list[Gateway]:
     out = []
     for i in range(count):
         loc = i % 2 == 0
-        out.append(Gateway(
-            gateway_id=f"sim-gw-{i + 1:02d}", eui=f"B827EBFFFE{0x61A2C3 + i:06X}",
-            latitude=round(52.37403 + 0.01 * i, 5) if loc else None,
-            longitude=round(4.88969 + 0.01 * i, 5) if loc else None,
-            altitude=32 + i if loc else 0,
-        ))
+        out.append(
+            Gateway(
+                gateway_id=f"sim-gw-{i + 1:02d}",
+                eui=f"B827EBFFFE{0x61A2C3 + i:06X}",
+                latitude=round(52.37403 + 0.01 * i, 5) if loc else None,
+                longitude=round(4.88969 + 0.01 * i, 5) if loc else None,
+                altitude=32 + i if loc else 0,
+            )
+        )
     return out
 
 
@@ -220,12 +237,20 @@ def _number_struct(value: Any) -> Any:
 
 # --- events -------------------------------------------------------------------------------
 
+
 def event(
-    *, name: str, time: str, identifiers: list[dict[str, Any]], unique_id: str,
-    data: dict[str, Any] | None = None, correlation_ids: Sequence[str] = (),
-    origin: str | None = DEFAULT_ORIGIN, context: Mapping[str, str] | None = None,
+    *,
+    name: str,
+    time: str,
+    identifiers: list[dict[str, Any]],
+    unique_id: str,
+    data: dict[str, Any] | None = None,
+    correlation_ids: Sequence[str] = (),
+    origin: str | None = DEFAULT_ORIGIN,
+    context: Mapping[str, str] | None = None,
     visibility: Mapping[str, Any] | None = TRAFFIC_READ,
-    authentication: Mapping[str, str] | None = None, remote_ip: str | None = None,
+    authentication: Mapping[str, str] | None = None,
+    remote_ip: str | None = None,
     user_agent: str | None = None,
 ) -> dict[str, Any]:
     """An ``Event`` in wire key order; absent/empty fields are omitted."""
@@ -234,20 +259,33 @@ def event(
         ev["data"] = data
     if correlation_ids:
         ev["correlation_ids"] = list(correlation_ids)
-    for key, value in (("origin", origin), ("context", context), ("visibility", visibility),
-                       ("authentication", authentication), ("remote_ip", remote_ip),
-                       ("user_agent", user_agent)):
+    for key, value in (
+        ("origin", origin),
+        ("context", context),
+        ("visibility", visibility),
+        ("authentication", authentication),
+        ("remote_ip", remote_ip),
+        ("user_agent", user_agent),
+    ):
         if value:
             ev[key] = dict(value) if isinstance(value, Mapping) else value
     ev["unique_id"] = unique_id
     return ev
 
 
-def device_ids(application_id: str, device_id: str, *, dev_eui: str | None = None,
-               join_eui: str | None = None, dev_addr: str | None = None) -> dict[str, Any]:
+def device_ids(
+    application_id: str,
+    device_id: str,
+    *,
+    dev_eui: str | None = None,
+    join_eui: str | None = None,
+    dev_addr: str | None = None,
+) -> dict[str, Any]:
     """``EndDeviceIdentifiers`` in wire order."""
-    ids: dict[str, Any] = {"device_id": device_id,
-                           "application_ids": {"application_id": application_id}}
+    ids: dict[str, Any] = {
+        "device_id": device_id,
+        "application_ids": {"application_id": application_id},
+    }
     for key, value in (("dev_eui", dev_eui), ("join_eui", join_eui), ("dev_addr", dev_addr)):
         if value:
             ids[key] = value.upper()
@@ -256,20 +294,39 @@ def device_ids(application_id: str, device_id: str, *, dev_eui: str | None = Non
 
 def network_ids(tenant_id: str = "ttn", cluster_id: str = "eu1") -> dict[str, str]:
     """``NetworkIdentifiers`` as TTN Sandbox's NS sets them."""
-    return {"net_id": "000013", "ns_id": "EC656E0000000182", "tenant_id": tenant_id,
-            "cluster_id": cluster_id, "cluster_address": f"{cluster_id}.cloud.thethings.network"}
+    return {
+        "net_id": "000013",
+        "ns_id": "EC656E0000000182",
+        "tenant_id": tenant_id,
+        "cluster_id": cluster_id,
+        "cluster_address": f"{cluster_id}.cloud.thethings.network",
+    }
 
 
 def uplink_event(
-    *, application_id: str, device_id: str, dev_eui: str, f_cnt: int, f_port: int,
-    payload: bytes, gateways: int | Sequence[Gateway] = 2, time: datetime, unique_id: str,
-    fsk: bool = False, join_eui: str = "70B3D57ED0000000", dev_addr: str = "260B4A7C",
+    *,
+    application_id: str,
+    device_id: str,
+    dev_eui: str,
+    f_cnt: int,
+    f_port: int,
+    payload: bytes,
+    gateways: int | Sequence[Gateway] = 2,
+    time: datetime,
+    unique_id: str,
+    fsk: bool = False,
+    join_eui: str = "70B3D57ED0000000",
+    dev_addr: str = "260B4A7C",
     session_key_id: bytes = b"\x01\x92\xdc;]<o\xf3\xbc\x85~I\xf6I\xa4:",
-    decoded_payload: Mapping[str, Any] | None = None, confirmed: bool = False,
-    spreading_factor: int = 7, packet_error_rate: float | None = None,
-    rng: random.Random | None = None, origin: str = DEFAULT_ORIGIN,
+    decoded_payload: Mapping[str, Any] | None = None,
+    confirmed: bool = False,
+    spreading_factor: int = 7,
+    packet_error_rate: float | None = None,
+    rng: random.Random | None = None,
+    origin: str = DEFAULT_ORIGIN,
     context: Mapping[str, str] | None = TTN_CONTEXT,
-    version_ids: Mapping[str, str] | None = None, location: tuple[float, float, int] | None = None,
+    version_ids: Mapping[str, str] | None = None,
+    location: tuple[float, float, int] | None = None,
 ) -> dict[str, Any]:
     """An ``as.up.data.forward`` event carrying ``ApplicationUp.uplink_message`` (TTS_WIRE §2.1).
 
@@ -279,11 +336,16 @@ def uplink_event(
     rng = rng or random.Random()
     gws = default_gateways(gateways) if isinstance(gateways, int) else list(gateways)
     gw_time = time - timedelta(seconds=GATEWAY_TO_AS_DELAY_S + rng.random() * 0.02)
-    ids = device_ids(application_id, device_id, dev_eui=dev_eui, join_eui=join_eui,
-                     dev_addr=dev_addr)
-    cids = sorted([f"gs:uplink:{_rand_ulid(rng, gw_time)}",
-                   f"rpc:/ttn.lorawan.v3.GsNs/HandleUplink:{_rand_ulid(rng, gw_time)}",
-                   f"rpc:/ttn.lorawan.v3.NsAs/HandleUplink:{_rand_ulid(rng, time)}"])
+    ids = device_ids(
+        application_id, device_id, dev_eui=dev_eui, join_eui=join_eui, dev_addr=dev_addr
+    )
+    cids = sorted(
+        [
+            f"gs:uplink:{_rand_ulid(rng, gw_time)}",
+            f"rpc:/ttn.lorawan.v3.GsNs/HandleUplink:{_rand_ulid(rng, gw_time)}",
+            f"rpc:/ttn.lorawan.v3.NsAs/HandleUplink:{_rand_ulid(rng, time)}",
+        ]
+    )
     if fsk:
         freq, channel = EU868_FSK_HZ, 8
         airtime = fsk_airtime_s(13 + len(payload))
@@ -299,71 +361,146 @@ def uplink_event(
         rssi = -60 - rng.randrange(20) - 15 * i
         snr = None if fsk else _number_struct(rng.randrange(-60, 48) / 4)  # float32: 10, not 10.0
         offset = rng.randrange(-5000, 5000) if i else 0  # int64: quoted, omitted when 0
-        rx.append(_nz(
-            gateway_ids={"gateway_id": gw.gateway_id, "eui": gw.eui}, time=format_time(t_rx),
-            timestamp=ts, rssi=rssi, channel_rssi=rssi, snr=snr,
-            frequency_offset=str(offset) if offset else None,
-            location=(_location(gw.latitude, gw.longitude, gw.altitude)
-                      if gw.latitude is not None and gw.longitude is not None else None),
-            uplink_token=uplink_token(gw.gateway_id, gw.eui, ts, t_rx), channel_index=channel,
-            received_at=format_time(t_rx + timedelta(milliseconds=13 + 12 * i),
-                                    rng.randrange(1000))))
+        rx.append(
+            _nz(
+                gateway_ids={"gateway_id": gw.gateway_id, "eui": gw.eui},
+                time=format_time(t_rx),
+                timestamp=ts,
+                rssi=rssi,
+                channel_rssi=rssi,
+                snr=snr,
+                frequency_offset=str(offset) if offset else None,
+                location=(
+                    _location(gw.latitude, gw.longitude, gw.altitude)
+                    if gw.latitude is not None and gw.longitude is not None
+                    else None
+                ),
+                uplink_token=uplink_token(gw.gateway_id, gw.eui, ts, t_rx),
+                channel_index=channel,
+                received_at=format_time(
+                    t_rx + timedelta(milliseconds=13 + 12 * i), rng.randrange(1000)
+                ),
+            )
+        )
     data_rate: dict[str, Any] = (
-        {"fsk": {"bit_rate": 50000}} if fsk else
-        {"lora": {"bandwidth": 125000, "spreading_factor": spreading_factor, "coding_rate": "4/5"}}
+        {"fsk": {"bit_rate": 50000}}
+        if fsk
+        else {
+            "lora": {
+                "bandwidth": 125000,
+                "spreading_factor": spreading_factor,
+                "coding_rate": "4/5",
+            }
+        }
     )
-    settings = {"data_rate": data_rate, "frequency": str(freq), "timestamp": first_ts,
-                "time": rx[0]["time"] if rx else format_time(gw_time)}
+    settings = {
+        "data_rate": data_rate,
+        "frequency": str(freq),
+        "timestamp": first_ts,
+        "time": rx[0]["time"] if rx else format_time(gw_time),
+    }
     up = _nz(
-        session_key_id=b64(session_key_id), f_port=f_port, f_cnt=f_cnt, frm_payload=b64(payload),
+        session_key_id=b64(session_key_id),
+        f_port=f_port,
+        f_cnt=f_cnt,
+        frm_payload=b64(payload),
         decoded_payload=None if decoded_payload is None else _number_struct(decoded_payload),
-        rx_metadata=rx, settings=settings,
+        rx_metadata=rx,
+        settings=settings,
         received_at=format_time(gw_time + timedelta(milliseconds=27), rng.randrange(1000)),
-        confirmed=confirmed, consumed_airtime=format_duration(airtime),
+        confirmed=confirmed,
+        consumed_airtime=format_duration(airtime),
         packet_error_rate=packet_error_rate,
         locations=None if location is None else {"user": _location(*location)},
-        version_ids=dict(version_ids or {}), network_ids=network_ids())
-    data = {"@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationUp", "end_device_ids": ids,
-            "correlation_ids": cids,
-            "received_at": format_time(time - timedelta(milliseconds=18), rng.randrange(1000)),
-            "uplink_message": up}
-    return event(name="as.up.data.forward", time=format_time(time, rng.randrange(1000)),
-                 identifiers=[{"device_ids": ids}], data=data, correlation_ids=cids,
-                 origin=origin, context=context, unique_id=unique_id)
+        version_ids=dict(version_ids or {}),
+        network_ids=network_ids(),
+    )
+    data = {
+        "@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationUp",
+        "end_device_ids": ids,
+        "correlation_ids": cids,
+        "received_at": format_time(time - timedelta(milliseconds=18), rng.randrange(1000)),
+        "uplink_message": up,
+    }
+    return event(
+        name="as.up.data.forward",
+        time=format_time(time, rng.randrange(1000)),
+        identifiers=[{"device_ids": ids}],
+        data=data,
+        correlation_ids=cids,
+        origin=origin,
+        context=context,
+        unique_id=unique_id,
+    )
 
 
 def join_event(
-    *, application_id: str, device_id: str, dev_eui: str, dev_addr: str, time: datetime,
-    unique_id: str, join_eui: str = "70B3D57ED0000000", session_key_id: bytes | None = None,
-    rng: random.Random | None = None, origin: str = DEFAULT_ORIGIN,
+    *,
+    application_id: str,
+    device_id: str,
+    dev_eui: str,
+    dev_addr: str,
+    time: datetime,
+    unique_id: str,
+    join_eui: str = "70B3D57ED0000000",
+    session_key_id: bytes | None = None,
+    rng: random.Random | None = None,
+    origin: str = DEFAULT_ORIGIN,
     context: Mapping[str, str] | None = TTN_CONTEXT,
 ) -> dict[str, Any]:
     """An ``as.up.join.forward`` event (``ApplicationUp.join_accept``, AppSKey stripped)."""
     rng = rng or random.Random()
-    ids = device_ids(application_id, device_id, dev_eui=dev_eui, join_eui=join_eui,
-                     dev_addr=dev_addr)
+    ids = device_ids(
+        application_id, device_id, dev_eui=dev_eui, join_eui=join_eui, dev_addr=dev_addr
+    )
     gw_time = time - timedelta(seconds=GATEWAY_TO_AS_DELAY_S)
-    cids = sorted([f"gs:uplink:{_rand_ulid(rng, gw_time)}",
-                   f"rpc:/ttn.lorawan.v3.GsNs/HandleUplink:{_rand_ulid(rng, gw_time)}",
-                   f"rpc:/ttn.lorawan.v3.NsJs/HandleJoin:{_rand_ulid(rng, gw_time)}",
-                   f"rpc:/ttn.lorawan.v3.NsAs/HandleUplink:{_rand_ulid(rng, time)}"])
+    cids = sorted(
+        [
+            f"gs:uplink:{_rand_ulid(rng, gw_time)}",
+            f"rpc:/ttn.lorawan.v3.GsNs/HandleUplink:{_rand_ulid(rng, gw_time)}",
+            f"rpc:/ttn.lorawan.v3.NsJs/HandleJoin:{_rand_ulid(rng, gw_time)}",
+            f"rpc:/ttn.lorawan.v3.NsAs/HandleUplink:{_rand_ulid(rng, time)}",
+        ]
+    )
     skid = session_key_id if session_key_id is not None else rng.randbytes(16)
-    accept = {"session_key_id": b64(skid),
-              "received_at": format_time(gw_time + timedelta(milliseconds=27), rng.randrange(1000))}
-    data = {"@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationUp", "end_device_ids": ids,
-            "correlation_ids": cids,
-            "received_at": format_time(time - timedelta(milliseconds=18), rng.randrange(1000)),
-            "join_accept": accept}
-    return event(name="as.up.join.forward", time=format_time(time, rng.randrange(1000)),
-                 identifiers=[{"device_ids": ids}], data=data, correlation_ids=cids,
-                 origin=origin, context=context, unique_id=unique_id)
+    accept = {
+        "session_key_id": b64(skid),
+        "received_at": format_time(gw_time + timedelta(milliseconds=27), rng.randrange(1000)),
+    }
+    data = {
+        "@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationUp",
+        "end_device_ids": ids,
+        "correlation_ids": cids,
+        "received_at": format_time(time - timedelta(milliseconds=18), rng.randrange(1000)),
+        "join_accept": accept,
+    }
+    return event(
+        name="as.up.join.forward",
+        time=format_time(time, rng.randrange(1000)),
+        identifiers=[{"device_ids": ids}],
+        data=data,
+        correlation_ids=cids,
+        origin=origin,
+        context=context,
+        unique_id=unique_id,
+    )
 
 
 # --- downlinks ----------------------------------------------------------------------------
 
-_DOWNLINK_KEYS = ("session_key_id", "f_port", "f_cnt", "frm_payload", "decoded_payload",
-                  "decoded_payload_warnings", "confirmed", "class_b_c", "priority",
-                  "correlation_ids", "confirmed_retry")
+_DOWNLINK_KEYS = (
+    "session_key_id",
+    "f_port",
+    "f_cnt",
+    "frm_payload",
+    "decoded_payload",
+    "decoded_payload_warnings",
+    "confirmed",
+    "class_b_c",
+    "priority",
+    "correlation_ids",
+    "confirmed_retry",
+)
 
 
 def downlink_item(item: Mapping[str, Any]) -> dict[str, Any]:
@@ -385,10 +522,18 @@ def merge_correlation_ids(*groups: Iterable[str]) -> list[str]:
 
 
 def downlink_as_event(
-    kind: str, *, ids: Mapping[str, Any], item: Mapping[str, Any], context_ids: Sequence[str],
-    time: datetime, unique_id: str, token_id: str | None = None,
-    remote_ip: str | None = "127.0.0.1", user_agent: str | None = None,
-    origin: str = DEFAULT_ORIGIN, context: Mapping[str, str] | None = TTN_CONTEXT,
+    kind: str,
+    *,
+    ids: Mapping[str, Any],
+    item: Mapping[str, Any],
+    context_ids: Sequence[str],
+    time: datetime,
+    unique_id: str,
+    token_id: str | None = None,
+    remote_ip: str | None = "127.0.0.1",
+    user_agent: str | None = None,
+    origin: str = DEFAULT_ORIGIN,
+    context: Mapping[str, str] | None = TTN_CONTEXT,
 ) -> dict[str, Any]:
     """``as.down.data.receive`` (plaintext item, as pushed) or ``as.down.data.forward``.
 
@@ -396,21 +541,35 @@ def downlink_as_event(
     without ``decoded_payload``. Event-level ``correlation_ids`` are the request context ids
     only; the client's ids are in ``data.correlation_ids`` (TTS_WIRE §4.4).
     """
-    auth = ({"type": "Bearer", "token_type": "APIKey", "token_id": token_id}
-            if token_id else None)
+    auth = {"type": "Bearer", "token_type": "APIKey", "token_id": token_id} if token_id else None
     body = downlink_item(item if kind == "receive" else {**item, "decoded_payload": None})
     data = {"@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationDownlink", **body}
-    return event(name=f"as.down.data.{kind}", time=format_time(time),
-                 identifiers=[{"device_ids": dict(ids)}], data=data,
-                 correlation_ids=sorted(context_ids), origin=origin, context=context,
-                 authentication=auth, remote_ip=remote_ip, user_agent=user_agent,
-                 unique_id=unique_id)
+    return event(
+        name=f"as.down.data.{kind}",
+        time=format_time(time),
+        identifiers=[{"device_ids": dict(ids)}],
+        data=data,
+        correlation_ids=sorted(context_ids),
+        origin=origin,
+        context=context,
+        authentication=auth,
+        remote_ip=remote_ip,
+        user_agent=user_agent,
+        unique_id=unique_id,
+    )
 
 
 def downlink_up_event(
-    kind: str, *, ids: Mapping[str, Any], item: Mapping[str, Any], correlation_ids: Sequence[str],
-    time: datetime, unique_id: str, error: Mapping[str, Any] | None = None,
-    origin: str = DEFAULT_ORIGIN, context: Mapping[str, str] | None = TTN_CONTEXT,
+    kind: str,
+    *,
+    ids: Mapping[str, Any],
+    item: Mapping[str, Any],
+    correlation_ids: Sequence[str],
+    time: datetime,
+    unique_id: str,
+    error: Mapping[str, Any] | None = None,
+    origin: str = DEFAULT_ORIGIN,
+    context: Mapping[str, str] | None = TTN_CONTEXT,
 ) -> dict[str, Any]:
     """``as.down.data.{sent,ack,nack,failed}.forward``: ``ApplicationUp{downlink_<kind>}``.
 
@@ -420,11 +579,20 @@ def downlink_up_event(
     if kind == "failed":
         body = {"downlink": body, "error": dict(error or {})}
     cids = merge_correlation_ids(correlation_ids)
-    data = {"@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationUp",
-            "end_device_ids": dict(ids), "correlation_ids": cids,
-            "received_at": format_time(time - timedelta(milliseconds=1)),
-            f"downlink_{kind}": body}
-    return event(name=f"as.down.data.{kind}.forward", time=format_time(time),
-                 identifiers=[{"device_ids": dict(ids)}], data=data, correlation_ids=cids,
-                 origin=origin, context=context, unique_id=unique_id)
-
+    data = {
+        "@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationUp",
+        "end_device_ids": dict(ids),
+        "correlation_ids": cids,
+        "received_at": format_time(time - timedelta(milliseconds=1)),
+        f"downlink_{kind}": body,
+    }
+    return event(
+        name=f"as.down.data.{kind}.forward",
+        time=format_time(time),
+        identifiers=[{"device_ids": dict(ids)}],
+        data=data,
+        correlation_ids=cids,
+        origin=origin,
+        context=context,
+        unique_id=unique_id,
+    )

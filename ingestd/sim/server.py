@@ -110,11 +110,15 @@ class Simulator:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.api_key = self.api_key or fake_api_key(self.rng if self.seed is not None else None)
-        self.ulids = eventgen.UlidFactory(random.Random(self.seed) if self.seed is not None
-                                          else None)
-        self.event_store = EventStore(enabled=self.store, entity_count=self.store_entity_count,
-                                      payload_ttl_s=self.payload_ttl_s,
-                                      max_recorded=self.max_recorded_events)
+        self.ulids = eventgen.UlidFactory(
+            random.Random(self.seed) if self.seed is not None else None
+        )
+        self.event_store = EventStore(
+            enabled=self.store,
+            entity_count=self.store_entity_count,
+            payload_ttl_s=self.payload_ttl_s,
+            max_recorded=self.max_recorded_events,
+        )
         self.event_store.entity_ttl_s = self.entity_ttl_s
         self.keyring = sim_fidelity.KeyRing()
         self.keyring.add(self.api_key, self.api_key_rights)
@@ -122,25 +126,37 @@ class Simulator:
             self.keyring.add(key, granted)
         self.device_ids = [f"dev-{i + 1:04d}" for i in range(self.devices)]
         self._devices = {
-            d: SimDevice(application_id=self.application_id, device_id=d,
-                         dev_eui=f"70B3D57ED005{i + 1:04X}", join_eui="70B3D57ED0000000",
-                         dev_addr=f"260B{self.rng.getrandbits(16):04X}",
-                         session_key_id=self.rng.randbytes(16))
-            for i, d in enumerate(self.device_ids)}
+            d: SimDevice(
+                application_id=self.application_id,
+                device_id=d,
+                dev_eui=f"70B3D57ED005{i + 1:04X}",
+                join_eui="70B3D57ED0000000",
+                dev_addr=f"260B{self.rng.getrandbits(16):04X}",
+                session_key_id=self.rng.randbytes(16),
+            )
+            for i, d in enumerate(self.device_ids)
+        }
         self._gateways = eventgen.default_gateways(self.gateways)
         per_min = self.rate_limit_per_min
         self.stream_limiter = RateLimiter(per_min) if per_min else None
         self.downlinks = DownlinkApi(
-            store=self.event_store, devices=self._devices, application_id=self.application_id,
+            store=self.event_store,
+            devices=self._devices,
+            application_id=self.application_id,
             authorize=lambda auth, app, need: self.authorize(auth, [("application", app)], need),
-            capacity=self.queue_capacity, ack_delay_s=self.downlink_ack_delay_s,
+            capacity=self.queue_capacity,
+            ack_delay_s=self.downlink_ack_delay_s,
             rate_limiter=RateLimiter(per_min) if per_min else None,
-            rng=random.Random(self.rng.random()))
+            rng=random.Random(self.rng.random()),
+        )
         self.downlink_requests: list[DownlinkRequest] = self.downlinks.requests
         self.storage = StorageApi(
-            application_id=self.application_id, enabled=self.storage_enabled,
-            retention_s=self.storage_retention_s, write_delay_s=self.storage_write_delay_s,
-            rate_limiter=RateLimiter(per_min) if per_min else None)
+            application_id=self.application_id,
+            enabled=self.storage_enabled,
+            retention_s=self.storage_retention_s,
+            write_delay_s=self.storage_write_delay_s,
+            rate_limiter=RateLimiter(per_min) if per_min else None,
+        )
         self.fail_next_pushes = self.downlinks.fail_next_pushes  # device → statuses
         self.failing_devices = self.downlinks.failing_devices  # → as.down.data.failed.forward
         self.nacking_devices = self.downlinks.nacking_devices  # confirmed → nack.forward
@@ -159,10 +175,19 @@ class Simulator:
         if self.h2c:
             self._server = sim_fidelity.H2cServer(self._app, self.host, self.port)
             return self._start_thread()
-        config = uvicorn.Config(self._app, host=self.host, port=self.port, log_config=None,
-                                log_level="warning", lifespan="off", access_log=False,
-                                server_header=False, timeout_graceful_shutdown=1,
-                                interface="asgi3", proxy_headers=False)
+        config = uvicorn.Config(
+            self._app,
+            host=self.host,
+            port=self.port,
+            log_config=None,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=1,
+            interface="asgi3",
+            proxy_headers=False,
+        )
         self._server = uvicorn.Server(config)
         return self._start_thread()
 
@@ -328,15 +353,29 @@ class Simulator:
             rng = random.Random(self.rng.getrandbits(64))
         when = fields.pop("time", None) or self.next_time()
         args: dict[str, Any] = {
-            "application_id": self.application_id, "device_id": device_id,
-            "dev_eui": dev.dev_eui, "join_eui": dev.join_eui, "dev_addr": dev.dev_addr,
-            "session_key_id": dev.session_key_id, "f_cnt": f_cnt, "f_port": 2,
-            "payload": payload, "decoded_payload": decoded, "gateways": self._gateways,
-            "time": when, "unique_id": self.ulids(when), "rng": rng,
+            "application_id": self.application_id,
+            "device_id": device_id,
+            "dev_eui": dev.dev_eui,
+            "join_eui": dev.join_eui,
+            "dev_addr": dev.dev_addr,
+            "session_key_id": dev.session_key_id,
+            "f_cnt": f_cnt,
+            "f_port": 2,
+            "payload": payload,
+            "decoded_payload": decoded,
+            "gateways": self._gateways,
+            "time": when,
+            "unique_id": self.ulids(when),
+            "rng": rng,
             "packet_error_rate": round(rng.random() * 0.05, 4),
-            "version_ids": {"brand_id": "acme-devices", "model_id": "wm100",
-                            "hardware_version": "1.0", "firmware_version": "2.1.0",
-                            "band_id": "EU_863_870"}}
+            "version_ids": {
+                "brand_id": "acme-devices",
+                "model_id": "wm100",
+                "hardware_version": "1.0",
+                "firmware_version": "2.1.0",
+                "band_id": "EU_863_870",
+            },
+        }
         args.update(fields)
         return eventgen.uplink_event(**args)
 
@@ -351,10 +390,16 @@ class Simulator:
         when = self.next_time()
         with self._lock:
             rng = random.Random(self.rng.getrandbits(64))
-        event = eventgen.join_event(application_id=self.application_id, device_id=device_id,
-                                    dev_eui=dev.dev_eui, dev_addr=dev.dev_addr, time=when,
-                                    unique_id=self.ulids(when), rng=rng,
-                                    session_key_id=dev.session_key_id)
+        event = eventgen.join_event(
+            application_id=self.application_id,
+            device_id=device_id,
+            dev_eui=dev.dev_eui,
+            dev_addr=dev.dev_addr,
+            time=when,
+            unique_id=self.ulids(when),
+            rng=rng,
+            session_key_id=dev.session_key_id,
+        )
         self.publish(event)
         return event
 
@@ -374,15 +419,27 @@ class Simulator:
         """The implied rights of the key with id ``key_id`` on the application."""
         return self.keyring.rights(key_id)
 
-    def simulated_uplink(self, device_id: str, *, f_port: int = 1,
-                         payload: bytes = b"\x01\x02", decoded: dict[str, Any] | None = None,
-                         request_id: str | None = None) -> dict[str, Any]:
+    def simulated_uplink(
+        self,
+        device_id: str,
+        *,
+        f_port: int = 1,
+        payload: bytes = b"\x01\x02",
+        decoded: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
         """Publish what TTS publishes for a Console "simulate uplink", and return it."""
         dev = self._devices[device_id]
         when = self.next_time()
         event = sim_fidelity.simulated_uplink_event(
-            ids=dev.ids(), f_port=f_port, payload=payload, decoded_payload=decoded, time=when,
-            unique_id=self.ulids(when), request_id=request_id or self.ulids(when))
+            ids=dev.ids(),
+            f_port=f_port,
+            payload=payload,
+            decoded_payload=decoded,
+            time=when,
+            unique_id=self.ulids(when),
+            request_id=request_id or self.ulids(when),
+        )
         self.publish(event)
         return event
 
@@ -411,8 +468,10 @@ class Simulator:
             due = int((time.monotonic() - started) * self.uplink_rate)
             for _ in range(min(due - sent, 1000)):
                 device_id = self.device_ids[sent % len(self.device_ids)]
-                if self.simulated_uplink_fraction and \
-                        self.rng.random() < self.simulated_uplink_fraction:
+                if (
+                    self.simulated_uplink_fraction
+                    and self.rng.random() < self.simulated_uplink_fraction
+                ):
                     self.simulated_uplink(device_id)
                 else:
                     self.uplink(device_id)
@@ -442,23 +501,36 @@ class Simulator:
             raise SimError("api_key_expired")
         return key_id
 
-    def authorize(self, authorization: str | None, entities: list[tuple[str, ...]],
-                  required: tuple[str, ...] = ()) -> str:
+    def authorize(
+        self,
+        authorization: str | None,
+        entities: list[tuple[str, ...]],
+        required: tuple[str, ...] = (),
+    ) -> str:
         """The API key's id if it has any right on every entity (``rights.RequireAny``) and
         the ``required`` ones (``RequireApplication``), else the TTS auth error."""
         token_id = self._token_id(authorization)
         granted = self.key_rights(token_id)
         for key in entities:
             kind = "application" if key[0] == "device" else key[0]
-            if token_id is None or kind != "application" or key[1] != self.application_id \
-                    or not granted & rights.APPLICATION_RIGHTS:
-                raise SimError(f"no_{kind}_rights" if kind in (
-                    "application", "gateway", "organization", "user", "client")
-                    else "no_application_rights", {"uid": key[1]})
+            if (
+                token_id is None
+                or kind != "application"
+                or key[1] != self.application_id
+                or not granted & rights.APPLICATION_RIGHTS
+            ):
+                raise SimError(
+                    f"no_{kind}_rights"
+                    if kind in ("application", "gateway", "organization", "user", "client")
+                    else "no_application_rights",
+                    {"uid": key[1]},
+                )
             missing = rights.missing_rights(granted, required)
             if missing:
-                raise SimError("insufficient_application_rights",
-                               sim_fidelity.insufficient_attributes(key[1], missing))
+                raise SimError(
+                    "insufficient_application_rights",
+                    sim_fidelity.insufficient_attributes(key[1], missing),
+                )
         assert token_id is not None
         return token_id
 

@@ -27,7 +27,6 @@ from ingestd.sim.events import parse_time_ns
 # --- event definitions (TTS_WIRE §3): name → propagates to the application stream ---------
 
 
-
 def _words(text: str) -> list[str]:
     return text.split()
 
@@ -48,8 +47,9 @@ _PROPAGATED = _words(
     "ns.up.join.process ns.down.data.schedule.fail ns.down.transmission.fail "
     "ns.down.join.schedule.fail js.join.accept js.join.reject end_device.create "
     "end_device.update end_device.delete end_device.batch.delete "
-    + " ".join(f"{c}.end_device.{op}" for c in ("as", "ns", "js")
-               for op in ("create", "update", "delete"))
+    + " ".join(
+        f"{c}.end_device.{op}" for c in ("as", "ns", "js") for op in ("create", "update", "delete")
+    )
 )
 _ENTITY_LEVEL = _words(
     "application.create application.update application.delete application.api-key.create "
@@ -59,14 +59,31 @@ _ENTITY_LEVEL = _words(
 # name of the catalogue (``eventnames.defined_names()``, the 248 of TTS v3.32) does not.
 # ``events.stream.start`` is synthetic and deliberately not defined.
 PROPAGATES: dict[str, bool] = {
-    **{n: False for n in _DEVICE_ONLY + _ENTITY_LEVEL}, **{n: True for n in _PROPAGATED}
+    **{n: False for n in _DEVICE_ONLY + _ENTITY_LEVEL},
+    **{n: True for n in _PROPAGATED},
 }
 
 
 # --- errors (TTS_WIRE §5.4) ---------------------------------------------------------------
 
-HTTP_STATUS_FROM_CODE = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400,
-                         10: 409, 11: 400, 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
+HTTP_STATUS_FROM_CODE = {
+    1: 499,
+    2: 500,
+    3: 400,
+    4: 504,
+    5: 404,
+    6: 409,
+    7: 403,
+    8: 429,
+    9: 400,
+    10: 409,
+    11: 400,
+    12: 501,
+    13: 500,
+    14: 503,
+    15: 500,
+    16: 401,
+}
 
 _EG = "pkg/events"
 _IS = "pkg/identityserver"
@@ -87,40 +104,57 @@ TTS_ERRORS: dict[str, tuple[str, str, int]] = {
     "token_not_found": (_IS, "token not found", 16),
     "api_key_expired": (_IS, "API key expired", 16),
     "no_application_rights": (_RIGHTS, "no rights for application `{uid}`", 7),
-    "insufficient_application_rights": (
-        _RIGHTS, "insufficient rights for application `{uid}`", 7),
+    "insufficient_application_rights": (_RIGHTS, "insufficient rights for application `{uid}`", 7),
     "no_gateway_rights": (_RIGHTS, "no rights for gateway `{uid}`", 7),
     "no_organization_rights": (_RIGHTS, "no rights for organization `{uid}`", 7),
     "no_user_rights": (_RIGHTS, "no rights for user `{uid}`", 7),
     "no_client_rights": (_RIGHTS, "no rights for client `{uid}`", 7),
     "rate_limit_exceeded": (
         "pkg/ratelimit",
-        "rate limit of `{rate}` accesses per minute exceeded for resource `{key}`", 8),
+        "rate limit of `{rate}` accesses per minute exceeded for resource `{key}`",
+        8,
+    ),
     "device_not_found": (_AS, "device `{device_uid}` not found", 5),
     "no_payload": (_AS, "no payload", 3),
     "no_f_port": (_AS, "no FPort", 3),
     "downlink_max_retries_invalid": (
-        _AS, "confirmed retry max attempts must be lower than `{max}`", 3),
+        _AS,
+        "confirmed retry max attempts must be lower than `{max}`",
+        3,
+    ),
     "downlink_queue_capacity": (_NS, "downlink queue capacity exceeded", 8),
     "application_downlink_too_long": (
-        _NS, "application downlink payload length `{length}` exceeds maximum '{max}'", 3),
+        _NS,
+        "application downlink payload length `{length}` exceeds maximum '{max}'",
+        3,
+    ),
     "transmission": (_NS, "downlink transmission failed with result `{result}`", 2),
     "peer_unavailable": ("pkg/cluster", "{cluster_role} cluster peer unavailable", 14),
     "internal": ("pkg/redis", "internal error", 13),
     "storage_disabled": ("pkg/events/grpc", "events storage is not not enabled", 9),
 }
 # HTTP status → the error the simulator answers with when told to fail with that status.
-ERROR_FOR_STATUS = {400: "validation", 401: "api_key_not_found", 403: "no_application_rights",
-                    404: "device_not_found", 429: "rate_limit_exceeded", 500: "internal",
-                    503: "peer_unavailable"}
+ERROR_FOR_STATUS = {
+    400: "validation",
+    401: "api_key_not_found",
+    403: "no_application_rights",
+    404: "device_not_found",
+    429: "rate_limit_exceeded",
+    500: "internal",
+    503: "peer_unavailable",
+}
 _DEFAULT_ATTRS: dict[str, dict[str, Any]] = {
     "peer_unavailable": {"cluster_role": "network_server"},
     "validation": {"field": "identifiers", "reason": "invalid", "name": "ValidationError"},
 }
 
 
-def error_details(name: str, attributes: Mapping[str, Any] | None = None, *,
-                  cause: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def error_details(
+    name: str,
+    attributes: Mapping[str, Any] | None = None,
+    *,
+    cause: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """``ErrorDetails`` (no ``@type``), as nested in ``downlink_failed.error`` or a ``cause``."""
     namespace, fmt, code = TTS_ERRORS[name]
     out: dict[str, Any] = {"namespace": namespace, "name": name, "message_format": fmt}
@@ -136,9 +170,14 @@ def error_details(name: str, attributes: Mapping[str, Any] | None = None, *,
 class SimError(Exception):
     """A TTS error the simulator answers with; ``status``/``body`` are what goes on the wire."""
 
-    def __init__(self, name: str, attributes: Mapping[str, Any] | None = None, *,
-                 cause: Mapping[str, Any] | None = None,
-                 headers: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        attributes: Mapping[str, Any] | None = None,
+        *,
+        cause: Mapping[str, Any] | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
         attrs = dict(attributes if attributes is not None else _DEFAULT_ATTRS.get(name, {}))
         namespace, fmt, code = TTS_ERRORS[name]
         text = re.sub(r"\{(\w+)\}", lambda m: str(attrs.get(m.group(1), m.group(0))), fmt)
@@ -146,9 +185,15 @@ class SimError(Exception):
         self.status = HTTP_STATUS_FROM_CODE[code]
         self.headers = list(headers)
         self.body: dict[str, Any] = {
-            "code": code, "message": f"error:{namespace}:{name} ({text})",
-            "details": [{"@type": "type.googleapis.com/ttn.lorawan.v3.ErrorDetails",
-                         **error_details(name, attrs, cause=cause)}]}
+            "code": code,
+            "message": f"error:{namespace}:{name} ({text})",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/ttn.lorawan.v3.ErrorDetails",
+                    **error_details(name, attrs, cause=cause),
+                }
+            ],
+        }
         super().__init__(self.body["message"])
 
 
@@ -173,8 +218,11 @@ def entity_key(ids: Mapping[str, Any]) -> EntityKey:
     """The stream key of one ``EntityIdentifiers`` (``{"device_ids": {...}}`` etc.)."""
     if "device_ids" in ids:
         dev = ids["device_ids"]
-        return ("device", dev.get("application_ids", {}).get("application_id", ""),
-                dev.get("device_id", ""))
+        return (
+            "device",
+            dev.get("application_ids", {}).get("application_id", ""),
+            dev.get("device_id", ""),
+        )
     for kind in ("application", "gateway", "organization", "user", "client"):
         if f"{kind}_ids" in ids:
             return (kind, str(ids[f"{kind}_ids"].get(f"{kind}_id", "")))
@@ -183,8 +231,9 @@ def entity_key(ids: Mapping[str, Any]) -> EntityKey:
 
 def _sparse_identifiers(key: EntityKey) -> list[dict[str, Any]]:
     if key[0] == "device":
-        return [{"device_ids": {"device_id": key[2],
-                                "application_ids": {"application_id": key[1]}}}]
+        return [
+            {"device_ids": {"device_id": key[2], "application_ids": {"application_id": key[1]}}}
+        ]
     return [{f"{key[0]}_ids": {f"{key[0]}_id": key[1]}}]
 
 
@@ -203,8 +252,11 @@ class StoredEvent:
 
     def sparse(self) -> bytes:
         """The event after its payload expired (LS ``decodeEventMeta``)."""
-        ev: dict[str, Any] = {"name": self.name, "time": self.event.get("time"),
-                              "identifiers": _sparse_identifiers(self.meta_key)}
+        ev: dict[str, Any] = {
+            "name": self.name,
+            "time": self.event.get("time"),
+            "identifiers": _sparse_identifiers(self.meta_key),
+        }
         for key in ("context", "visibility"):
             if key in self.event:
                 ev[key] = self.event[key]
@@ -230,9 +282,15 @@ class Subscription:
 class EventStore:
     """Per-entity capped event streams plus live fan-out, shared by all connections."""
 
-    def __init__(self, *, enabled: bool, entity_count: int, payload_ttl_s: float,
-                 clock: Callable[[], float] = time.monotonic,
-                 max_recorded: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        entity_count: int,
+        payload_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_recorded: int | None = None,
+    ) -> None:
         self.enabled = enabled
         self.entity_count = entity_count
         self.payload_ttl_s = payload_ttl_s
@@ -249,8 +307,13 @@ class EventStore:
         self.entity_ttl_s = 86400.0
         self._last_publish: dict[EntityKey, float] = {}
 
-    def publish(self, event: dict[str, Any], *, frame: bytes | None = None,
-                keys: list[EntityKey] | None = None) -> None:
+    def publish(
+        self,
+        event: dict[str, Any],
+        *,
+        frame: bytes | None = None,
+        keys: list[EntityKey] | None = None,
+    ) -> None:
         """Store ``event`` in its entities' streams and notify matching subscriptions.
 
         ``frame`` replaces the bytes sent for it (a poison frame that is not the event's
@@ -268,19 +331,32 @@ class EventStore:
             entry_ms = max(int(time.time() * 1000), self._last_entry_ms)
             self._last_entry_ms = entry_ms
             targets: list[EntityKey] = []
-            routed = keys if keys is not None else [
-                entity_key(ids) for ids in event.get("identifiers") or []]
+            routed = (
+                keys
+                if keys is not None
+                else [entity_key(ids) for ids in event.get("identifiers") or []]
+            )
             for key in routed:
-                fanout = [key] + ([("application", key[1])] if key[0] == "device" and propagates
-                                  else [])
+                fanout = [key] + (
+                    [("application", key[1])] if key[0] == "device" and propagates else []
+                )
                 for k in fanout:
                     targets.append(k)
                     if self.enabled:
                         self._last_publish[k] = self.clock()
                         stream = self.streams.setdefault(k, deque(maxlen=self.entity_count))
-                        stream.append(StoredEvent(entry_ms, time_ms, name,
-                                                  str(event.get("unique_id", "")), event, full,
-                                                  self.clock(), key))
+                        stream.append(
+                            StoredEvent(
+                                entry_ms,
+                                time_ms,
+                                name,
+                                str(event.get("unique_id", "")),
+                                event,
+                                full,
+                                self.clock(),
+                                key,
+                            )
+                        )
             uid = str(event.get("unique_id", ""))
             for sub in self.subscriptions:
                 hits = [k for k in targets if k in sub.entity_keys]
@@ -289,8 +365,14 @@ class EventStore:
                 for _ in hits if self.enabled else hits[:1]:
                     self._notify(sub, name, uid, full, event)
 
-    def _notify(self, sub: Subscription, name: str, uid: str, frame: bytes,
-                event: Mapping[str, Any] | None = None) -> None:
+    def _notify(
+        self,
+        sub: Subscription,
+        name: str,
+        uid: str,
+        frame: bytes,
+        event: Mapping[str, Any] | None = None,
+    ) -> None:
         if sub.names is not None and name not in sub.names:
             return
         if len(sub.buffer) >= sub.capacity:
@@ -316,16 +398,20 @@ class EventStore:
                 now = self.clock()
                 self._forget_expired(now)
                 for key in sub.entity_keys:
-                    entries = [e for e in self.streams.get(key, ())
-                               if start_ms is None or e.entry_ms >= start_ms]
+                    entries = [
+                        e
+                        for e in self.streams.get(key, ())
+                        if start_ms is None or e.entry_ms >= start_ms
+                    ]
                     if tail > 0:
                         entries = entries[-tail:]
                     for e in entries:
                         if after_ms is not None and e.time_ms <= after_ms:
                             continue
                         expired = now - e.stored_at >= self.payload_ttl_s
-                        self._notify(sub, e.name, e.unique_id, e.sparse() if expired else e.full,
-                                     e.event)
+                        self._notify(
+                            sub, e.name, e.unique_id, e.sparse() if expired else e.full, e.event
+                        )
             self.subscriptions.append(sub)
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -380,6 +466,7 @@ def _time_ms(event: Mapping[str, Any]) -> int:
 
 # --- rate limiting (TTS_WIRE §7) ----------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class RateResult:
     allowed: bool
@@ -409,7 +496,10 @@ class RateLimiter:
                 self._tat[key] = new_tat
                 available = int((now - allow_at) / interval + 1e-9)
                 allowed, reset, retry = True, new_tat - now, 0.0
-        headers = [("x-rate-limit-limit", str(self.per_min)),
-                   ("x-rate-limit-available", str(available)),
-                   ("x-rate-limit-reset", str(int(reset))), ("x-rate-limit-retry", str(int(retry)))]
+        headers = [
+            ("x-rate-limit-limit", str(self.per_min)),
+            ("x-rate-limit-available", str(available)),
+            ("x-rate-limit-reset", str(int(reset))),
+            ("x-rate-limit-retry", str(int(retry))),
+        ]
         return RateResult(allowed, headers)

@@ -771,8 +771,14 @@ def test_retention_max_age_reads_durations_and_names_a_bad_one(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90d", 90 * 86400), ("12h", 43200), ("30m", 1800), ("45s", 45), ("2w", 14 * 86400),
-     ("1.5h", 5400)],
+    [
+        ("90d", 90 * 86400),
+        ("12h", 43200),
+        ("30m", 1800),
+        ("45s", 45),
+        ("2w", 14 * 86400),
+        ("1.5h", 5400),
+    ],
 )
 def test_parse_age(text: str, seconds: float) -> None:
     assert parse_age(text) == timedelta(seconds=seconds)

@@ -87,11 +87,15 @@ def test_docstring_is_the_default_message() -> None:
 
 
 def _push_answer(status: int, body: bytes) -> httpx.Response:
-    request = httpx.Request("POST", "https://tts.example/api/v3/as/applications/a/devices/d/down/push")
+    request = httpx.Request(
+        "POST", "https://tts.example/api/v3/as/applications/a/devices/d/down/push"
+    )
     return httpx.Response(status, content=body, request=request)
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 408, 409, 425, 429, 499, 500, 502, 503, 504])
+@pytest.mark.parametrize(
+    "status", [400, 401, 403, 404, 408, 409, 425, 429, 499, 500, 502, 503, 504]
+)
 def test_the_stream_and_the_downlink_worker_read_an_answer_alike(status: int) -> None:
     """One classifier: a status the stream retries the worker retries; an auth problem is one
     on both paths; what the stream gives up on, the worker fails."""

@@ -27,18 +27,39 @@ from ingestd.tts import rate_limit_retry_s
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 KEY = Secret("NNSXS.KEY.SECRET")
 ITEM = OutboxItem(
-    id=9223372036854775807, application_id="acme-app", device_id="wm-0001", f_port=10,
-    frm_payload=b"\x01\x02", decoded_payload=None, confirmed=True, priority="HIGH",
-    operation="push", status="pushing", attempts=2147483647, next_attempt_at=NOW,
-    last_error=None, correlation_id=None, created_at=NOW, updated_at=NOW, claimed_at=NOW,
-    claimed_by="w", queued_at=None, sent_at=None, acked_at=None, finished_at=None,
-    request_id=None, verify_before_push=False,
+    id=9223372036854775807,
+    application_id="acme-app",
+    device_id="wm-0001",
+    f_port=10,
+    frm_payload=b"\x01\x02",
+    decoded_payload=None,
+    confirmed=True,
+    priority="HIGH",
+    operation="push",
+    status="pushing",
+    attempts=2147483647,
+    next_attempt_at=NOW,
+    last_error=None,
+    correlation_id=None,
+    created_at=NOW,
+    updated_at=NOW,
+    claimed_at=NOW,
+    claimed_by="w",
+    queued_at=None,
+    sent_at=None,
+    acked_at=None,
+    finished_at=None,
+    request_id=None,
+    verify_before_push=False,
 )
 
 
 def _error(status: int, name: str, namespace: str = "pkg/x", **headers: str) -> httpx.Response:
-    body = {"code": 5, "message": f"error:{namespace}:{name} (boom)",
-            "details": [{"namespace": namespace, "name": name, "message_format": "boom"}]}
+    body = {
+        "code": 5,
+        "message": f"error:{namespace}:{name} (boom)",
+        "details": [{"namespace": namespace, "name": name, "message_format": "boom"}],
+    }
     return httpx.Response(status, json=body, headers=headers)
 
 
@@ -71,12 +92,21 @@ def test_invalid_values_are_named(changes: dict[str, object], reason: str) -> No
 
 
 def test_push_request_matches_the_tts_wire_format() -> None:
-    url, headers, body = push_request(replace(ITEM, operation="replace"), "https://tts.example/",
-                                      KEY)
+    url, headers, body = push_request(
+        replace(ITEM, operation="replace"), "https://tts.example/", KEY
+    )
     assert url == "https://tts.example/api/v3/as/applications/acme-app/devices/wm-0001/down/replace"
-    assert orjson.loads(body) == {"downlinks": [{
-        "f_port": 10, "frm_payload": "AQI=", "confirmed": True, "priority": "HIGH",
-        "correlation_ids": ["ingestd:outbox:9223372036854775807"]}]}
+    assert orjson.loads(body) == {
+        "downlinks": [
+            {
+                "f_port": 10,
+                "frm_payload": "AQI=",
+                "confirmed": True,
+                "priority": "HIGH",
+                "correlation_ids": ["ingestd:outbox:9223372036854775807"],
+            }
+        ]
+    }
     assert headers["Authorization"] == "Bearer NNSXS.KEY.SECRET"
     assert headers["User-Agent"] == f"ingestd/{__version__}"
     assert headers["X-Request-ID"] == request_id(ITEM.id, ITEM.attempts)
@@ -87,8 +117,14 @@ def test_push_request_matches_the_tts_wire_format() -> None:
 
 
 def test_queue_listing_is_matched_by_correlation_id() -> None:
-    mine = {"downlinks": [{"f_port": 1, "correlation_ids": [
-        "as:downlink:01J", "ingestd:outbox:9223372036854775807"]}]}
+    mine = {
+        "downlinks": [
+            {
+                "f_port": 1,
+                "correlation_ids": ["as:downlink:01J", "ingestd:outbox:9223372036854775807"],
+            }
+        ]
+    }
     assert queue_has(orjson.dumps(mine), ITEM) is True
     assert queue_has(b"{}", ITEM) is False  # TTS omits an empty list
     assert queue_has(b"<html>", ITEM) is None
@@ -100,14 +136,23 @@ def test_queue_listing_is_matched_by_correlation_id() -> None:
         (httpx.Response(200, json={}), "queued", {}),
         (_error(404, "device_not_found", "pkg/applicationserver"), "failed", {}),
         # 403: the key lacks a right (e.g. TRAFFIC_DOWN_WRITE): an auth problem, reported once.
-        (_error(403, "no_application_rights", "pkg/auth/rights"), "failed",
-         {"auth_rejected": True}),
+        (
+            _error(403, "no_application_rights", "pkg/auth/rights"),
+            "failed",
+            {"auth_rejected": True},
+        ),
         (_error(400, "no_device_session"), "failed", {}),
         (_error(401, "api_key_not_found"), "failed", {"auth_rejected": True}),
-        (_error(429, "downlink_queue_capacity", "pkg/networkserver"), "retry",
-         {"queue_full": True}),
-        (_error(429, "rate_limit_exceeded", **{"X-Rate-Limit-Retry": "3"}), "retry",
-         {"retry_after_s": 4.0}),
+        (
+            _error(429, "downlink_queue_capacity", "pkg/networkserver"),
+            "retry",
+            {"queue_full": True},
+        ),
+        (
+            _error(429, "rate_limit_exceeded", **{"X-Rate-Limit-Retry": "3"}),
+            "retry",
+            {"retry_after_s": 4.0},
+        ),
         (_error(503, "peer_unavailable"), "retry", {"outcome_unknown": True}),
         (httpx.Response(502, text="Bad Gateway"), "retry", {"outcome_unknown": True}),
         # A proxy's request timeout never reached TTS; grpc-gateway's Canceled (499) may
