@@ -375,7 +375,11 @@ def _mark_queued_statement() -> sa.Update:
         .where(_T.c.id == sa.bindparam("b_id"))
         .values(
             status=sa.case((_literal_in(_T.c.status, _ACTIVE), "queued"), else_=_T.c.status),
-            queued_at=sa.func.coalesce(_T.c.queued_at, now),
+            # A `sent` event committed before this answer was recorded (they race) proves
+            # TTS had accepted it by then: queued_at never lies after sent_at.
+            queued_at=sa.func.coalesce(
+                _T.c.queued_at, sa.case((_T.c.sent_at < now, _T.c.sent_at), else_=now)
+            ),
             request_id=sa.bindparam("b_request_id", type_=sa.String()),
             verify_before_push=False,
             updated_at=now,
