@@ -428,9 +428,16 @@ SECTIONS: dict[str, type[Any]] = {
 }
 _PARSERS: dict[str, dict[str, Parser]] = {name: key_parsers(cls) for name, cls in SECTIONS.items()}
 _STREAM_PARSERS = key_parsers(StreamSettings)
-_ALTERNATIVES = {**alternatives(TtsSettings), **alternatives(StreamSettings)}
+_ALTERNATIVES: dict[type[Any], dict[str, str]] = {
+    cls: alternatives(cls) for cls in (*SECTIONS.values(), StreamSettings)
+}
 # api_key <-> api_key_file: an env override of one drops the file's other.
-_KEY_FIELDS = {**_ALTERNATIVES, **{v: k for k, v in _ALTERNATIVES.items()}}
+_KEY_FIELDS = {
+    key: other
+    for pairs in _ALTERNATIVES.values()
+    for alternative, name in pairs.items()
+    for key, other in ((alternative, name), (name, alternative))
+}
 
 
 # --- building ----------------------------------------------------------------------------
@@ -442,7 +449,7 @@ def _build(raw: RawConfig, problems: Problems) -> Settings:
     for name, cls in SECTIONS.items():
         entries = raw.sections[name]
         values = parse_entries(entries, _PARSERS[name], section=name, problems=problems)
-        _merge_alternatives(values, entries, problems)
+        _merge_alternatives(values, entries, _ALTERNATIVES[cls], problems)
         parts[name] = cls(**values)
         for pair in _ORDERED:
             check_order(values, entries, pair, problems)
@@ -453,7 +460,7 @@ def _build(raw: RawConfig, problems: Problems) -> Settings:
     for index, entries in enumerate(raw.streams):
         section = f"streams[{index}]"
         values = parse_entries(entries, _STREAM_PARSERS, section=section, problems=problems)
-        _merge_alternatives(values, entries, problems)
+        _merge_alternatives(values, entries, _ALTERNATIVES[StreamSettings], problems)
         missing = [key for key in ("name", "application_id") if key not in entries]
         for key in missing:
             problems.add(raw.stream_where[index], f"missing required key '{key}'")
@@ -472,11 +479,14 @@ def _build(raw: RawConfig, problems: Problems) -> Settings:
 
 
 def _merge_alternatives(
-    values: dict[str, object], entries: Mapping[str, Raw], problems: Problems
+    values: dict[str, object],
+    entries: Mapping[str, Raw],
+    pairs: Mapping[str, str],
+    problems: Problems,
 ) -> None:
     """Fold each alternative key into its field (``api_key_file`` into ``api_key``); setting
     both is ambiguous, so an error."""
-    for alternative, name in _ALTERNATIVES.items():
+    for alternative, name in pairs.items():
         if name in entries and alternative in entries:
             where = entries[alternative].where
             problems.add(where, f"set either {name} or {alternative}, not both")
