@@ -14,9 +14,8 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError
@@ -29,31 +28,29 @@ from ingestd.config.sources import (
     report_unresolved,
 )
 from ingestd.config.values import (
+    Age,
+    ApiKey,
+    BaseUrl,
+    DatabaseUrl,
+    EventNames,
+    ListenAddress,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Parse,
     Parser,
+    PositiveFloat,
+    PositiveInt,
     Problems,
     Raw,
-    age,
-    as_bool,
-    as_float,
-    as_int,
-    as_secret_text,
-    as_str,
-    as_str_tuple,
-    base_url,
+    StreamName,
+    TtsId,
+    TtsIds,
+    alternatives,
     check_order,
-    checked,
     choice,
-    database_url,
-    event_names,
-    listen,
-    non_negative,
+    key_parsers,
     parse_entries,
-    positive,
-    read_secret_file,
     split_host_port,
-    stream_name,
-    tts_id_problem,
-    tts_ids,
 )
 from ingestd.errors import ConfigError
 from ingestd.secrets import SECRET_MIN_CHARS, Secret, register_secrets
@@ -77,28 +74,24 @@ METRICS_LISTEN_DEFAULT = "127.0.0.1:9464"
 HEALTH_GRACE_S = 180.0  # three of the longest reconnect delays
 RETENTION_INTERVAL_S = 86400.0  # prune once a day
 
-_LEVELS = ("debug", "info", "warning", "error", "critical")
-_FORMATS = ("auto", "json", "console")
-_SECTIONS = (
-    "database",
-    "tts",
-    "downlinks",
-    "metrics",
-    "logging",
-    "spool",
-    "backfill",
-    "retention",
-)
-_KEY_FIELDS = {"api_key": "api_key_file", "api_key_file": "api_key"}
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["auto", "json", "console"]
+_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
+# Checked in every section (and stream) that has both keys.
+_ORDERED = (("reconnect_min_s", "reconnect_max_s"), ("retry_base_s", "retry_max_s"))
+
+# Each field below is the one declaration of its key: the type (see ingestd.config.values:
+# PositiveFloat, TtsId, ApiKey, ...) says how the key is parsed and checked, the default is
+# the built-in default. config/ingestd.example.toml documents every key (a test checks).
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, repr=False)
 class DatabaseSettings:
     """Where rows go, and how the ingest batches are cut (PERF_NOTES: batch commits)."""
 
-    url: str = DATABASE_URL_DEFAULT
-    batch_max_events: int = BATCH_MAX_EVENTS  # flush a batch at this many events
-    batch_max_delay_s: float = BATCH_MAX_DELAY_S  # ... or at the latest every this many seconds
+    url: DatabaseUrl = DATABASE_URL_DEFAULT
+    batch_max_events: PositiveInt = BATCH_MAX_EVENTS  # flush a batch at this many events
+    batch_max_delay_s: NonNegativeFloat = BATCH_MAX_DELAY_S  # ... or at the latest this often
 
     @property
     def safe_url(self) -> str:
@@ -119,15 +112,15 @@ class DatabaseSettings:
 class TtsSettings:
     """The Things Stack to talk to, and defaults that every stream inherits."""
 
-    base_url: str = TTS_BASE_URL_DEFAULT
-    api_key: Secret | None = None
-    tail: int = TAIL_EVENTS
-    overlap_s: float = OVERLAP_S
-    idle_timeout_s: float = IDLE_TIMEOUT_S
-    reconnect_min_s: float = RECONNECT_MIN_S
-    reconnect_max_s: float = RECONNECT_MAX_S
-    auth_retry_s: float = AUTH_RETRY_S
-    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    base_url: BaseUrl = TTS_BASE_URL_DEFAULT
+    api_key: ApiKey = None  # or api_key_file: the key read from that file
+    tail: NonNegativeInt = TAIL_EVENTS
+    overlap_s: NonNegativeFloat = OVERLAP_S
+    idle_timeout_s: PositiveFloat = IDLE_TIMEOUT_S
+    reconnect_min_s: PositiveFloat = RECONNECT_MIN_S
+    reconnect_max_s: PositiveFloat = RECONNECT_MAX_S
+    auth_retry_s: PositiveFloat = AUTH_RETRY_S
+    connect_timeout_s: PositiveFloat = CONNECT_TIMEOUT_S
     # HTTP/2 from the first byte, also on http:// (h2c); off: h2 by ALPN on https, else 1.1.
     http2_prior_knowledge: bool = False
 
@@ -136,26 +129,16 @@ _INHERITED = tuple(f.name for f in fields(TtsSettings))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class StreamSettings:
+class StreamSettings(TtsSettings):
     """One event subscription: an application, or some of its devices; ``name`` keys the cursor.
 
-    The fields after ``names`` come from ``[tts]`` unless the stream sets its own.
+    The fields inherited from ``TtsSettings`` come from ``[tts]`` unless the stream sets its own.
     """
 
-    name: str
-    application_id: str
-    device_ids: tuple[str, ...] = ()  # empty: the whole application
-    names: tuple[str, ...] = ()  # TTS event-name filter: exact names or "/regexp/"
-    base_url: str = TTS_BASE_URL_DEFAULT
-    api_key: Secret | None = None
-    tail: int = TAIL_EVENTS
-    overlap_s: float = OVERLAP_S
-    idle_timeout_s: float = IDLE_TIMEOUT_S
-    reconnect_min_s: float = RECONNECT_MIN_S
-    reconnect_max_s: float = RECONNECT_MAX_S
-    auth_retry_s: float = AUTH_RETRY_S
-    connect_timeout_s: float = CONNECT_TIMEOUT_S
-    http2_prior_knowledge: bool = False
+    name: StreamName
+    application_id: TtsId
+    device_ids: TtsIds = ()  # empty: the whole application
+    names: EventNames = ()  # TTS event-name filter: exact names or "/regexp/"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -163,23 +146,23 @@ class DownlinkSettings:
     """The outbox worker: off unless enabled."""
 
     enabled: bool = False
-    poll_interval_s: float = 1.0
-    max_attempts: int = 8
-    retry_base_s: float = 2.0
-    retry_max_s: float = 300.0
-    request_timeout_s: float = 10.0
-    shutdown_grace_s: float = 5.0
-    workers: int = 1
+    poll_interval_s: PositiveFloat = 1.0
+    max_attempts: PositiveInt = 8
+    retry_base_s: PositiveFloat = 2.0
+    retry_max_s: PositiveFloat = 300.0
+    request_timeout_s: PositiveFloat = 10.0
+    shutdown_grace_s: NonNegativeFloat = 5.0
+    workers: PositiveInt = 1
     require_stream: bool = True  # only push for applications that have a configured stream
-    stale_claim_s: float = 60.0
+    stale_claim_s: PositiveFloat = 60.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MetricsSettings:
     """``/metrics`` and ``/healthz``; ``listen = ""`` disables the endpoint."""
 
-    listen: str = METRICS_LISTEN_DEFAULT
-    health_grace_s: float = HEALTH_GRACE_S  # /healthz fails once a stream retries this long
+    listen: ListenAddress = METRICS_LISTEN_DEFAULT
+    health_grace_s: PositiveFloat = HEALTH_GRACE_S  # /healthz fails once a stream retries this long
 
     @property
     def host_port(self) -> tuple[str, int] | None:
@@ -193,8 +176,8 @@ class MetricsSettings:
 class LoggingSettings:
     """Log level and rendering; ``auto`` is console on a TTY, JSON otherwise."""
 
-    level: str = "info"
-    format: Literal["auto", "json", "console"] = "auto"
+    level: Annotated[LogLevel, Parse(choice(get_args(LogLevel), _LEVEL_ALIASES))] = "info"
+    format: LogFormat = "auto"
 
 
 SPOOL_MAX_BYTES = 1 << 30  # 1 GiB, ~400k uplinks: hours of a busy application
@@ -207,7 +190,7 @@ class SpoolSettings:
 
     enabled: bool = True
     dir: str = ""  # "": $STATE_DIRECTORY/spool, else <sqlite file>-spool, else ./ingestd-spool
-    max_bytes: int = SPOOL_MAX_BYTES
+    max_bytes: PositiveInt = SPOOL_MAX_BYTES
 
     def root(self, database_url: str, environ: Mapping[str, str] | None = None) -> Path:
         """The spool directory (one subdirectory per stream), defaults resolved."""
@@ -232,20 +215,20 @@ class BackfillSettings:
     """Healing gaps from the Storage Integration (ingestd.backfill); on by default."""
 
     enabled: bool = True
-    settle_s: float = 120.0  # wait this long after a gap's end: storage writes are batched
-    recheck_s: float = 1800.0  # then fetch the window once more, this long after the first pass
-    margin_s: float = 60.0  # widen each gap by this on both sides (event time vs received_at)
-    poll_interval_s: float = 30.0  # how often to look for due gaps
-    retry_s: float = 3600.0  # after a 404/403 or a failure, try a stream again this much later
-    page_limit: int = 1000  # messages per storage request (TTN answers at most 1 000)
+    settle_s: NonNegativeFloat = 120.0  # wait this long after a gap's end: storage is batched
+    recheck_s: PositiveFloat = 1800.0  # then fetch the window once more, this much after the first
+    margin_s: NonNegativeFloat = 60.0  # widen each gap by this on both sides (event vs received)
+    poll_interval_s: PositiveFloat = 30.0  # how often to look for due gaps
+    retry_s: PositiveFloat = 3600.0  # after a 404/403 or a failure, retry a stream this much later
+    page_limit: PositiveInt = 1000  # messages per storage request (TTN answers at most 1 000)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RetentionSettings:
     """``max_age`` set: the daemon prunes rows older than it once a day (``ingestd.prune``)."""
 
-    max_age: timedelta | None = None
-    interval_s: float = RETENTION_INTERVAL_S
+    max_age: Age = None
+    interval_s: PositiveFloat = RETENTION_INTERVAL_S
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -325,7 +308,7 @@ def load_settings(
     env = os.environ if environ is None else environ
     problems = Problems()
     file, label, origin = _locate(path, env, problems)
-    raw = RawConfig(sections={name: {} for name in _SECTIONS})
+    raw = RawConfig(sections={name: {} for name in SECTIONS})
     warnings: list[str] = []
     if file is not None:
         doc = load_toml(file, label, problems)
@@ -333,7 +316,7 @@ def load_settings(
             raw = raw_from_toml(
                 doc,
                 label=label,
-                sections=_SECTIONS,
+                sections=SECTIONS,
                 environ=env,
                 base_dir=file.parent,
                 problems=problems,
@@ -435,84 +418,25 @@ def _systemd_credential(raw: RawConfig, env: Mapping[str, str]) -> bool:
     return True
 
 
-# --- field parsers ---------------------------------------------------------------------
+# --- derived from the declarations above ---------------------------------------------------
 
-
-def _api_key(raw: Raw) -> Secret | None:
-    text = as_secret_text(raw)
-    return Secret(text) if text else None  # "${TTS_API_KEY:-}" means "not set here"
-
-
-def _api_key_file(raw: Raw) -> Secret:
-    return Secret(read_secret_file(raw))
-
-
-_POSITIVE_FLOAT = checked(as_float, positive)
-_TTS_SPEC: dict[str, Parser] = {
-    "base_url": base_url,
-    "api_key": _api_key,
-    "api_key_file": _api_key_file,
-    "tail": checked(as_int, non_negative),
-    "overlap_s": checked(as_float, non_negative),
-    "idle_timeout_s": _POSITIVE_FLOAT,
-    "reconnect_min_s": _POSITIVE_FLOAT,
-    "reconnect_max_s": _POSITIVE_FLOAT,
-    "auth_retry_s": _POSITIVE_FLOAT,
-    "connect_timeout_s": _POSITIVE_FLOAT,
-    "http2_prior_knowledge": as_bool,
+# The [section] tables: every field of Settings whose type is a settings dataclass.
+SECTIONS: dict[str, type[Any]] = {
+    name: hint
+    for name, hint in get_type_hints(Settings).items()
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint)
 }
-_STREAM_SPEC: dict[str, Parser] = {
-    "name": stream_name,
-    "application_id": checked(as_str, tts_id_problem),
-    "device_ids": checked(as_str_tuple, tts_ids),
-    "names": checked(as_str_tuple, event_names),
-    **_TTS_SPEC,
+_PARSERS: dict[str, dict[str, Parser]] = {name: key_parsers(cls) for name, cls in SECTIONS.items()}
+_STREAM_PARSERS = key_parsers(StreamSettings)
+_ALTERNATIVES: dict[type[Any], dict[str, str]] = {
+    cls: alternatives(cls) for cls in (*SECTIONS.values(), StreamSettings)
 }
-_SPECS: dict[str, dict[str, Parser]] = {
-    "database": {
-        "url": database_url,
-        "batch_max_events": checked(as_int, positive),
-        "batch_max_delay_s": checked(as_float, non_negative),
-    },
-    "tts": _TTS_SPEC,
-    "downlinks": {
-        "enabled": as_bool,
-        "poll_interval_s": _POSITIVE_FLOAT,
-        "max_attempts": checked(as_int, positive),
-        "retry_base_s": _POSITIVE_FLOAT,
-        "retry_max_s": _POSITIVE_FLOAT,
-        "request_timeout_s": _POSITIVE_FLOAT,
-        "shutdown_grace_s": checked(as_float, non_negative),
-        "workers": checked(as_int, positive),
-        "require_stream": as_bool,
-        "stale_claim_s": _POSITIVE_FLOAT,
-    },
-    "metrics": {"listen": listen, "health_grace_s": _POSITIVE_FLOAT},
-    "backfill": {
-        "enabled": as_bool,
-        "settle_s": checked(as_float, non_negative),
-        "recheck_s": _POSITIVE_FLOAT,
-        "margin_s": checked(as_float, non_negative),
-        "poll_interval_s": _POSITIVE_FLOAT,
-        "retry_s": _POSITIVE_FLOAT,
-        "page_limit": checked(as_int, positive),
-    },
-    "logging": {
-        "level": choice(_LEVELS, {"warn": "warning", "fatal": "critical"}),
-        "format": choice(_FORMATS),
-    },
-    "spool": {"enabled": as_bool, "dir": as_str, "max_bytes": checked(as_int, positive)},
-    "retention": {"max_age": age, "interval_s": _POSITIVE_FLOAT},
-}
-_SECTION_TYPES: dict[str, type[Any]] = {
-    "database": DatabaseSettings,
-    "tts": TtsSettings,
-    "downlinks": DownlinkSettings,
-    "metrics": MetricsSettings,
-    "logging": LoggingSettings,
-    "spool": SpoolSettings,
-    "backfill": BackfillSettings,
-    "retention": RetentionSettings,
+# api_key <-> api_key_file: an env override of one drops the file's other.
+_KEY_FIELDS = {
+    key: other
+    for pairs in _ALTERNATIVES.values()
+    for alternative, name in pairs.items()
+    for key, other in ((alternative, name), (name, alternative))
 }
 
 
@@ -522,21 +446,21 @@ _SECTION_TYPES: dict[str, type[Any]] = {
 def _build(raw: RawConfig, problems: Problems) -> Settings:
     """Parse every section and stream; a bad value leaves its default so checks go on."""
     parts: dict[str, Any] = {}
-    for name in _SECTIONS:
+    for name, cls in SECTIONS.items():
         entries = raw.sections[name]
-        values = parse_entries(entries, _SPECS[name], section=name, problems=problems)
-        _merge_key(values, entries, problems)
-        parts[name] = _SECTION_TYPES[name](**values)
-        check_order(values, entries, ("reconnect_min_s", "reconnect_max_s"), problems)
-        check_order(values, entries, ("retry_base_s", "retry_max_s"), problems)
+        values = parse_entries(entries, _PARSERS[name], section=name, problems=problems)
+        _merge_alternatives(values, entries, _ALTERNATIVES[cls], problems)
+        parts[name] = cls(**values)
+        for pair in _ORDERED:
+            check_order(values, entries, pair, problems)
     tts: TtsSettings = parts["tts"]
     inherited = {name: getattr(tts, name) for name in _INHERITED}
     streams: list[StreamSettings] = []
     first_use: dict[str, int] = {}
     for index, entries in enumerate(raw.streams):
         section = f"streams[{index}]"
-        values = parse_entries(entries, _STREAM_SPEC, section=section, problems=problems)
-        _merge_key(values, entries, problems)
+        values = parse_entries(entries, _STREAM_PARSERS, section=section, problems=problems)
+        _merge_alternatives(values, entries, _ALTERNATIVES[StreamSettings], problems)
         missing = [key for key in ("name", "application_id") if key not in entries]
         for key in missing:
             problems.add(raw.stream_where[index], f"missing required key '{key}'")
@@ -547,16 +471,25 @@ def _build(raw: RawConfig, problems: Problems) -> Settings:
                 problems.add(where, f"{label!r} is already the name of streams[{first_use[label]}]")
             first_use.setdefault(label, index)
         resolved = {**inherited, **values}
-        check_order(resolved, entries, ("reconnect_min_s", "reconnect_max_s"), problems)
+        for pair in _ORDERED:
+            check_order(resolved, entries, pair, problems)
         if "name" in values and "application_id" in values:
             streams.append(StreamSettings(**resolved))
     return Settings(streams=tuple(streams), **parts)
 
 
-def _merge_key(values: dict[str, object], entries: Mapping[str, Raw], problems: Problems) -> None:
-    """Fold ``api_key_file`` into ``api_key``; setting both is ambiguous, so an error."""
-    if "api_key" in entries and "api_key_file" in entries:
-        problems.add(entries["api_key_file"].where, "set either api_key or api_key_file, not both")
-    from_file = values.pop("api_key_file", None)
-    if from_file is not None and "api_key" not in entries:
-        values["api_key"] = from_file
+def _merge_alternatives(
+    values: dict[str, object],
+    entries: Mapping[str, Raw],
+    pairs: Mapping[str, str],
+    problems: Problems,
+) -> None:
+    """Fold each alternative key into its field (``api_key_file`` into ``api_key``); setting
+    both is ambiguous, so an error."""
+    for alternative, name in pairs.items():
+        if name in entries and alternative in entries:
+            where = entries[alternative].where
+            problems.add(where, f"set either {name} or {alternative}, not both")
+        value = values.pop(alternative, None)
+        if value is not None and name not in entries:
+            values[name] = value

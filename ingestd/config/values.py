@@ -1,13 +1,19 @@
-"""What configured values mean: ``Raw`` values, field parsers and validators.
+"""What configured values mean: ``Raw`` values, field parsers, validators, key types.
 
 A field parser takes a ``Raw`` and returns the typed value or raises ``Invalid`` with the
 problem text. Values that arrive as text (environment overrides, ``${VAR}`` expansions) are
 parsed into the field's type; TOML values must already have it. Problem texts pass through
 ``redact``, and the parsers of secret fields never echo the value.
+
+A settings field declares its key once: its type says how the key is parsed
+(:func:`key_parsers`), an ``Annotated`` type adds checks (``Check``), a parser of its own
+(``Parse``) or a second key that may set it instead (``Alternative``). The aliases at the end
+(``PositiveFloat``, ``TtsId``, ``ApiKey``, ...) name the common ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -17,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -25,7 +31,7 @@ from sqlalchemy.exc import ArgumentError
 
 from ingestd.errors import EventNamesRejected
 from ingestd.eventnames import INVALID_REGEXP, defined_names, expand_names
-from ingestd.secrets import redact
+from ingestd.secrets import Secret, redact
 from ingestd.tts import TTS_ID_MAX_CHARS, is_tts_id
 
 _TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
@@ -416,3 +422,99 @@ def age(raw: Raw) -> timedelta | None:
     """A duration text (see :func:`parse_age`); ``""`` means unset."""
     text = as_str(raw)
     return parse_age(text) if text.strip() else None
+
+
+# --- secrets --------------------------------------------------------------------------
+
+
+def api_key(raw: Raw) -> Secret | None:
+    text = as_secret_text(raw)
+    return Secret(text) if text else None  # "${TTS_API_KEY:-}" means "not set here"
+
+
+def api_key_file(raw: Raw) -> Secret:
+    return Secret(read_secret_file(raw))
+
+
+# --- declaring keys --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """``Annotated`` metadata: after parsing, ``check`` returns a problem text or ``None``."""
+
+    check: Callable[[Any], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Parse:
+    """``Annotated`` metadata: parse the key with ``parser`` instead of by its type."""
+
+    parser: Parser
+
+
+@dataclass(frozen=True, slots=True)
+class Alternative:
+    """``Annotated`` metadata: ``key`` may set the field instead (``api_key_file`` for
+    ``api_key``), parsed with ``parser``; setting both is an error."""
+
+    key: str
+    parser: Parser
+
+
+PositiveInt = Annotated[int, Check(positive)]
+NonNegativeInt = Annotated[int, Check(non_negative)]
+PositiveFloat = Annotated[float, Check(positive)]
+NonNegativeFloat = Annotated[float, Check(non_negative)]
+BaseUrl = Annotated[str, Parse(base_url)]
+DatabaseUrl = Annotated[str, Parse(database_url)]
+ListenAddress = Annotated[str, Parse(listen)]
+StreamName = Annotated[str, Parse(stream_name)]
+TtsId = Annotated[str, Check(tts_id_problem)]
+TtsIds = Annotated[tuple[str, ...], Check(tts_ids)]
+EventNames = Annotated[tuple[str, ...], Check(event_names)]
+Age = Annotated[timedelta | None, Parse(age)]  # "" or unset: None
+ApiKey = Annotated[Secret | None, Parse(api_key), Alternative("api_key_file", api_key_file)]
+
+
+def key_parsers(cls: type[Any]) -> dict[str, Parser]:
+    """Every key of the settings dataclass ``cls`` with its parser, derived from the fields'
+    types (plus each ``Alternative`` key); a type with no parser is a TypeError at import."""
+    hints = get_type_hints(cls, include_extras=True)
+    parsers: dict[str, Parser] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        base, meta = (get_args(hint)[0], get_args(hint)[1:]) if _annotated(hint) else (hint, ())
+        own = [m.parser for m in meta if isinstance(m, Parse)]
+        parser = own[0] if own else _parser_of_type(base, f"{cls.__name__}.{f.name}")
+        checks = [m.check for m in meta if isinstance(m, Check)]
+        parsers[f.name] = checked(parser, *checks) if checks else parser
+        parsers.update((m.key, m.parser) for m in meta if isinstance(m, Alternative))
+    return parsers
+
+
+def alternatives(cls: type[Any]) -> dict[str, str]:
+    """``{alternative key: field}`` of ``cls`` (``{"api_key_file": "api_key"}``)."""
+    hints = get_type_hints(cls, include_extras=True)
+    return {
+        m.key: f.name
+        for f in dataclasses.fields(cls)
+        if _annotated(hints[f.name])
+        for m in get_args(hints[f.name])[1:]
+        if isinstance(m, Alternative)
+    }
+
+
+def _annotated(hint: object) -> bool:
+    return get_origin(hint) is Annotated
+
+
+def _parser_of_type(tp: Any, name: str) -> Parser:
+    simple: dict[object, Parser] = {bool: as_bool, int: as_int, float: as_float, str: as_str}
+    if tp in simple:
+        return simple[tp]
+    if tp == tuple[str, ...]:
+        return as_str_tuple
+    if get_origin(tp) is Literal:
+        return choice(tuple(str(option) for option in get_args(tp)))
+    raise TypeError(f"{name}: no parser for {tp!r}; declare one with Annotated[..., Parse(f)]")
