@@ -65,6 +65,7 @@ BATCH_MAX_DELAY_S = 0.2
 TTS_BASE_URL_DEFAULT = "https://eu1.cloud.thethings.network"
 TAIL_EVENTS = 1000  # TTS keeps ~100 per entity; a larger tail costs nothing (TTS_WIRE 1.6)
 OVERLAP_S = 2.0
+ENTITY_TTL_S = 86400.0  # TTS forgets an entity's history this long after its last event
 IDLE_TIMEOUT_S = 120.0  # TTS sends no heartbeats (TTS_WIRE 1.4)
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 60.0
@@ -134,6 +135,7 @@ class TtsSettings:
     api_key: Secret | None = None
     tail: int = TAIL_EVENTS
     overlap_s: float = OVERLAP_S
+    entity_ttl_s: float = ENTITY_TTL_S  # TTS entity-ttl; 0: do not assume one
     idle_timeout_s: float = IDLE_TIMEOUT_S
     reconnect_min_s: float = RECONNECT_MIN_S
     reconnect_max_s: float = RECONNECT_MAX_S
@@ -159,6 +161,7 @@ class StreamSettings:
     api_key: Secret | None = None
     tail: int = TAIL_EVENTS
     overlap_s: float = OVERLAP_S
+    entity_ttl_s: float = ENTITY_TTL_S  # TTS entity-ttl; 0: do not assume one
     idle_timeout_s: float = IDLE_TIMEOUT_S
     reconnect_min_s: float = RECONNECT_MIN_S
     reconnect_max_s: float = RECONNECT_MAX_S
@@ -454,6 +457,7 @@ _TTS_SPEC: dict[str, Parser] = {
     "api_key_file": _api_key_file,
     "tail": checked(as_int, non_negative),
     "overlap_s": checked(as_float, non_negative),
+    "entity_ttl_s": checked(as_float, non_negative),
     "idle_timeout_s": _POSITIVE_FLOAT,
     "reconnect_min_s": _POSITIVE_FLOAT,
     "reconnect_max_s": _POSITIVE_FLOAT,
