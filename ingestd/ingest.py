@@ -111,6 +111,8 @@ class BatchBuilder:
         self.names[name] = self.names.get(name, 0) + 1
         if uid in self._seen:
             self._batch.duplicates_in_batch += 1
+            if self._replay_check is not None:  # a resume in this batch replayed it
+                self._check_replay_reach(ev_row["time"], uid)
             return
         self._seen.add(uid)
         self._batch.items.append((ev_row, rows))
@@ -185,6 +187,8 @@ class BatchBuilder:
         self._arm_replay_check(cursor, entity_ttl_s)
 
     def _arm_replay_check(self, cursor: Cursor, entity_ttl_s: float) -> None:
+        if self._replay_check is not None and self._replay_earliest is not None:
+            self._settle_replay_check()  # the last connection ended before a batch boundary
         self._replay_check = cursor if cursor.last_time and cursor.unique_ids_at_last_time else None
         self._replay_earliest = None
         self._expired_at = None
