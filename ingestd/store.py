@@ -10,6 +10,7 @@ One code path serves SQLite and PostgreSQL; the dialect differences live in
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -215,9 +216,7 @@ class Store:
         if isolate:
             items = self._keep_insertable(conn, items, rejected, batch.stream)
         self._insert_items(conn, items, result)
-        if rejected:
-            conn.execute(sa.insert(schema.rejected_events), rejected)
-        result.rejected = len(rejected)
+        result.rejected = self._insert_rejected(conn, rejected)
         if batch.gaps:
             self._insert_gaps(conn, batch.gaps)
             result.gaps = len(batch.gaps)
@@ -303,9 +302,23 @@ class Store:
                         "stream": stream,
                         "raw": _raw_text(item[0]),
                         "error": f"database refused the event: {exc.orig or exc}"[:2000],
+                        # Its raw text holds ingested_at, which differs on every replay.
+                        "digest": reject_digest(str(item[0]["unique_id"]), "refused"),
                     }
                 )
         return good
+
+    @staticmethod
+    def _insert_rejected(conn: Connection, rejected: list[dict[str, Any]]) -> int:
+        """Insert rejects once each: one already stored (a replay of it) is skipped."""
+        if not rejected:
+            return 0
+        for row in rejected:
+            if not row.get("digest"):
+                row["digest"] = reject_digest(row["raw"], row["error"])
+        # RETURNING counts the rows inserted on both dialects (executemany's rowcount does not).
+        stmt = _insert_ignore(conn, schema.rejected_events).returning(schema.rejected_events.c.id)
+        return len(conn.execute(stmt, rejected).all())
 
     @staticmethod
     def _insert_gaps(conn: Connection, gaps: Sequence[Gap]) -> None:
@@ -322,6 +335,15 @@ class Store:
                 for g in gaps
             ],
         )
+
+
+def reject_digest(raw: str, error: str) -> str:
+    """The ``rejected_events.digest`` of a reject: what was refused, and why."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(raw.encode("utf-8", "surrogatepass"))
+    h.update(b"\0")
+    h.update(error.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
 
 
 def _raw_text(event_row: dict[str, Any]) -> str:

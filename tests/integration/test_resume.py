@@ -157,3 +157,26 @@ async def test_a_downtime_past_the_entity_ttl_with_the_history_kept_is_no_gap(
             await wait_for(lambda: _stored(db) == 35)
     assert _assert_stored_once_or_in_a_gap(db, sent + later) == set()
     assert db.scalar("SELECT count(*) FROM stream_gaps") == 0
+
+
+async def test_poison_replayed_after_reconnects_is_rejected_once(db_url: str, db: Db) -> None:
+    with Simulator(devices=3, seed=41) as sim:
+        async with running(make_settings(sim, db_url)) as service:
+            await connected(service)
+            poison = [sim.poison("bad_field"), sim.poison("truncated")]
+            sent = await asyncio.to_thread(sim.uplinks, 5)
+            await wait_for(lambda: _stored(db) == 5)
+            await wait_for(lambda: db.scalar("SELECT count(*) FROM rejected_events") == 2)
+            for _ in range(2):  # each resume replays the poison (within the overlap)
+                requests = len(sim.stream_requests)
+                await asyncio.to_thread(sim.restart)
+                await wait_for(lambda r=requests: len(sim.stream_requests) > r)  # type: ignore[misc]
+                sent += await asyncio.to_thread(sim.uplinks, 1)  # after the replay, in order
+                n = len(sent)
+                await wait_for(lambda n=n: _stored(db) == n)  # type: ignore[misc]
+            resumes = sim.stream_requests[-2:]
+            first_poison = min(parse_time(p.time) for p in poison)
+            assert all(r.after and parse_time(r.after) < first_poison for r in resumes)
+    assert db.scalar("SELECT count(*) FROM rejected_events") == 2
+    raws = db.column("SELECT raw FROM rejected_events")
+    assert all(any(p.unique_id in raw for raw in raws) for p in poison)
