@@ -400,6 +400,7 @@ class StreamConsumer:
 
     def _on_connected(self, conn: OpenStream) -> None:
         builder = self._builder_or_fail()
+        builder.connection_started()  # reject limits and the flood check are per connection
         now = datetime.now(UTC)
         self.state.connected = True
         self.state.connected_since = now
@@ -489,7 +490,7 @@ class StreamConsumer:
             self._raw.append(payload)
             if error is not None:
                 raise _stream_error(error)
-            if getattr(builder, "reject_flood", False):
+            if builder.reject_flood:
                 raise StreamDisconnected(
                     "too many rejected frames on this connection", reason="reject_flood"
                 )

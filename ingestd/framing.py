@@ -201,10 +201,12 @@ def parse_tts_error(body: Any) -> TtsErrorInfo:
     if not isinstance(first, dict):
         first = {}
     code = status.get("code")
-    return TtsErrorInfo(
-        code=code if isinstance(code, int) else None,
-        name=first.get("name"),
-        namespace=first.get("namespace"),
+    name = first.get("name")
+    namespace = first.get("namespace")
+    return TtsErrorInfo(  # a hostile frame's mistyped fields are dropped, never passed on
+        code=code if type(code) is int else None,
+        name=name if type(name) is str else None,
+        namespace=namespace if type(namespace) is str else None,
         message=str(status.get("message") or body)[:1000],
     )
 

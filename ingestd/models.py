@@ -32,12 +32,24 @@ class Row(NamedTuple):
     values: dict[str, Any]
 
 
+CURSOR_FUTURE_TOLERANCE_S = 300.0
+"""A cursor never moves past the wall clock plus this: an event stamped later is stored,
+but resuming after it would skip everything up to that time (e.g. ``9999-12-31``)."""
+
+CURSOR_IDS_MAX = 1000
+"""At most this many ids are kept for the cursor's time. They only help recognise the
+cursor's own events in a replay, which the ``unique_id`` constraint rejects anyway, so a
+cursor that dropped some costs duplicate work at worst, never an event."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Cursor:
     """Where a stream stands: the newest event time seen, and the ids seen at that time.
 
     Reconnects ask for ``after = last_time - overlap``; the ids let the store and the gap
-    detector recognise the cursor's own events when they are replayed.
+    detector recognise the cursor's own events when they are replayed. At most
+    :data:`CURSOR_IDS_MAX` ids are kept (events sharing one timestamp are otherwise
+    unbounded).
     """
 
     last_time: datetime | None = None
@@ -69,6 +81,8 @@ class Batch:
     gaps: list[Gap] = field(default_factory=list)
     cursor: Cursor | None = None  # None: leave the stored cursor as it is
     duplicates_in_batch: int = 0
+    future_events: int = 0  # stored, but stamped too far ahead to move the cursor
+    rejects_not_stored: int = 0  # over the reject limit: counted in a summary row only
 
     def __len__(self) -> int:
         return len(self.items) + len(self.rejected)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from ingestd.errors import MalformedEvent
 from ingestd.identity import uplink_id
@@ -33,6 +33,7 @@ from ingestd.models import Row
 from ingestd.normalize_down import (
     DOWNLINK_KINDS,
     EMPTY,
+    FPORT_MAX,
     OUTBOX_CID_PREFIX,
     app_device_of,
     bytes_of,
@@ -53,6 +54,7 @@ __all__ = [
     "outbox_id_from",
     "parse_duration_s",
     "parse_time",
+    "valid_unique_id",
 ]
 
 _fromisoformat = datetime.fromisoformat
@@ -60,6 +62,11 @@ _fromisoformat = datetime.fromisoformat
 # PostgreSQL, so they are rejected here, per event.
 _UNIQUE_ID_MAX_CHARS = 64
 _NAME_MAX_CHARS = 200
+_ENTITY_ID_MAX_CHARS = 64  # application_id, device_id
+_EUI_MAX_CHARS = 16
+_INT64_MAX = 2**63 - 1  # BIGINT columns (frequency)
+_INT32_MAX = 2**31 - 1  # INTEGER columns (spreading_factor, bandwidth, bit_rate)
+_CODING_RATE_MAX_CHARS = 16
 
 _NUMBER = (float, int)  # JSON numbers as orjson decodes them (bool is neither)
 _NO_ROW = Row("", {})
@@ -84,7 +91,10 @@ def parse_time(value: str) -> datetime:
         return parsed
     if tz is None:
         raise MalformedEvent(f"timestamp {show(value)} has no UTC offset")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is past datetime.max in UTC
+        raise MalformedEvent(f"timestamp {show(value)} is out of range in UTC") from None
 
 
 def _parse_time_slow(value: Any) -> datetime:
@@ -122,7 +132,7 @@ def event_row(event: Mapping[str, Any], *, stream: str) -> dict[str, Any]:
         raise MalformedEvent(f"event is not a JSON object: {show(event)}")
     unique_id = _unique_id_of(event)
     name = event.get("name")
-    if type(name) is not str or not 0 < len(name) <= _NAME_MAX_CHARS:
+    if type(name) is not str or not 0 < len(name) <= _NAME_MAX_CHARS or "\x00" in name:
         raise MalformedEvent(f"event {unique_id} has no valid name: {show(name)}")
     correlation_ids = event.get("correlation_ids")
     if correlation_ids is not None and type(correlation_ids) is not list:
@@ -138,11 +148,35 @@ def event_row(event: Mapping[str, Any], *, stream: str) -> dict[str, Any]:
         first = identifiers[0]
         ids = first.get("device_ids")
         if ids is not None:
-            application_id = (ids.get("application_ids") or EMPTY).get("application_id")
+            if type(ids) is not dict:
+                raise MalformedEvent(
+                    f"event {unique_id}: identifiers[0].device_ids is not an object: {show(ids)}"
+                )
+            app = ids.get("application_ids")
             device_id = ids.get("device_id")
             dev_eui = ids.get("dev_eui")
         else:
-            application_id = (first.get("application_ids") or EMPTY).get("application_id")
+            app = first.get("application_ids")
+        if app:
+            if type(app) is not dict:
+                raise MalformedEvent(
+                    f"event {unique_id}: identifiers[0]'s application_ids is not an object: "
+                    f"{show(app)}"
+                )
+            application_id = app.get("application_id")
+        # Strings within their column's width, or absent: anything else would make the
+        # database refuse the row (PostgreSQL) or store a mistyped value (SQLite).
+        if not (  # inline, not _fits(): this runs for every event
+            (application_id is None or (type(application_id) is str
+             and len(application_id) <= _ENTITY_ID_MAX_CHARS))
+            and (device_id is None or (type(device_id) is str
+                 and len(device_id) <= _ENTITY_ID_MAX_CHARS))
+            and (dev_eui is None or (type(dev_eui) is str and len(dev_eui) <= _EUI_MAX_CHARS))
+        ):
+            raise MalformedEvent(
+                f"event {unique_id}: identifiers hold an application_id, device_id or dev_eui "
+                f"that is not a short string: {show(first)}"
+            )
     try:
         time = _time_of(event)
     except MalformedEvent as exc:
@@ -219,9 +253,27 @@ def normalize_application_up(up: Mapping[str, Any], source: str = "storage") -> 
         ) from exc
 
 
+def _fits(value: Any, max_chars: int) -> bool:
+    return value is None or (type(value) is str and len(value) <= max_chars)
+
+
+def _int32(value: Any) -> bool:
+    return value is None or (type(value) is int and 0 <= value <= _INT32_MAX)
+
+
+def valid_unique_id(value: Any) -> TypeGuard[str]:
+    """True for a ``unique_id`` the ``events`` table can key on on every dialect: a short
+    string without U+0000 (which PostgreSQL text cannot hold)."""
+    return type(value) is str and 0 < len(value) <= _UNIQUE_ID_MAX_CHARS and "\x00" not in value
+
+
 def _unique_id_of(event: Mapping[str, Any]) -> str:
     unique_id = event.get("unique_id")
-    if type(unique_id) is not str or not 0 < len(unique_id) <= _UNIQUE_ID_MAX_CHARS:
+    if not (  # valid_unique_id, inline: this runs twice for every event
+        type(unique_id) is str
+        and 0 < len(unique_id) <= _UNIQUE_ID_MAX_CHARS
+        and "\x00" not in unique_id
+    ):
         raise MalformedEvent(f"event has no valid unique_id: {show(unique_id)}")
     return unique_id
 
@@ -292,8 +344,13 @@ def _uplink(
     if frequency is not None:
         if type(frequency) is str and frequency.isascii() and frequency.isdigit():
             frequency = int(frequency)
-        elif type(frequency) is not int:
+        elif type(frequency) is not int or frequency < 0:
             raise MalformedEvent(f"settings.frequency is not a uint64: {show(frequency)}")
+        if frequency > _INT64_MAX:
+            # A valid uint64 that the signed BIGINT column cannot hold: no radio uses such a
+            # frequency, so the column says "unknown" (None) rather than a clamped lie; the
+            # value as received stays in events.data.
+            frequency = None
     data_rate = settings.get("data_rate") or EMPTY
     modulation = spreading_factor = bandwidth = coding_rate = bit_rate = None
     if (lora := data_rate.get("lora")) is not None:
@@ -309,6 +366,20 @@ def _uplink(
         coding_rate = lrfhss.get("coding_rate")
         # The operating channel width (Hz) is LR-FHSS's counterpart of LoRa's bandwidth.
         bandwidth = lrfhss.get("operating_channel_width")
+    if modulation is not None and not (
+        # LoRa's usual shape first, inline; _int32/_fits() for the rest.
+        (type(spreading_factor) is int and type(bandwidth) is int and bit_rate is None
+         and type(coding_rate) is str and 0 <= spreading_factor <= _INT32_MAX
+         and 0 <= bandwidth <= _INT32_MAX and len(coding_rate) <= _CODING_RATE_MAX_CHARS)
+        or (
+            _int32(spreading_factor)
+            and _int32(bandwidth)
+            and _int32(bit_rate)
+            and _fits(coding_rate, _CODING_RATE_MAX_CHARS)
+        )
+    ):
+        raise MalformedEvent(f"settings.data_rate.{modulation} has a mistyped or out of range "
+                             f"value: {show(data_rate)}")
 
     rx = up.get("rx_metadata")
     if rx is None:
@@ -386,7 +457,7 @@ def _uplink(
         "join_eui": join_eui,
         "dev_addr": dev_addr,
         "session_key_id": up.get("session_key_id"),  # opaque; kept as TTS's base64
-        "f_port": uint_of(up, "f_port", "uplink_message"),
+        "f_port": uint_of(up, "f_port", "uplink_message", FPORT_MAX),
         "f_cnt": f_cnt,
         "frm_payload": bytes_of(up.get("frm_payload"), "uplink_message.frm_payload"),
         "decoded_payload": up.get("decoded_payload"),

@@ -27,6 +27,8 @@ _PREFIX_LEN = len(OUTBOX_CID_PREFIX)
 _BIGINT_MAX = 2**63 - 1  # downlink_outbox.id is a signed 64-bit integer
 _BIGINT_MAX_DIGITS = len(str(_BIGINT_MAX))
 _SHOW_MAX_CHARS = 60
+UINT32_MAX = 2**32 - 1  # f_cnt (a uint32 in TTS's messages)
+FPORT_MAX = 255  # LoRaWAN FPort is one byte; TTS validates f_port <= 255
 
 EMPTY: Mapping[str, Any] = {}
 """Stands in for an omitted sub-object so that chained ``.get`` calls stay flat."""
@@ -127,12 +129,18 @@ def bytes_of(value: Any, what: str) -> bytes:
     raise MalformedEvent(f"{what} is not base64: {show(value)}")
 
 
-def uint_of(obj: Mapping[str, Any], key: str, what: str) -> int:
-    """A uint32 field; TTS omits 0, so a missing key reads as 0."""
+def uint_of(obj: Mapping[str, Any], key: str, what: str, maximum: int = UINT32_MAX) -> int:
+    """A uint32 field (at most ``maximum``); TTS omits 0, so a missing key reads as 0.
+
+    A value past the field's range is malformed (TTS cannot send it) and raises: it is
+    never clamped, and it cannot reach a column too narrow for it.
+    """
     value = obj.get(key, 0)
-    if type(value) is int and value >= 0:
+    if type(value) is int and 0 <= value <= maximum:
         return value
-    raise MalformedEvent(f"{what}.{key} is not a non-negative integer: {show(value)}")
+    raise MalformedEvent(
+        f"{what}.{key} is not an integer from 0 to {maximum}: {show(value)}"
+    )
 
 
 def device_ids_of(event: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -234,7 +242,7 @@ def downlink_row(
         "time": time,
     }
     if item is not None:
-        values["f_port"] = uint_of(item, "f_port", "downlink")
+        values["f_port"] = uint_of(item, "f_port", "downlink", FPORT_MAX)
         # receive is published before the AS assigns the session's FCntDown, so a missing
         # f_cnt there means "not assigned yet" (None). Once the item is queued (forward and
         # later), a missing f_cnt is TTS omitting a real 0: AFCntDown starts at 0.

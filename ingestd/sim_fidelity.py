@@ -83,6 +83,12 @@ def visibility_filter(
     table = {application_id: granted}
 
     def visible(event: Mapping[str, Any]) -> bool:
+        idents = event.get("identifiers")
+        if not isinstance(idents, list) or not all(
+            isinstance(i, Mapping) and all(isinstance(v, Mapping) for v in i.values())
+            for i in idents
+        ):
+            return True  # poison injected on purpose (Simulator.poison): deliver it as is
         return rights.event_visible(event, table)
 
     return None if granted >= rights.implied([rights.ALL]) else visible

@@ -5,14 +5,30 @@ One code path serves SQLite and PostgreSQL; the dialect differences live in
 (never a giant multi-VALUES statement, see PERF_NOTES), and every insert is
 ``ON CONFLICT DO NOTHING``: idempotency lives in the database, keyed by the event's
 ``unique_id``. The in-batch and pre-select de-duplication only saves work.
+
+No batch is ever dropped. A batch the database refuses for any reason but an outage
+(:func:`is_outage`, raised as :class:`StoreUnavailable` for the caller to retry) is
+written again event by event, each in a savepoint; an event it still refuses goes to
+``rejected_events`` with its row as JSON, and a reject row it refuses is written again with
+its text reduced to escaped ASCII. What cannot be stored as received is made storable
+where that is cheap, on PostgreSQL only (SQLite stores all of it):
+
+- U+0000, which PostgreSQL text and ``jsonb`` cannot hold, is written as U+FFFD (the
+  replacement character) in text columns and in JSON strings and keys: visible, and the
+  rest of the value intact. Event ids with U+0000 never get here (normalize rejects them).
+- Integers beyond a column's range are not clamped: normalize rejects fields whose
+  protocol range they leave (``f_cnt``, ``f_port``) and writes None where the protocol
+  allows what the column cannot hold (``frequency`` past int64); the event as received
+  stays in ``events.data``. Anything else out of range is refused here, per event.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -24,7 +40,15 @@ from sqlalchemy.engine import Connection, Engine
 from ingestd import schema
 from ingestd.errors import StoreUnavailable
 from ingestd.logs import redact
-from ingestd.models import Batch, CommitResult, Cursor, Gap, Row
+from ingestd.models import (
+    CURSOR_FUTURE_TOLERANCE_S,
+    CURSOR_IDS_MAX,
+    Batch,
+    CommitResult,
+    Cursor,
+    Gap,
+    Row,
+)
 
 log = structlog.get_logger()
 
@@ -36,6 +60,24 @@ _TABLES: dict[str, sa.Table] = {t.name: t for t in schema.metadata.sorted_tables
 # Parents before children (uplinks before uplink_receptions).
 _DERIVED_ORDER = ("uplinks", "uplink_receptions", "joins", "downlink_events")
 _PRESELECT_CHUNK = 500  # ids per "which of these exist already" query
+# Text columns normalize has already checked for U+0000 (the event's id and name; the
+# stream is configuration): on PostgreSQL the others are cleaned per value (pg_text).
+_CHECKED_TEXT = frozenset({"unique_id", "event_unique_id", "uplink_id", "name", "stream"})
+
+
+RAW_FALLBACK_CHARS = 100_000  # raw kept by a reject row rewritten as escaped ASCII
+_REPLACEMENT = "\ufffd"  # stands in for U+0000 on PostgreSQL
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means the database is unreachable, locked or out of resources.
+
+    Such a batch is retried whole by the caller; any other error is the database refusing
+    what the batch holds, and is isolated per event.
+    """
+    if isinstance(exc, StoreUnavailable | sa.exc.OperationalError):
+        return True
+    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
 @contextlib.contextmanager
@@ -43,10 +85,8 @@ def map_db_errors() -> Iterator[None]:
     """Translate driver-level connectivity failures into :class:`StoreUnavailable`."""
     try:
         yield
-    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-        if getattr(exc, "connection_invalidated", False) or isinstance(
-            exc, sa.exc.OperationalError
-        ):
+    except sa.exc.DBAPIError as exc:
+        if is_outage(exc):
             raise StoreUnavailable(f"database unavailable: {type(exc.orig).__name__}") from exc
         raise
 
@@ -79,7 +119,7 @@ class _BulkInsert:
         namespace: dict[str, Any] = {}
         parts = []
         for i, col in enumerate(table.columns):
-            conv = _converter(col.type, dialect)
+            conv = None if col.name in _CHECKED_TEXT else _converter(col.type, dialect)
             if conv is None:
                 parts.append(f"get({col.name!r})")
             else:
@@ -98,8 +138,42 @@ def _converter(type_: Any, dialect: str) -> Callable[[Any], Any] | None:
     if isinstance(type_, schema.UtcDateTime):
         return _sqlite_time if dialect == "sqlite" else None
     if isinstance(type_, sa.JSON):
-        return _json_text
+        return _json_text if dialect == "sqlite" else _pg_json_text
+    if isinstance(type_, sa.String) and dialect == "postgresql":  # Text is a String
+        return pg_text
     return None
+
+
+def pg_text(value: Any) -> Any:
+    """``value`` with U+0000 replaced, if it is a string holding one (PostgreSQL text)."""
+    if type(value) is str and "\x00" in value:
+        return value.replace("\x00", _REPLACEMENT)
+    return value
+
+
+def _pg_json_text(value: Any) -> str | None:
+    # jsonb refuses the escape \u0000 in strings. orjson writes U+0000 only as that escape,
+    # so its absence proves the value clean (a backslash before "u0000" is a false alarm
+    # that costs one walk and changes nothing).
+    if value is None:
+        return None
+    try:
+        text = orjson.dumps(value).decode()  # _json_text, inline: three columns per event
+    except TypeError:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    if "\\u0000" in text:
+        return _json_text(_without_nul(value))
+    return text
+
+
+def _without_nul(value: Any) -> Any:
+    if type(value) is str:
+        return value.replace("\x00", _REPLACEMENT)
+    if type(value) is dict:
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_without_nul(v) for v in value]
+    return value
 
 
 def _sqlite_time(value: datetime | None) -> str | None:
@@ -112,7 +186,12 @@ def _sqlite_time(value: datetime | None) -> str | None:
 
 
 def _json_text(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    if value is None:
+        return None
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # nested deeper than orjson writes (254 levels; it reads 1024)
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any]) -> Any:
@@ -126,10 +205,13 @@ def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any]) -> Any:
 
 
 def _upsert_cursor(conn: Connection, stream: str, cursor: Cursor, now: datetime) -> None:
+    # Bounded, and only ids every dialect can store: a dropped id costs duplicate work on
+    # the next replay at worst (CURSOR_IDS_MAX).
+    ids = [i for i in sorted(cursor.unique_ids_at_last_time) if "\x00" not in i]
     values = {
         "stream": stream,
         "last_event_time": cursor.last_time,
-        "last_unique_ids": sorted(cursor.unique_ids_at_last_time),
+        "last_unique_ids": ids[:CURSOR_IDS_MAX],
         "updated_at": now,
     }
     conn.execute(_upsert(conn, schema.stream_cursors, values))
@@ -145,6 +227,7 @@ class Store:
         self._bulk = {
             name: _BulkInsert(_TABLES[name], dialect) for name in ("events", *_DERIVED_ORDER)
         }
+        self._text: Callable[[Any], Any] = pg_text if dialect == "postgresql" else _same
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -157,10 +240,35 @@ class Store:
             ).first()
         if row is None or row.last_event_time is None:
             return Cursor()
+        horizon = datetime.now(UTC) + timedelta(seconds=CURSOR_FUTURE_TOLERANCE_S)
+        if row.last_event_time > horizon:
+            return self._cursor_before(stream, horizon, row.last_event_time)
         return Cursor(
             last_time=row.last_event_time,
             unique_ids_at_last_time=frozenset(row.last_unique_ids or ()),
         )
+
+    def _cursor_before(self, stream: str, horizon: datetime, saved: datetime) -> Cursor:
+        """A cursor saved in the future (an older ingestd took a far-future event time):
+        resume from the newest stored event up to the horizon instead, which asks the server
+        again for everything after it."""
+        t = schema.events.c
+        with map_db_errors(), self.engine.connect() as conn:
+            last = conn.execute(
+                sa.select(sa.func.max(t.time)).where(t.stream == stream, t.time <= horizon)
+            ).scalar_one_or_none()
+            ids: list[str] = []
+            if last is not None:
+                ids = list(
+                    conn.execute(
+                        sa.select(t.unique_id)
+                        .where(t.stream == stream, t.time == last)
+                        .order_by(t.unique_id)
+                        .limit(CURSOR_IDS_MAX)
+                    ).scalars()
+                )
+        log.warning("cursor_in_future_ignored", stream=stream, saved=saved, resume_from=last)
+        return Cursor(last_time=last, unique_ids_at_last_time=frozenset(ids))
 
     def stream_connected(self, stream: str) -> bool:
         """True when the stream's leader (maybe another process) reports it connected."""
@@ -174,19 +282,28 @@ class Store:
     # -- writes ------------------------------------------------------------------------------
 
     def commit_batch(self, batch: Batch) -> CommitResult:
-        """Store ``batch`` and its cursor atomically; a refused batch is retried per event."""
+        """Store ``batch`` and its cursor atomically; a refused batch is retried per event.
+
+        Raises :class:`StoreUnavailable` on an outage (nothing written; retry the batch).
+        Any other exception means even the per-event pass could not write it (e.g. the
+        stream's cursor row itself was refused): nothing is written and the cursor has not
+        moved, so retrying later is safe; the batch must not be dropped.
+        """
         with map_db_errors():
             try:
                 with self.engine.begin() as conn:
-                    return self._write(conn, batch, isolate=False)
-            except (sa.exc.IntegrityError, sa.exc.DataError, sa.exc.StatementError) as exc:
-                if isinstance(exc, sa.exc.OperationalError):
+                    return self._write(conn, batch)
+            except Exception as exc:
+                if is_outage(exc):
                     raise
                 log.warning(
-                    "batch_refused_retrying_per_event", stream=batch.stream, error=str(exc.orig)
+                    "batch_refused_retrying_per_event",
+                    stream=batch.stream,
+                    events=len(batch.items),
+                    error=_describe(exc),
                 )
             with self.engine.begin() as conn:
-                return self._write(conn, batch, isolate=True)
+                return self._write_isolated(conn, batch)
 
     def record_gap(self, gap: Gap) -> None:
         """Write one gap outside any batch (e.g. detected before the first event)."""
@@ -208,21 +325,90 @@ class Store:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _write(self, conn: Connection, batch: Batch, *, isolate: bool) -> CommitResult:
+    def _write(self, conn: Connection, batch: Batch) -> CommitResult:
         result = CommitResult(duplicates=batch.duplicates_in_batch)
         items = self._drop_existing(conn, batch.items)
         result.duplicates += len(batch.items) - len(items)
-        rejected = list(batch.rejected)
-        if isolate:
-            items = self._keep_insertable(conn, items, rejected, batch.stream)
         self._insert_items(conn, items, result)
+        if batch.rejected:
+            rows = [self._clean(r) for r in batch.rejected]
+            result.rejected = len(conn.execute(_insert_rejects(conn), rows).all())
+        self._finish(conn, batch, result)
+        return result
+
+    def _write_isolated(self, conn: Connection, batch: Batch) -> CommitResult:
+        """Each event in its own savepoint; what the database refuses becomes a reject."""
+        result = CommitResult(duplicates=batch.duplicates_in_batch)
+        rejected = list(batch.rejected)
+        for item in batch.items:
+            part = CommitResult()
+            try:
+                with conn.begin_nested():
+                    kept = self._drop_existing(conn, [item])
+                    part.duplicates = 1 - len(kept)
+                    self._insert_items(conn, kept, part)
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                rejected.append(
+                    {
+                        "stream": batch.stream,
+                        "raw": _raw_text(item[0]),
+                        "error": f"database refused the event: {_describe(exc)}"[:2000],
+                        # Its raw text holds ingested_at, which differs on every replay.
+                        "digest": reject_digest(str(item[0]["unique_id"]), "refused"),
+                    }
+                )
+                continue
+            result.add(part)
         result.rejected = self._insert_rejected(conn, rejected)
+        self._finish(conn, batch, result)
+        return result
+
+    def _insert_rejected(self, conn: Connection, rejected: list[dict[str, Any]]) -> int:
+        """All of ``rejected``, each row reduced to escaped ASCII if it is refused as is.
+
+        A reject already stored (the same frame replayed after a reconnect) is skipped;
+        returns how many rows were inserted.
+        """
+        if not rejected:
+            return 0
+        rows = [self._clean(r) for r in rejected]
+        insert = _insert_rejects(conn)
+        try:
+            with conn.begin_nested():
+                return len(conn.execute(insert, rows).all())
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+        inserted = 0
+        for row in rows:
+            try:
+                with conn.begin_nested():
+                    inserted += len(conn.execute(insert, [row]).all())
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                log.warning("reject_row_refused_rewriting", error=_describe(exc))
+                inserted += len(conn.execute(insert, [_ascii_reject(row, exc)]).all())
+        return inserted
+
+    def _clean(self, reject: dict[str, Any]) -> dict[str, Any]:
+        text = self._text
+        raw, error = text(reject["raw"]), text(reject["error"])
+        return {
+            "stream": reject["stream"],
+            "raw": raw,
+            "error": error,
+            "digest": reject.get("digest") or reject_digest(raw, error),
+        }
+
+    def _finish(self, conn: Connection, batch: Batch, result: CommitResult) -> None:
         if batch.gaps:
             self._insert_gaps(conn, batch.gaps)
             result.gaps = len(batch.gaps)
         if batch.cursor is not None and batch.cursor.last_time is not None:
             _upsert_cursor(conn, batch.stream, batch.cursor, datetime.now(UTC))
-        return result
 
     def _drop_existing(
         self, conn: Connection, items: list[tuple[dict[str, Any], list[Row]]]
@@ -278,50 +464,7 @@ class Store:
         bulk = self._bulk[table]
         return conn.exec_driver_sql(bulk.sql, bulk.rows(rows)).rowcount
 
-    def _keep_insertable(
-        self,
-        conn: Connection,
-        items: list[tuple[dict[str, Any], list[Row]]],
-        rejected: list[dict[str, Any]],
-        stream: str,
-    ) -> list[tuple[dict[str, Any], list[Row]]]:
-        """Try each event in a savepoint; move the ones the database refuses to ``rejected``."""
-        good: list[tuple[dict[str, Any], list[Row]]] = []
-        probe = CommitResult()
-        for item in items:
-            try:
-                with conn.begin_nested() as sp:
-                    self._insert_items(conn, [item], probe)
-                    sp.rollback()  # only probing; the good ones are inserted together below
-                good.append(item)
-            except (sa.exc.IntegrityError, sa.exc.DataError, sa.exc.StatementError) as exc:
-                if isinstance(exc, sa.exc.OperationalError):
-                    raise
-                rejected.append(
-                    {
-                        "stream": stream,
-                        "raw": _raw_text(item[0]),
-                        "error": f"database refused the event: {exc.orig or exc}"[:2000],
-                        # Its raw text holds ingested_at, which differs on every replay.
-                        "digest": reject_digest(str(item[0]["unique_id"]), "refused"),
-                    }
-                )
-        return good
-
-    @staticmethod
-    def _insert_rejected(conn: Connection, rejected: list[dict[str, Any]]) -> int:
-        """Insert rejects once each: one already stored (a replay of it) is skipped."""
-        if not rejected:
-            return 0
-        for row in rejected:
-            if not row.get("digest"):
-                row["digest"] = reject_digest(row["raw"], row["error"])
-        # RETURNING counts the rows inserted on both dialects (executemany's rowcount does not).
-        stmt = _insert_ignore(conn, schema.rejected_events).returning(schema.rejected_events.c.id)
-        return len(conn.execute(stmt, rejected).all())
-
-    @staticmethod
-    def _insert_gaps(conn: Connection, gaps: Sequence[Gap]) -> None:
+    def _insert_gaps(self, conn: Connection, gaps: Sequence[Gap]) -> None:
         conn.execute(
             sa.insert(schema.stream_gaps),
             [
@@ -330,7 +473,7 @@ class Store:
                     "gap_start": g.gap_start,
                     "gap_end": g.gap_end,
                     "reason": g.reason,
-                    "detail": g.detail,
+                    "detail": self._text(g.detail),
                 }
                 for g in gaps
             ],
@@ -346,5 +489,49 @@ def reject_digest(raw: str, error: str) -> str:
     return h.hexdigest()
 
 
+def _insert_rejects(conn: Connection) -> Any:
+    """Insert rejects, skipping one already stored (``rejected_events.digest``, per stream).
+
+    RETURNING counts the rows inserted on both dialects (executemany's rowcount does not).
+    """
+    return _insert_ignore(conn, schema.rejected_events).returning(schema.rejected_events.c.id)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _describe(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)  # a DBAPIError's driver exception says it best
+    inner = orig if isinstance(orig, BaseException) else exc
+    return f"{type(inner).__name__}: {inner}"
+
+
 def _raw_text(event_row: dict[str, Any]) -> str:
-    return orjson.dumps(event_row, default=str).decode()
+    """An ``events`` row as JSON for ``rejected_events.raw``; never raises."""
+    try:
+        return orjson.dumps(event_row, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except Exception:  # e.g. nested too deep for orjson, or an integer past 64 bits
+        pass
+    try:
+        return json.dumps(event_row, default=str)
+    except Exception:  # deeper than Python recurses: keep what identifies the event
+        return json.dumps(
+            {k: str(event_row.get(k)) for k in ("unique_id", "name", "time")}
+            | {"raw": "the event is nested too deep to write out"}
+        )
+
+
+def _escaped(value: Any, max_chars: int) -> str:
+    text = value if type(value) is str else repr(value)
+    return text[:max_chars].encode("ascii", "backslashreplace").decode("ascii")[:max_chars]
+
+
+def _ascii_reject(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """A reject row any text column takes: printable ASCII, U+0000 and the like escaped."""
+    return {
+        "stream": _escaped(row["stream"], 200),
+        "raw": _escaped(row["raw"], RAW_FALLBACK_CHARS),
+        "error": _escaped(f"{row['error']} (row rewritten as ASCII: {_describe(exc)})", 2000),
+        "digest": row.get("digest"),
+    }

@@ -439,7 +439,7 @@ class Chaos:
         good: dict[str, datetime] = {}
         for event in list(self.sim.events):
             uid = str(event.get("unique_id", ""))
-            if uid not in bad:
+            if uid.rstrip("\x00") not in bad:  # a `nul` poison's id is its own plus U+0000
                 good[uid] = parse_time(event["time"])
         return good, poison
 

@@ -47,7 +47,6 @@ def test_every_emitted_event_is_stored_once_or_inside_a_recorded_gap(
     assert len(kinds) >= 6 and report.restarts >= 1, report.summary()
 
 
-@pytest.mark.xfail(strict=False, reason="needs the malformed-event fix from issue 8 item 1")
 def test_events_whose_identifiers_are_not_objects_are_rejected_and_the_stream_goes_on(
     db_url: str, tmp_path: Path, procs: ProcessTracker
 ) -> None:
@@ -63,7 +62,6 @@ def test_events_whose_identifiers_are_not_objects_are_rejected_and_the_stream_go
     )
 
 
-@pytest.mark.xfail(strict=False, reason="needs the per-event isolation fix from issue 8 item 2")
 def test_values_the_database_cannot_store_lose_no_batch(
     db_url: str, tmp_path: Path, procs: ProcessTracker
 ) -> None:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ingestd import eventgen, schema
+from ingestd.errors import StoreUnavailable
 from ingestd.ingest import BatchBuilder, import_stream
 from ingestd.models import Cursor
 from ingestd.store import Store
@@ -104,17 +105,17 @@ def test_rows_and_cursor_commit_together_or_not_at_all(engine: Engine) -> None:
     for ev in events[10:]:
         builder.add_event(ev)
     batch = builder.take()
-    # Inject a failure half-way through the batch: after events and uplinks are written,
-    # the receptions insert blows up.
+    # Inject an outage half-way through the batch: after events and uplinks are written,
+    # the receptions insert loses the database (as a dropped connection or a lock would).
     calls = {"n": 0}
 
     @sa.event.listens_for(engine, "before_cursor_execute")
     def _fail(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
         if "uplink_receptions" in statement and "INSERT" in statement:
             calls["n"] += 1
-            raise RuntimeError("injected crash mid-batch")
+            raise conn.dialect.loaded_dbapi.OperationalError("injected outage mid-batch")
 
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(StoreUnavailable):
         store.commit_batch(batch)
     sa.event.remove(engine, "before_cursor_execute", _fail)
 

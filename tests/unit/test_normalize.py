@@ -1217,3 +1217,108 @@ def test_a_drop_event_finds_its_outbox_row_through_the_push_request_id(
 ) -> None:
     """as.down.data.drop has only context ids; the worker's X-Request-ID is in the rpc: id."""
     assert outbox_id_from(cids) == expected
+
+
+# --- values no column could hold: rejected here, per event, not by the database ---------
+
+
+@pytest.mark.parametrize(
+    "identifiers",
+    [
+        [{"device_ids": "wm-0001"}],
+        [{"device_ids": ["wm-0001"]}],
+        [{"device_ids": {"device_id": "wm-0001", "application_ids": "acme"}}],
+        [{"application_ids": 42}],
+        [{"device_ids": {"device_id": 7, "application_ids": {"application_id": "acme"}}}],
+        [{"device_ids": {"device_id": "d" * 65}}],
+        [{"device_ids": {"device_id": "d", "dev_eui": {"eui": "70B3D57ED005A1F2"}}}],
+        [{"application_ids": {"application_id": ["acme"]}}],
+    ],
+)
+def test_event_whose_identifiers_hold_the_wrong_types_is_rejected_by_event_row(
+    identifiers: Any,
+) -> None:
+    event = load("uplink_lora_2gw")
+    event["identifiers"] = identifiers
+    with pytest.raises(MalformedEvent, match=r"01JBEBB4XXR5XFFNF94PCHW6BX: .*identifiers"):
+        event_row(event, stream=STREAM)
+
+
+@pytest.mark.parametrize("bad", ["01JBEBB4XXR5\x00XFFNF94PCHW6BX", "\x00"])
+def test_unique_id_or_name_holding_a_nul_is_rejected(bad: str) -> None:
+    event = load("uplink_lora_2gw")
+    event["unique_id"] = bad
+    with pytest.raises(MalformedEvent, match="unique_id"):
+        event_row(event, stream=STREAM)
+    event = load("uplink_lora_2gw")
+    event["name"] = "as.up.data.forward\x00"
+    with pytest.raises(MalformedEvent, match="name"):
+        event_row(event, stream=STREAM)
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [("f_cnt", 2**32), ("f_cnt", 2**63), ("f_cnt", 2**64 - 1), ("f_port", 256), ("f_port", 2**40)],
+)
+def test_uplink_counter_or_port_past_its_protocol_range_is_rejected_not_clamped(
+    field: str, bad: int
+) -> None:
+    event = load("uplink_lora_2gw")
+    event["data"]["uplink_message"][field] = bad
+    _raises(event, f"uplink_message.{field} is not an integer from 0 to")
+
+
+def test_uplink_counter_at_the_top_of_uint32_is_kept() -> None:
+    event = load("uplink_lora_2gw")
+    event["data"]["uplink_message"]["f_cnt"] = 2**32 - 1
+    event["data"]["uplink_message"]["f_port"] = 255
+    values = normalize(event)[0].values
+    assert (values["f_cnt"], values["f_port"]) == (2**32 - 1, 255)
+
+
+def test_downlink_port_past_255_is_rejected() -> None:
+    event = load("down_sent")
+    event["data"]["downlink_sent"]["f_port"] = 256
+    _raises(event, "downlink.f_port is not an integer from 0 to 255")
+
+
+@pytest.mark.parametrize("frequency", ["9223372036854775808", "18446744073709551615", 2**63])
+def test_uplink_frequency_past_int64_is_stored_as_unknown(frequency: Any) -> None:
+    # A valid uint64 the BIGINT column cannot hold: None, and events.data keeps the value.
+    event = load("uplink_lora_2gw")
+    event["data"]["uplink_message"]["settings"]["frequency"] = frequency
+    assert normalize(event)[0].values["frequency"] is None
+    assert (
+        event_row(event, stream=STREAM)["data"]["uplink_message"]["settings"]["frequency"]
+        == frequency
+    )
+
+
+@pytest.mark.parametrize("bad", [-1, "-868500000", 1.5])
+def test_uplink_frequency_that_is_not_a_uint64_is_rejected(bad: Any) -> None:
+    event = load("uplink_lora_2gw")
+    event["data"]["uplink_message"]["settings"]["frequency"] = bad
+    _raises(event, "settings.frequency is not a uint64")
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [
+        ("spreading_factor", "SF7"),
+        ("spreading_factor", 2**31),
+        ("bandwidth", -125000),
+        ("bandwidth", 2**63),
+        ("coding_rate", 45),
+        ("coding_rate", "4/5" * 10),
+    ],
+)
+def test_uplink_data_rate_with_a_value_no_column_holds_is_rejected(key: str, bad: Any) -> None:
+    event = load("uplink_lora_2gw")
+    event["data"]["uplink_message"]["settings"]["data_rate"]["lora"][key] = bad
+    _raises(event, "settings.data_rate.lora has a mistyped or out of range value")
+
+
+@pytest.mark.parametrize("bad", ["9999-12-31T23:00:00-05:00", "0001-01-01T00:30:00+01:00"])
+def test_time_that_leaves_the_datetime_range_in_utc_is_rejected(bad: str) -> None:
+    with pytest.raises(MalformedEvent, match="out of range in UTC"):
+        parse_time(bad)
