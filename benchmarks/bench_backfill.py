@@ -31,8 +31,8 @@ from ingestd import migrate
 from ingestd.backfill import BackfillStore, backfill_window
 from ingestd.config import StreamSettings
 from ingestd.db import create_engine
-from ingestd.ingest import import_stream
-from ingestd.simulator import Simulator
+from ingestd.importer import import_stream
+from ingestd.sim.server import Simulator
 from ingestd.storage import StorageClient
 from ingestd.store import Store
 

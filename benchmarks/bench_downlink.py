@@ -43,9 +43,10 @@ import sqlalchemy as sa
 import structlog
 
 from ingestd import migrate, schema
-from ingestd.config import DownlinkSettings, Secret, Settings, TtsSettings
+from ingestd.config import DownlinkSettings, Settings, TtsSettings
 from ingestd.db import create_engine
-from ingestd.downlink import DownlinkWorker
+from ingestd.outbox.worker import DownlinkWorker
+from ingestd.secrets import Secret
 
 T = schema.downlink_outbox
 APP = "sim-app"
@@ -64,9 +65,24 @@ class Sim:
 def simulator(devices: int) -> Iterator[Sim]:
     """``ingestd simulate`` on a free port, no uplinks; stopped with SIGTERM afterwards."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ingestd", "simulate", "--port", "0", "--rate", "0",
-         "--devices", str(devices), "--seed", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            "-m",
+            "ingestd",
+            "simulate",
+            "--port",
+            "0",
+            "--rate",
+            "0",
+            "--devices",
+            str(devices),
+            "--seed",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         fields: dict[str, str] = {}
@@ -76,8 +92,9 @@ def simulator(devices: int) -> Iterator[Sim]:
                 raise RuntimeError("the simulator did not start")
             key, _, value = line.partition(" ")
             fields[key] = value.strip()
-        yield Sim(fields["base_url"], fields["api_key"],
-                  [f"dev-{i + 1:04d}" for i in range(devices)])
+        yield Sim(
+            fields["base_url"], fields["api_key"], [f"dev-{i + 1:04d}" for i in range(devices)]
+        )
     finally:
         proc.terminate()
         proc.wait(10)
@@ -145,8 +162,9 @@ async def latency(url: str, sim: Sim, *, rows: int, poll_s: float) -> list[float
     def insert_one(device_id: str) -> None:
         with engine.begin() as conn:
             outbox_id = conn.execute(
-                sa.insert(T).values(application_id=APP, device_id=device_id, f_port=1,
-                                    frm_payload=b"\x01").returning(T.c.id)
+                sa.insert(T)
+                .values(application_id=APP, device_id=device_id, f_port=1, frm_payload=b"\x01")
+                .returning(T.c.id)
             ).scalar_one()
         committed[outbox_id] = datetime.now(UTC)
 
@@ -168,19 +186,30 @@ async def latency(url: str, sim: Sim, *, rows: int, poll_s: float) -> list[float
 def _bulk_insert(url: str, sim: Sim, rows: int, devices: int) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.insert(T), [
-            {"application_id": APP, "device_id": sim.device_ids[i % devices], "f_port": 1,
-             "frm_payload": i.to_bytes(4, "big")} for i in range(rows)])
+        conn.execute(
+            sa.insert(T),
+            [
+                {
+                    "application_id": APP,
+                    "device_id": sim.device_ids[i % devices],
+                    "f_port": 1,
+                    "frm_payload": i.to_bytes(4, "big"),
+                }
+                for i in range(rows)
+            ],
+        )
     engine.dispose()
 
 
-async def worker_throughput(url: str, sim: Sim, *, rows: int, devices: int,
-                            concurrency: int) -> float:
+async def worker_throughput(
+    url: str, sim: Sim, *, rows: int, devices: int, concurrency: int
+) -> float:
     """Pushes/s of one worker draining ``rows`` pending rows to ``queued``."""
     await asyncio.to_thread(_bulk_insert, url, sim, rows, devices)
     engine = create_engine(url)
-    worker = DownlinkWorker(engine, settings_for(sim, 0.5), worker_id="bench-tp",
-                            concurrency=concurrency)
+    worker = DownlinkWorker(
+        engine, settings_for(sim, 0.5), worker_id="bench-tp", concurrency=concurrency
+    )
     stop = asyncio.Event()
     started = time.perf_counter()
     task = asyncio.create_task(worker.run(stop))
@@ -194,8 +223,7 @@ async def worker_throughput(url: str, sim: Sim, *, rows: int, devices: int,
     return rows / elapsed
 
 
-async def raw_httpx_throughput(sim: Sim, *, rows: int, devices: int,
-                               concurrency: int) -> float:
+async def raw_httpx_throughput(sim: Sim, *, rows: int, devices: int, concurrency: int) -> float:
     """Pushes/s of a bare httpx POST loop with the same bodies (no database at all)."""
     headers = {"Authorization": f"Bearer {sim.api_key}", "Content-Type": "application/json"}
     counter = iter(range(rows))
@@ -203,12 +231,24 @@ async def raw_httpx_throughput(sim: Sim, *, rows: int, devices: int,
     async def loop(client: httpx.AsyncClient) -> None:
         for i in counter:
             dev = sim.device_ids[i % devices]
-            body = orjson.dumps({"downlinks": [{
-                "f_port": 1, "frm_payload": "AAAAAQ==", "confirmed": False, "priority": "NORMAL",
-                "correlation_ids": [f"bench:raw:{i}"]}]})
+            body = orjson.dumps(
+                {
+                    "downlinks": [
+                        {
+                            "f_port": 1,
+                            "frm_payload": "AAAAAQ==",
+                            "confirmed": False,
+                            "priority": "NORMAL",
+                            "correlation_ids": [f"bench:raw:{i}"],
+                        }
+                    ]
+                }
+            )
             r = await client.post(
                 f"{sim.base_url}/api/v3/as/applications/{APP}/devices/{dev}/down/push",
-                content=body, headers=headers | {"X-Request-ID": f"bench-raw-{i}"})
+                content=body,
+                headers=headers | {"X-Request-ID": f"bench-raw-{i}"},
+            )
             r.raise_for_status()
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as client:
@@ -234,32 +274,47 @@ async def main() -> None:
 
     kinds = ["sqlite"] + (["postgresql"] if args.pg_url else [])
     with simulator(args.devices) as sim:
-        print(f"{args.rows} rows over {args.devices} devices, {args.rounds} rounds, medians; "
-              f"latency over {args.latency_rows} single INSERTs")
+        print(
+            f"{args.rows} rows over {args.devices} devices, {args.rounds} rounds, medians; "
+            f"latency over {args.latency_rows} single INSERTs"
+        )
         for kind in kinds:
             polls = [1.0, 0.1] if kind == "sqlite" else [1.0]
             for poll in polls:
                 with scratch_database(kind, args.pg_url) as url:
                     lat = await latency(url, sim, rows=args.latency_rows, poll_s=poll)
                 how = "poll" if kind == "sqlite" else "NOTIFY, poll fallback"
-                print(f"latency  {kind:<10} ({how} {poll:.1f} s): "
-                      f"p50 {_pct(lat, 0.5) * 1000:7.1f} ms   p99 {_pct(lat, 0.99) * 1000:7.1f} ms"
-                      f"   max {max(lat) * 1000:7.1f} ms")
+                print(
+                    f"latency  {kind:<10} ({how} {poll:.1f} s): "
+                    f"p50 {_pct(lat, 0.5) * 1000:7.1f} ms   p99 {_pct(lat, 0.99) * 1000:7.1f} ms"
+                    f"   max {max(lat) * 1000:7.1f} ms"
+                )
         for concurrency in (1, 8):
             figures: dict[str, list[float]] = {"raw httpx": [], **{k: [] for k in kinds}}
             for _ in range(args.rounds):
-                figures["raw httpx"].append(await raw_httpx_throughput(
-                    sim, rows=args.rows, devices=args.devices, concurrency=concurrency))
+                figures["raw httpx"].append(
+                    await raw_httpx_throughput(
+                        sim, rows=args.rows, devices=args.devices, concurrency=concurrency
+                    )
+                )
                 for kind in kinds:
                     with scratch_database(kind, args.pg_url) as url:
-                        figures[kind].append(await worker_throughput(
-                            url, sim, rows=args.rows, devices=args.devices,
-                            concurrency=concurrency))
+                        figures[kind].append(
+                            await worker_throughput(
+                                url,
+                                sim,
+                                rows=args.rows,
+                                devices=args.devices,
+                                concurrency=concurrency,
+                            )
+                        )
             raw = statistics.median(figures["raw httpx"])
             for name, values in figures.items():
                 med = statistics.median(values)
-                print(f"pushes/s concurrency {concurrency}  {name:<10} {med:8.0f}"
-                      f"   ({med / raw:.2f}x raw httpx)")
+                print(
+                    f"pushes/s concurrency {concurrency}  {name:<10} {med:8.0f}"
+                    f"   ({med / raw:.2f}x raw httpx)"
+                )
 
 
 if __name__ == "__main__":

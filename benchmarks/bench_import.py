@@ -30,7 +30,7 @@ from capture import write_capture
 from ingestd import migrate
 from ingestd.db import create_engine
 from ingestd.framing import FrameDecoder
-from ingestd.ingest import import_stream
+from ingestd.importer import import_stream
 from ingestd.store import Store
 
 READ_BYTES = 1 << 20

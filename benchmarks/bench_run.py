@@ -63,11 +63,12 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_import import fresh_pg
 
-from ingestd import eventgen, schema
+from ingestd import schema
 from ingestd.config import LoggingSettings
 from ingestd.db import create_engine
 from ingestd.logs import configure_logging
-from ingestd.simulator import Simulator
+from ingestd.sim import events as eventgen
+from ingestd.sim.server import Simulator
 
 DEVICES = 50
 TEMPLATES = 1000  # distinct generated uplinks, re-stamped on publish

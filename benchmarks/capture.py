@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from ingestd import eventgen
+from ingestd.sim import events as eventgen
 
 DELIMITERS = {"blank": (b"", b"\n\n"), "ndjson": (b"", b"\n"), "sse": (b"data: ", b"\n\n")}
 

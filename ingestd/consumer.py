@@ -47,6 +47,7 @@ import structlog
 
 from ingestd import metrics
 from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
+from ingestd.batch import BatchBuilder
 from ingestd.config import DatabaseSettings, StreamSettings
 from ingestd.errors import (
     AuthRejected,
@@ -61,7 +62,6 @@ from ingestd.errors import (
     TtsError,
 )
 from ingestd.framing import ErrorFrame, parse_frame
-from ingestd.ingest import BatchBuilder
 from ingestd.leader import StreamLeadership
 from ingestd.models import Batch, Cursor, Gap
 from ingestd.normalize import parse_time
@@ -98,6 +98,7 @@ REFILL_OVERLAP_S = 0.05
 QUIET_ENDS = frozenset({"server_closed", "idle_timeout", "replay_refill"})  # logged at info
 MAX_CURSOR_IDS = 1000  # ids at one time kept for the spool's resume cursor (a bound, item 9)
 FUTURE_SLACK_S = 300.0  # a spooled event later than now + this does not move the resume
+HTTP_1_1 = "HTTP/1.1"  # long-lived HTTP/1.1 streams get stuck behind proxies (lorawan-stack#6653)
 
 
 @dataclass(slots=True)
@@ -131,6 +132,8 @@ class StreamState:
     last_frame_at: datetime | None = None  # the last valid frame: an event or a stream start
     last_commit_at: datetime | None = None  # the last batch made durable (database or spool)
     uncommitted_since: datetime | None = None  # the batch being made durable was taken then
+    # Traffic rights TTS says the key lacks (ingestd.rights_watch): connected, yet empty.
+    rights_missing: tuple[str, ...] = ()
 
     @property
     def receiving(self) -> bool:
@@ -172,6 +175,7 @@ class StreamConsumer:
         self._flush_lock = asyncio.Lock()
         self._flush_task: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
+        self._warned_http1 = False
         self._stopping = False
         self._halt = asyncio.Event()  # set when following stops (shutdown or leadership lost)
         self._overlap_s = settings.overlap_s
@@ -435,7 +439,16 @@ class StreamConsumer:
             after=conn.after,
             request_id=conn.request_id,
             store_disabled=conn.store_disabled,
+            http_version=conn.http_version,
         )
+        if conn.http_version == HTTP_1_1 and not self._warned_http1:  # once per stream
+            self._warned_http1 = True
+            log.warning(
+                "stream_http1",
+                http_version=conn.http_version,
+                detail="long-lived HTTP/1.1 streams can stall behind proxies (lorawan-stack#6653):"
+                " use https (TTS offers h2), or tts.http2_prior_knowledge for h2c on http://",
+            )
         self.connected_event.set()
         self._spawn(self._save_state(now, None))
 

@@ -8,7 +8,7 @@ Retries are decided by class, never by message::
     ├── TtsError                    mixin: TTS answered (``status_code``, ``error_name``)
     ├── TransientError              worth retrying with backoff
     │   ├── StreamDisconnected      transport error, timeout, closed, or not an event stream
-    │   ├── ServerUnavailable       TTS answered 5xx
+    │   ├── ServerUnavailable       TTS answered 5xx, or 408/425/499 (ask again)
     │   ├── RateLimited             TTS answered 429 rate_limit_exceeded (``retry_after_s``)
     │   ├── StoreUnavailable        the database is unreachable or locked
     │   └── SpoolUnavailable        the local spool cannot take frames (full, io, locked)

@@ -184,11 +184,17 @@ class TtsErrorInfo:
     name: str | None  # details[0].name, e.g. "api_key_expired"; compare by name, never text
     namespace: str | None
     message: str
+    # ``insufficient_application_rights`` names the rights the key lacks in
+    # ``attributes.missing`` (TTS_WIRE §5.3), e.g. RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE.
+    missing_rights: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """``namespace:name (message)`` for logs and ``last_error`` columns."""
         label = f"{self.namespace}:{self.name}" if self.namespace and self.name else self.name
-        return f"{label}: {self.message}" if label else self.message
+        text = f"{label}: {self.message}" if label else self.message
+        if self.missing_rights:
+            text += f" (missing {', '.join(self.missing_rights)})"
+        return text
 
 
 def parse_tts_error(body: Any) -> TtsErrorInfo:
@@ -203,11 +209,14 @@ def parse_tts_error(body: Any) -> TtsErrorInfo:
     code = status.get("code")
     name = first.get("name")
     namespace = first.get("namespace")
+    attributes = first.get("attributes")
+    missing = attributes.get("missing") if isinstance(attributes, dict) else None
     return TtsErrorInfo(  # a hostile frame's mistyped fields are dropped, never passed on
         code=code if type(code) is int else None,
         name=name if type(name) is str else None,
         namespace=namespace if type(namespace) is str else None,
         message=str(status.get("message") or body)[:1000],
+        missing_rights=tuple(m for m in missing if type(m) is str) if type(missing) is list else (),
     )
 
 

@@ -1,4 +1,5 @@
-"""Logging: one structlog chain, one stdlib handler, secrets masked on the way out.
+"""Logging: one structlog chain, one stdlib handler, secrets masked on the way out
+(:func:`ingestd.secrets.redact`).
 
 ``configure_logging`` runs once in ``__main__``. Our own events (``log =
 structlog.get_logger()`` per module) and foreign stdlib records (httpx, sqlalchemy, alembic,
@@ -9,26 +10,19 @@ timestamp, rendering and redaction. JSON is for systemd and containers, console 
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, TextIO
-from urllib.parse import quote
 
 import orjson
 import structlog
 from structlog.types import EventDict, Processor, WrappedLogger
 
+from ingestd.secrets import redact
+
 if TYPE_CHECKING:
     from ingestd.config import LoggingSettings
 
-MASK = "***"
-# TTS API keys and OAuth tokens: <prefix>.<39 base32>.<52 base32> (TTS_WIRE 6).
-_TTS_TOKEN_RE = re.compile(r"(NNSXS|MFRWG|OJSWM|MF2XI|ONZW4)\.[A-Z2-7]{39}\.[A-Z2-7]{52}")
-# RFC 6750 b64token characters, plus "*" so an already masked key is consumed whole.
-_BEARER_RE = re.compile(r"\b(Bearer)\s+[A-Za-z0-9\-._~+/*]+=*", re.IGNORECASE)
-# scheme://user:password@host -> scheme://user:***@host
-_URL_PASSWORD_RE = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/?#@]*):[^\s@/]*@")
 # Chatty at INFO (httpx logs every request with its full URL); shown only at debug level.
 _QUIET_UNLESS_DEBUG = ("httpx", "httpcore", "uvicorn.access")
 # SQL echo at INFO would log every batch, and hpack/h2 debug lines dump request headers:
@@ -47,55 +41,6 @@ ROUTED_LOGGERS = (
     "uvicorn.access",
     "asyncio",
 )
-
-
-# Secrets shorter than this are not masked by value: "abc" would garble every log line.
-SECRET_MIN_CHARS = 4
-_secrets: tuple[str, ...] = ()  # longest first, so a secret's prefix never masks it half
-
-
-def register_secrets(values: Iterable[str]) -> None:
-    """Mask these values wherever :func:`redact` runs (logs, ``last_error`` columns,
-    ``status``/``check`` output), whatever their shape.
-
-    The patterns below only know TTS-shaped keys; a key of another shape (a proxy's
-    token, a test key) echoed in a 401 body went to the log and to ``last_error``. Called
-    with every configured API key and the database password when settings are loaded;
-    values accumulate for the life of the process. Their JSON-, URL- and repr-escaped
-    forms are masked too.
-    """
-    global _secrets
-    found = set(_secrets)
-    for value in values:
-        if len(value) < SECRET_MIN_CHARS:
-            continue
-        found |= {
-            value,
-            orjson.dumps(value).decode()[1:-1],
-            quote(value, safe=""),
-            repr(value)[1:-1],
-        }
-    _secrets = tuple(
-        sorted((v for v in found if len(v) >= SECRET_MIN_CHARS), key=len, reverse=True)
-    )
-
-
-def forget_secrets() -> None:
-    """Drop every registered secret (for tests, which load many settings in one process)."""
-    global _secrets
-    _secrets = ()
-
-
-def redact(text: str) -> str:
-    """``text`` with TTS keys/tokens, ``Bearer`` tokens, URL passwords and the registered
-    secrets masked (the patterns first, so a TTS key keeps its telling ``NNSXS.***``)."""
-    text = _TTS_TOKEN_RE.sub(lambda m: f"{m.group(1)}.{MASK}", text)
-    text = _BEARER_RE.sub(lambda m: f"{m.group(1)} {MASK}", text)
-    text = _URL_PASSWORD_RE.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text
 
 
 def _redact_value(value: Any) -> Any:

@@ -30,8 +30,9 @@ from prometheus_client import (
 )
 
 from ingestd import __version__
+from ingestd.config.values import split_host_port
 from ingestd.models import Batch, CommitResult
-from ingestd.normalize_down import DOWNLINK_KINDS
+from ingestd.normalize.down import DOWNLINK_KINDS
 
 if TYPE_CHECKING:
     from ingestd.spool import Spool
@@ -152,8 +153,8 @@ EVENT_TO_COMMIT_SECONDS = Histogram(
 RECONNECTS = Counter(
     "ingestd_reconnects_total",
     "Stream reconnects, by stream and reason (transport, idle_timeout, no_frame,"
-    " headers_timeout, bad_response, server_error, rate_limited, auth, rejected, stream_error,"
-    " server_closed, error, unexpected).",
+    " headers_timeout, bad_response, reject_flood, spool_full, server_error, rate_limited,"
+    " auth, rejected, stream_error, server_closed, error, unexpected).",
     ("stream", "reason"),
     registry=REGISTRY,
 )
@@ -252,6 +253,7 @@ class StreamProgress(Protocol):
     following_since: datetime | None
     last_frame_at: datetime | None
     uncommitted_since: datetime | None
+    rights_missing: tuple[str, ...]
 
 
 def stream_health(
@@ -272,12 +274,17 @@ def stream_health(
       ``grace_s``: events are read but not made durable;
     - **retries**: not connected for over ``grace_s`` since the first failed attempt began
       (the clock starts when the attempt starts, so a connect that never finishes counts);
-      an error retrying will not fix (a rejected key) is unhealthy at once.
+      an error retrying will not fix (a rejected key) is unhealthy at once;
+    - **rights**: TTS says the key lacks the right to read traffic (``rights_missing``):
+      the stream opens, but TTS sends none of its uplinks (issue 11), so it is down however
+      well connected.
 
     A standby (another process leads the stream) is healthy; its leader reports its own.
     """
     if st.standby:
         return True, "standby"
+    if st.rights_missing:
+        return False, f"down: the key lacks {', '.join(st.rights_missing)}: no traffic is sent"
     if st.permanent_error:
         return False, f"down: {st.last_error or 'rejected'}"
     if st.uncommitted_since is not None:
@@ -344,11 +351,7 @@ class _Server(uvicorn.Server):
 
 def _bind(listen: str) -> socket.socket:
     """A listening TCP socket for ``host:port`` (``[v6]:port`` too; port 0 picks one)."""
-    host, sep, port_text = listen.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"metrics listen address must be host:port, got {listen!r}")
-    port = int(port_text)
+    host, port = split_host_port(listen)
     family, *_ = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     dualstack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
     return socket.create_server((host, port), family=family, dualstack_ipv6=dualstack)
@@ -369,6 +372,13 @@ class MetricsServer:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._port: int | None = None
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The task serving requests (only after ``start()``): it runs until ``stop()``."""
+        if self._task is None:
+            raise RuntimeError("MetricsServer is not started")
+        return self._task
 
     @property
     def port(self) -> int:

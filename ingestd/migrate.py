@@ -59,6 +59,33 @@ def head_revision() -> str | None:
 def is_up_to_date(engine: Engine) -> bool:
     """True when the database is at the shipped head revision."""
     try:
-        return current_revision(engine) == head_revision()
+        return schema_problem(engine)[1] is None
     except sa.exc.OperationalError:
+        return False
+
+
+def schema_problem(engine: Engine) -> tuple[str | None, str | None]:
+    """``(current revision, problem)``: the problem is None when the schema is at head.
+
+    The one answer to "is the schema at head?" for ``run --no-migrate``, ``check`` and
+    ``status``; the problem says what to do about it.
+    """
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return current, None
+    if current is None:
+        return None, "not migrated: run `ingestd migrate`"
+    if not _known_revision(current):
+        return current, (
+            f"at revision {current}, which this ingestd does not know (head {head}): "
+            "the database was migrated by a newer ingestd"
+        )
+    return current, f"at revision {current}, this ingestd needs {head}: run `ingestd migrate`"
+
+
+def _known_revision(revision: str) -> bool:
+    try:
+        return ScriptDirectory(str(migrations_dir())).get_revision(revision) is not None
+    except Exception:  # alembic raises several resolution errors for an unknown id
         return False

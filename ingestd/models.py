@@ -1,28 +1,66 @@
 """Values passed between the pipeline's stages.
 
-Raw Things Stack JSON stays a plain ``dict`` (decoded by orjson); :class:`TtsEvent`
-documents the keys we read. Internal values are small frozen dataclasses or NamedTuples.
+Raw Things Stack JSON stays a plain ``dict`` (decoded by orjson; TTS_WIRE §2 has its keys).
+Internal values are small frozen dataclasses or NamedTuples, closed sets StrEnums.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple, TypedDict
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+# Closed sets as StrEnums: each member is its own string, so rows, SQL parameters and
+# comparisons with plain strings work unchanged, and the declaration is the one home.
 
 
-class TtsEvent(TypedDict, total=False):
-    """An ``Event`` as TTS writes it on ``/api/v3/events`` (TTS_WIRE §2)."""
+class Priority(StrEnum):
+    """TTS's TxSchedulePriority (TTS_WIRE 5.2), in enum-number order, lowest first."""
 
-    name: str
-    time: str
-    identifiers: list[dict[str, Any]]
-    data: dict[str, Any]
-    correlation_ids: list[str]
-    origin: str
-    context: dict[str, str]
-    visibility: dict[str, Any]
-    unique_id: str
+    LOWEST = "LOWEST"
+    LOW = "LOW"
+    BELOW_NORMAL = "BELOW_NORMAL"
+    NORMAL = "NORMAL"
+    ABOVE_NORMAL = "ABOVE_NORMAL"
+    HIGH = "HIGH"
+    HIGHEST = "HIGHEST"
+
+
+class OutboxStatus(StrEnum):
+    """``downlink_outbox.status``; statuses only move forward (see :mod:`ingestd.outbox.sql`)."""
+
+    PENDING = "pending"
+    PUSHING = "pushing"
+    QUEUED = "queued"
+    SENT = "sent"
+    ACKED = "acked"
+    FAILED = "failed"
+    INVALIDATED = "invalidated"
+    DROPPED = "dropped"
+
+
+class Operation(StrEnum):
+    """``downlink_outbox.operation``: TTS's ``down/push`` or ``down/replace``."""
+
+    PUSH = "push"
+    REPLACE = "replace"
+
+
+class DownlinkKind(StrEnum):
+    """``downlink_events.kind``: which ``as.down.data.*`` lifecycle event a row records."""
+
+    RECEIVE = "receive"
+    FORWARD = "forward"
+    SENT = "sent"
+    ACK = "ack"
+    NACK = "nack"
+    FAILED = "failed"
+    QUEUE_INVALIDATED = "queue_invalidated"
+    DROP = "drop"
+
+
+TX_PRIORITIES: tuple[str, ...] = tuple(Priority)
 
 
 class Row(NamedTuple):

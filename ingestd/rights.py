@@ -45,6 +45,15 @@ ALL = "RIGHT_ALL"
 STREAM_TRAFFIC: frozenset[str] = frozenset({TRAFFIC_READ})  # as.* events are visible
 DOWNLINKS: frozenset[str] = frozenset({TRAFFIC_DOWN_WRITE})  # down/push, down/replace
 NEEDED: Mapping[str, frozenset[str]] = {"stream": STREAM_TRAFFIC, "downlinks": DOWNLINKS}
+# What a missing right costs, and what the Console calls it (its API key rights form).
+CONSEQUENCES: Mapping[str, str] = {
+    TRAFFIC_READ: "TTS opens the stream but sends none of its uplink or downlink events",
+    TRAFFIC_DOWN_WRITE: "downlink pushes fail with 403 insufficient_application_rights",
+}
+CONSOLE_LABELS: Mapping[str, str] = {
+    TRAFFIC_READ: "Read application traffic (uplink and downlink)",
+    TRAFFIC_DOWN_WRITE: "Write downlink application traffic",
+}
 
 # ``rights.proto`` enum order (``right_invalid`` = 0 is not a right), without the prefix.
 _ENUM = (
@@ -108,6 +117,22 @@ def missing_rights(granted: Iterable[str], needed: Iterable[str]) -> list[str]:
     """The ``needed`` rights that ``granted`` (expanded) lacks, sorted; ``[]`` when none."""
     have = implied(granted)
     return sorted(set(needed) - have)
+
+
+def needed_for(*, downlinks: bool) -> frozenset[str]:
+    """What a stream's key needs: reading traffic, and pushing downlinks when they are on."""
+    return STREAM_TRAFFIC | (DOWNLINKS if downlinks else frozenset())
+
+
+def describe_missing(missing: Iterable[str], application_id: str) -> str:
+    """``the key lacks X on app: <consequence>; ...`` for a check line or a health text."""
+    parts = [
+        f"{right} ({CONSOLE_LABELS[right]!r}): {CONSEQUENCES[right]}"
+        if right in CONSEQUENCES
+        else right
+        for right in missing
+    ]
+    return f"the key lacks rights on {application_id}: " + "; ".join(parts)
 
 
 def application_rights(granted: Iterable[str]) -> list[str]:

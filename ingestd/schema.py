@@ -26,6 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
+from ingestd.models import TX_PRIORITIES, Operation, OutboxStatus
+
 
 class UtcDateTime(sa.TypeDecorator[datetime]):
     """A timezone-aware UTC datetime on every dialect (SQLite drops the zone otherwise)."""
@@ -112,6 +114,8 @@ uplinks = sa.Table(
     sa.Column("consumed_airtime_s", sa.Float),
     sa.Column("packet_error_rate", sa.Float),
     sa.Column("source", sa.String(16), nullable=False, server_default="stream"),
+    # TTS's ApplicationUp.simulated (Console/API "simulate uplink"): left out of the views.
+    sa.Column("simulated", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index(None, "event_unique_id", unique=True),
     sa.Index(None, "application_id", "device_id", "received_at"),
     sa.Index(None, "received_at"),
@@ -225,21 +229,17 @@ rejected_events = sa.Table(
     sa.Index(None, "stream", "digest", unique=True),
 )
 
-OUTBOX_STATUSES = (
-    "pending",
-    "pushing",
-    "queued",
-    "sent",
-    "acked",
-    "failed",
-    "invalidated",
-    "dropped",
-)
-OUTBOX_OPERATIONS = ("push", "replace")
-# TTS TxSchedulePriority names (TTS_WIRE 5.2), lowest first.
-TX_PRIORITIES = ("LOWEST", "LOW", "BELOW_NORMAL", "NORMAL", "ABOVE_NORMAL", "HIGH", "HIGHEST")
+OUTBOX_STATUSES: tuple[str, ...] = tuple(OutboxStatus)
+OUTBOX_OPERATIONS: tuple[str, ...] = tuple(Operation)
 # Statuses of rows TTS has not accepted yet: they hold back later rows of the same device.
-OUTBOX_ACTIVE_STATUSES = ("pending", "pushing")
+OUTBOX_ACTIVE_STATUSES: tuple[str, ...] = (OutboxStatus.PENDING, OutboxStatus.PUSHING)
+# Statuses a row never leaves (except for a late ack): retention may delete such rows.
+OUTBOX_FINAL_STATUSES: tuple[str, ...] = (
+    OutboxStatus.ACKED,
+    OutboxStatus.FAILED,
+    OutboxStatus.INVALIDATED,
+    OutboxStatus.DROPPED,
+)
 
 
 def _in_list(column: str, values: tuple[str, ...]) -> str:

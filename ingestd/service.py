@@ -1,8 +1,9 @@
-"""The daemon: owns the engine and HTTP client, runs the named tasks, stops in order.
+"""The daemon: owns the engine and HTTP clients, runs the named tasks, stops in order.
 
 Tasks: ``stream:<name>`` per configured stream, ``downlink:<n>`` workers when enabled,
-``metrics`` and ``watchdog``. If one fails unexpectedly the service logs ``task_failed``
-and stops everything (the supervisor restarts the process). Shutdown order: streams stop
+``metrics`` and ``watchdog``, and ``rights:<name>`` per stream (:mod:`ingestd.rights_watch`).
+If one of the main tasks fails unexpectedly the service logs ``task_failed`` and stops
+everything (the supervisor restarts the process). Shutdown order: streams stop
 reading and commit the batch in flight with its cursor; the downlink worker gets
 ``shutdown_grace_s`` to finish its push; the rest is cancelled; the engine is disposed.
 """
@@ -24,12 +25,13 @@ import httpx
 import sqlalchemy as sa
 import structlog
 
-from ingestd import __version__, db, metrics, migrate, sdnotify
+from ingestd import __version__, db, metrics, migrate, sdnotify, tts
 from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
 from ingestd.config import Settings
 from ingestd.consumer import StreamConsumer
 from ingestd.db import create_engine
 from ingestd.errors import AlreadyRunning, SchemaNotReady
+from ingestd.rights_watch import watch_rights
 from ingestd.signals import install_stop_handlers
 from ingestd.store import Store
 
@@ -37,7 +39,6 @@ log = structlog.get_logger()
 
 HTTP_MAX_CONNECTIONS = 100
 HEALTH_DB_TIMEOUT_S = 2.0
-STOP_CHECK_S = 0.2
 WATCHDOG_DEFAULT_S = 10.0
 OUTBOX_GAUGE_INTERVAL_S = 10.0
 
@@ -49,7 +50,9 @@ class Service:
         self.settings = settings
         self._entered = False
         self.engine: sa.Engine | None = None
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx.AsyncClient | None = None  # for [tts]'s HTTP settings
+        # One client per distinct http2_prior_knowledge: a stream may set its own.
+        self.clients: dict[bool, httpx.AsyncClient] = {}
         self.consumers: list[StreamConsumer] = []
         self.metrics_port: int | None = None
         self.backfill_task: Any = None  # ingestd.backfill.BackfillTask while running
@@ -61,17 +64,13 @@ class Service:
         s = self.settings
         self.engine = create_engine(s.database.url)
         store = Store(self.engine, downlink_hook=_downlink_hook())
-        self.client = httpx.AsyncClient(
-            http2=True,
-            limits=httpx.Limits(max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=20),
-            headers={"User-Agent": f"ingestd/{__version__}"},
-        )
+        self.client = self.client_for(s.tts.http2_prior_knowledge)
         spool_root = s.spool.root(s.database.url) if s.spool.enabled else None
         self.consumers = [
             StreamConsumer(
                 stream,
                 store=store,
-                client=self.client,
+                client=self.client_for(stream.http2_prior_knowledge),
                 batching=s.database,
                 spool_root=spool_root,
                 spool_max_bytes=s.spool.max_bytes,
@@ -86,10 +85,21 @@ class Service:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        for client in self.clients.values():
+            await client.aclose()
         if self.engine is not None:
             self.engine.dispose()
+
+    def client_for(self, prior_knowledge: bool) -> httpx.AsyncClient:
+        """The HTTP client for ``http2_prior_knowledge = prior_knowledge`` (made once)."""
+        if prior_knowledge not in self.clients:
+            self.clients[prior_knowledge] = tts.http_client(
+                prior_knowledge=prior_knowledge,
+                limits=httpx.Limits(
+                    max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=20
+                ),
+            )
+        return self.clients[prior_knowledge]
 
     # -- health ------------------------------------------------------------------------------
 
@@ -134,7 +144,15 @@ class Service:
     # -- running -----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run every task until ``stop`` is set or one of them fails."""
+        """Run every task until ``stop`` is set or one of them fails.
+
+        Streams, downlink workers, backfill and the metrics server must run until the stop;
+        the side tasks (``ready``, ``watchdog``, ``outbox_gauge``) may finish early but must
+        not fail. Either way a failure logs ``task_failed`` and stops the daemon (a dead
+        watchdog task would otherwise have systemd kill it after ``WatchdogSec``, with no
+        line saying why); errors that tasks raise while stopping are logged too.
+        """
+        server = await self._start_metrics()  # first: a bind failure leaves nothing running
         tasks: dict[str, asyncio.Task[Any]] = {}
         for consumer in self.consumers:
             name = f"stream:{consumer.settings.name}"
@@ -150,10 +168,36 @@ class Service:
             "watchdog": asyncio.create_task(self._watchdog(stop), name="watchdog"),
             "outbox_gauge": asyncio.create_task(self._outbox_gauge(stop), name="outbox_gauge"),
         }
-        server = await self._start_metrics()
+        if (retention := self.settings.retention).max_age is not None:
+            from ingestd.prune import retention_loop
+
+            assert self.engine is not None
+            side["retention"] = asyncio.create_task(
+                retention_loop(
+                    self.engine,
+                    max_age=retention.max_age,
+                    interval_s=retention.interval_s,
+                    stop=stop,
+                ),
+                name="retention",
+            )
+        for consumer in self.consumers:  # once at stream start, then every few minutes
+            stream = consumer.settings
+            side[f"rights:{stream.name}"] = asyncio.create_task(
+                watch_rights(
+                    stream,
+                    consumer.state,
+                    self.client_for(stream.http2_prior_knowledge),
+                    stop,
+                    downlinks=self.settings.downlinks.enabled,
+                ),
+                name=f"rights:{stream.name}",
+            )
+        if server is not None:
+            tasks["metrics"] = server.task
         failed: BaseException | None = None
         try:
-            failed = await self._monitor(tasks, stop)
+            failed = await self._monitor(tasks, side, stop)
         finally:
             sdnotify.stopping()
             stop.set()
@@ -173,24 +217,36 @@ class Service:
             await cancel_and_wait(side.values())
             if server is not None:
                 await server.stop()
+            _log_shutdown_errors({**tasks, **side}, reported=failed)
         if failed is not None:
             raise failed
 
     async def _monitor(
-        self, tasks: dict[str, asyncio.Task[Any]], stop: asyncio.Event
+        self,
+        tasks: dict[str, asyncio.Task[Any]],
+        side: dict[str, asyncio.Task[Any]],
+        stop: asyncio.Event,
     ) -> BaseException | None:
-        """Wait for stop; if a task ends early, log ``task_failed`` and stop everything."""
+        """Wait for stop; if a task ends early (a side task: fails), log ``task_failed``
+        and return its error, which stops everything."""
         while not stop.is_set():
-            running = [t for t in tasks.values() if not t.done()]
+            running = [t for t in (*tasks.values(), *side.values()) if not t.done()]
             if running:
                 await wait_any(stop.wait(), asyncio.wait(running, return_when="FIRST_COMPLETED"))
             else:
                 await stop.wait()
+            if stop.is_set():
+                break
             for name, task in tasks.items():
-                if task.done() and not stop.is_set():
+                if task.done():
                     exc = None if task.cancelled() else task.exception()
                     log.error("task_failed", task=name, error=repr(exc))
                     return exc or RuntimeError(f"task {name} ended unexpectedly")
+            for name, task in side.items():
+                exc = task.exception() if task.done() and not task.cancelled() else None
+                if exc is not None or task.cancelled():
+                    log.error("task_failed", task=name, error=repr(exc))
+                    return exc or RuntimeError(f"task {name} was cancelled")
         return None
 
     def _backfill(self) -> Any:
@@ -209,7 +265,7 @@ class Service:
         d = self.settings.downlinks
         if not d.enabled:
             return []
-        from ingestd.downlink import DownlinkWorker
+        from ingestd.outbox.worker import DownlinkWorker
 
         assert self.engine is not None
         return [
@@ -243,7 +299,7 @@ class Service:
 
     async def _outbox_gauge(self, stop: asyncio.Event) -> None:
         """Refresh ``ingestd_outbox_rows{status}`` (one indexed GROUP BY per interval)."""
-        from ingestd import outbox
+        from ingestd.outbox import sql as outbox
 
         assert self.engine is not None
         engine = self.engine
@@ -267,8 +323,21 @@ class Service:
             sdnotify.watchdog()
 
 
+def _log_shutdown_errors(
+    tasks: dict[str, asyncio.Task[Any]], *, reported: BaseException | None
+) -> None:
+    """Log what tasks raised while stopping (``task_failed_at_stop``), not drop it; the
+    error that stopped the daemon was logged as ``task_failed`` already."""
+    for name, task in tasks.items():
+        if not task.done() or task.cancelled():
+            continue
+        exc = task.exception()
+        if exc is not None and exc is not reported:
+            log.error("task_failed_at_stop", task=name, error=repr(exc), exc_info=exc)
+
+
 def _downlink_hook() -> Any:
-    from ingestd import outbox
+    from ingestd.outbox import sql as outbox
 
     return outbox.apply_downlink_events
 
@@ -335,11 +404,10 @@ def _migrate_or_check(settings: Settings, *, migrate_first: bool) -> None:
         if migrate_first:
             migrate.upgrade(engine)
         else:
-            current, head = migrate.current_revision(engine), migrate.head_revision()
-            if current != head:
+            _, problem = migrate.schema_problem(engine)
+            if problem is not None:
                 raise SchemaNotReady(
-                    f"{settings.database.safe_url} is at revision {current or '(none)'}, "
-                    f"this ingestd needs {head}: run `ingestd migrate` (or drop --no-migrate)"
+                    f"{settings.database.safe_url}: schema {problem} (or drop --no-migrate)"
                 )
     finally:
         engine.dispose()

@@ -1,7 +1,8 @@
 """All ingest-side SQL: batches of rows and the cursor that covers them, in one transaction.
 
 One code path serves SQLite and PostgreSQL; the dialect differences live in
-:func:`_insert_ignore` and :func:`_upsert_cursor`. Inserts are executemany per table
+:class:`_BulkInsert` (placeholders, per-column value conversion), :func:`_upsert_cursor`
+and :func:`_insert_ignore`. Inserts are executemany per table
 (never a giant multi-VALUES statement, see PERF_NOTES), and every insert is
 ``ON CONFLICT DO NOTHING``: idempotency lives in the database, keyed by the event's
 ``unique_id``. The in-batch and pre-select de-duplication only saves work.
@@ -39,7 +40,6 @@ from sqlalchemy.engine import Connection, Engine
 
 from ingestd import schema
 from ingestd.errors import StoreUnavailable
-from ingestd.logs import redact
 from ingestd.models import (
     CURSOR_FUTURE_TOLERANCE_S,
     CURSOR_IDS_MAX,
@@ -49,6 +49,7 @@ from ingestd.models import (
     Gap,
     Row,
 )
+from ingestd.secrets import redact
 
 log = structlog.get_logger()
 
@@ -304,11 +305,6 @@ class Store:
                 )
             with self.engine.begin() as conn:
                 return self._write_isolated(conn, batch)
-
-    def record_gap(self, gap: Gap) -> None:
-        """Write one gap outside any batch (e.g. detected before the first event)."""
-        with map_db_errors(), self.engine.begin() as conn:
-            self._insert_gaps(conn, [gap])
 
     def set_stream_state(
         self, stream: str, *, connected_since: datetime | None, last_error: str | None = None

@@ -63,6 +63,7 @@ class OpenStream:
     store_disabled: bool
     request_id: str | None
     frames: AsyncIterator[bytes] = field(repr=False)
+    http_version: str = "HTTP/1.1"  # as httpx names it: "HTTP/1.1" or "HTTP/2"
 
 
 class EventStream:
@@ -142,6 +143,7 @@ class EventStream:
                 store_disabled=any(tts.STORE_DISABLED_WARNING in w for w in warnings),
                 request_id=response.headers.get("x-request-id"),
                 frames=self._frames(response, gzipped=gzipped),
+                http_version=response.http_version,
             )
         finally:
             await response.aclose()

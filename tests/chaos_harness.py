@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from support import DaemonProcess, ProcessTracker, ingestd_env, stream_requests_ok
 
 from ingestd.normalize import parse_time
-from ingestd.simulator import Poison, Simulator
+from ingestd.sim.server import Poison, Simulator
 
 STREAM = "chaos"
 FAULT_KINDS = (

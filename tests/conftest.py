@@ -23,7 +23,7 @@ import structlog
 from sqlalchemy.engine import Engine
 from support import ProcessTracker
 
-from ingestd import logs, migrate
+from ingestd import migrate, secrets
 from ingestd.db import create_engine
 
 PG_URL_ENV = "INGESTD_TEST_PG_URL"
@@ -139,10 +139,10 @@ def _reset_structlog() -> Iterator[None]:
     """Every test starts with structlog's defaults, so capture_logs works and nothing leaks
     (nor do the secrets an earlier test's settings registered for masking)."""
     structlog.reset_defaults()
-    logs.forget_secrets()
+    secrets.forget_secrets()
     yield
     structlog.reset_defaults()
-    logs.forget_secrets()
+    secrets.forget_secrets()
 
 
 # --- processes: none may outlive its test, nor the session (issue 8 item 14) -----------------

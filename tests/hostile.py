@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from ingestd import eventgen
+from ingestd.sim import events as eventgen
 
 DATA = Path(__file__).parent / "data" / "events"
 

@@ -23,14 +23,14 @@ from ingestd.config import (
     DatabaseSettings,
     DownlinkSettings,
     MetricsSettings,
-    Secret,
     Settings,
     SpoolSettings,
     StreamSettings,
 )
 from ingestd.db import create_engine
+from ingestd.secrets import Secret
 from ingestd.service import Service
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 FAST_STREAM = {
     "reconnect_min_s": 0.05,

@@ -18,7 +18,7 @@ from support import DaemonProcess, Db, ProcessTracker, connected, make_settings,
 from ingestd.backfill import run_cli
 from ingestd.config import BackfillSettings, Settings
 from ingestd.metrics import REGISTRY
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 FAST = BackfillSettings(settle_s=0.0, recheck_s=0.5, margin_s=5.0, poll_interval_s=0.1)
 
@@ -93,7 +93,7 @@ async def test_outage_longer_than_replay_is_healed_exactly_once(
     # ingestd status says so.
     from datetime import UTC, datetime
 
-    from ingestd.status import collect_status
+    from ingestd.cli.status import collect_status
 
     report = collect_status(db.engine, settings, now=datetime.now(UTC))
     (app,) = report["streams"]

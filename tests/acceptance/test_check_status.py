@@ -20,9 +20,10 @@ import pytest
 import sqlalchemy as sa
 from support import Db
 
-from ingestd import eventgen, migrate, schema
+from ingestd import migrate, schema
 from ingestd.db import create_engine
-from ingestd.simulator import Simulator, fake_api_key
+from ingestd.sim import events as eventgen
+from ingestd.sim.server import Simulator, fake_api_key
 from ingestd.store import Store
 
 DIALECTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -116,22 +117,34 @@ def test_check_passes_against_the_simulator(db_url: str, tmp_path: Path, sim: Si
             "names": ["as.up.data.forward", "/^as\\.down\\./"],
         },
     ]
-    cfg = _write_config(tmp_path, db_url=db_url, base_url=sim.base_url, api_key=sim.api_key,
-                        streams=streams, downlinks=True)
+    cfg = _write_config(
+        tmp_path,
+        db_url=db_url,
+        base_url=sim.base_url,
+        api_key=sim.api_key,
+        streams=streams,
+        downlinks=True,
+    )
 
     res = _ingestd(cfg, "check")
 
     assert res.returncode == 0, res.stdout + res.stderr
     verdicts = _verdicts(res.stdout)
     assert list(verdicts) == [
-        "config", "database", "schema", "stream water-meters", "stream meter-1", "downlinks"
+        "config",
+        "database",
+        "schema",
+        "stream water-meters",
+        "stream meter-1",
+        "downlinks",
     ]
     for subject in ("config", "database", "schema"):
         assert [w for w, _ in verdicts[subject]] == ["ok"], verdicts[subject]
     for subject in ("stream water-meters", "stream meter-1"):
         # This simulator has no Storage Integration, like open-source TTS: a warning only.
-        assert [w for w, _ in verdicts[subject]] == ["ok", "warn"], verdicts[subject]
-        assert "storage: not enabled (404" in verdicts[subject][1][1]
+        assert [w for w, _ in verdicts[subject]] == ["ok", "ok", "warn"], verdicts[subject]
+        assert verdicts[subject][1][1] == "rights: the key may read traffic and push downlinks"
+        assert "storage: not enabled (404" in verdicts[subject][2][1]
     assert verdicts["downlinks"][0][0] == "note"
     assert "2 streams, downlinks on" in verdicts["config"][0][1]
     assert "sim-app" in verdicts["stream water-meters"][0][1]
@@ -144,8 +157,12 @@ def test_check_passes_against_the_simulator(db_url: str, tmp_path: Path, sim: Si
 
 def test_check_shows_the_no_event_store_warning(tmp_path: Path) -> None:
     with Simulator(devices=2, store=False, seed=3) as nostore:
-        cfg = _write_config(tmp_path, db_url=_migrated_sqlite(tmp_path),
-                            base_url=nostore.base_url, api_key=nostore.api_key)
+        cfg = _write_config(
+            tmp_path,
+            db_url=_migrated_sqlite(tmp_path),
+            base_url=nostore.base_url,
+            api_key=nostore.api_key,
+        )
         res = _ingestd(cfg, "check")
     assert res.returncode == 0, res.stdout
     words = _verdicts(res.stdout)["stream water-meters"]
@@ -155,12 +172,62 @@ def test_check_shows_the_no_event_store_warning(tmp_path: Path) -> None:
     assert "resumes cannot replay" in words[1][1]
 
 
+def test_check_fails_naming_the_right_a_traffic_less_key_lacks(tmp_path: Path) -> None:
+    """TTS opens the stream for a key with any right, then sends none of its traffic: the
+    stream line alone would say ok (issue 11)."""
+    with Simulator(devices=2, seed=5, api_key_rights=("RIGHT_APPLICATION_INFO",)) as info_only:
+        cfg = _write_config(
+            tmp_path,
+            db_url=_migrated_sqlite(tmp_path),
+            base_url=info_only.base_url,
+            api_key=info_only.api_key,
+        )
+        res = _ingestd(cfg, "check")
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = _verdicts(res.stdout)["stream water-meters"]
+    assert lines[0][0] == "ok"  # the stream opened: events.stream.start came
+    failed = [detail for word, detail in lines if word == "FAIL"]
+    assert len(failed) == 1
+    assert failed[0].startswith(
+        "rights: the key lacks rights on sim-app: RIGHT_APPLICATION_TRAFFIC_READ "
+    )
+    assert "RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE" not in failed[0]  # downlinks are off
+
+
+@pytest.mark.parametrize("downlinks", [True, False])
+def test_check_fails_naming_the_downlink_right_only_when_downlinks_are_on(
+    tmp_path: Path, sim: Simulator, downlinks: bool
+) -> None:
+    read_only = sim.add_api_key(["RIGHT_APPLICATION_TRAFFIC_READ"])
+    cfg = _write_config(
+        tmp_path,
+        db_url=_migrated_sqlite(tmp_path),
+        base_url=sim.base_url,
+        api_key=read_only,
+        downlinks=downlinks,
+    )
+    res = _ingestd(cfg, "check")
+    lines = _verdicts(res.stdout)["stream water-meters"]
+    rights_line = next(line for line in lines if line[1].startswith("rights: "))
+    if downlinks:
+        assert res.returncode == 1
+        assert rights_line[0] == "FAIL"
+        assert "RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE" in rights_line[1]
+        assert "insufficient_application_rights" in rights_line[1]
+        assert "RIGHT_APPLICATION_TRAFFIC_READ " not in rights_line[1]
+    else:
+        assert res.returncode == 0, res.stdout
+        assert rights_line == ("ok", "rights: the key may read traffic")
+    assert read_only not in res.stdout + res.stderr
+
+
 def test_check_fails_on_a_wrong_api_key_naming_the_tts_error(
     tmp_path: Path, sim: Simulator
 ) -> None:
     wrong = fake_api_key(random.Random(99))
-    cfg = _write_config(tmp_path, db_url=_migrated_sqlite(tmp_path), base_url=sim.base_url,
-                        api_key=wrong)
+    cfg = _write_config(
+        tmp_path, db_url=_migrated_sqlite(tmp_path), base_url=sim.base_url, api_key=wrong
+    )
 
     res = _ingestd(cfg, "check")
 
@@ -182,8 +249,12 @@ def test_check_fails_on_an_unreachable_host_and_database_without_showing_the_pas
     port = _closed_port()
     password = "pw-Zq8s4Hunter2"
     db_url = f"postgresql+psycopg://ingestd:{password}@127.0.0.1:{port}/ingestd"
-    cfg = _write_config(tmp_path, db_url=db_url, base_url=f"http://127.0.0.1:{port}",
-                        api_key=fake_api_key(random.Random(1)))
+    cfg = _write_config(
+        tmp_path,
+        db_url=db_url,
+        base_url=f"http://127.0.0.1:{port}",
+        api_key=fake_api_key(random.Random(1)),
+    )
 
     res = _ingestd(cfg, "check")
 
@@ -200,8 +271,9 @@ def test_check_fails_on_an_unreachable_host_and_database_without_showing_the_pas
 
 
 def test_check_fails_when_a_stream_has_no_key(tmp_path: Path, sim: Simulator) -> None:
-    cfg = _write_config(tmp_path, db_url=_migrated_sqlite(tmp_path), base_url=sim.base_url,
-                        api_key=None)
+    cfg = _write_config(
+        tmp_path, db_url=_migrated_sqlite(tmp_path), base_url=sim.base_url, api_key=None
+    )
     res = _ingestd(cfg, "check")
     assert res.returncode == 1
     verdicts = _verdicts(res.stdout)
@@ -235,8 +307,9 @@ def test_check_and_status_fail_on_an_unmigrated_database(
 
 def test_check_does_not_create_a_missing_sqlite_file(tmp_path: Path, sim: Simulator) -> None:
     path = tmp_path / "nowhere.db"
-    cfg = _write_config(tmp_path, db_url=f"sqlite:///{path}", base_url=sim.base_url,
-                        api_key=sim.api_key)
+    cfg = _write_config(
+        tmp_path, db_url=f"sqlite:///{path}", base_url=sim.base_url, api_key=sim.api_key
+    )
     res = _ingestd(cfg, "check")
     assert res.returncode == 1
     verdicts = _verdicts(res.stdout)
@@ -258,15 +331,28 @@ def _capture(path: Path, now: datetime) -> Path:
     with path.open("wb") as out:
         for i, t in enumerate(old + recent):
             ev = eventgen.uplink_event(
-                application_id="sim-app", device_id=f"dev-{i % 2}", dev_eui=f"70B3D57ED00000{i % 2:02X}",
-                f_cnt=i, f_port=1, payload=b"\x01", gateways=1, time=t, unique_id=ulids(t), rng=rng,
+                application_id="sim-app",
+                device_id=f"dev-{i % 2}",
+                dev_eui=f"70B3D57ED00000{i % 2:02X}",
+                f_cnt=i,
+                f_port=1,
+                payload=b"\x01",
+                gateways=1,
+                time=t,
+                unique_id=ulids(t),
+                rng=rng,
             )
             out.write(orjson.dumps({"result": ev}) + b"\n\n")
         for i in range(2):
             t = now - timedelta(minutes=20, seconds=-i)
             ev = eventgen.join_event(
-                application_id="sim-app", device_id=f"dev-{i}", dev_eui=f"70B3D57ED00000{i:02X}",
-                dev_addr="260B0001", time=t, unique_id=ulids(t), rng=rng,
+                application_id="sim-app",
+                device_id=f"dev-{i}",
+                dev_eui=f"70B3D57ED00000{i:02X}",
+                dev_addr="260B0001",
+                time=t,
+                unique_id=ulids(t),
+                rng=rng,
             )
             out.write(orjson.dumps({"result": ev}) + b"\n\n")
     return path
@@ -283,18 +369,32 @@ def _seed_outbox_gaps_and_state(db_url: str, now: datetime) -> None:
             conn.execute(user_insert, {"p": b"\x01", "status": status})
         conn.execute(
             sa.insert(schema.downlink_outbox).values(
-                application_id="sim-app", device_id="dev-0002", f_port=1, frm_payload=b"\x02",
+                application_id="sim-app",
+                device_id="dev-0002",
+                f_port=1,
+                frm_payload=b"\x02",
                 created_at=now - timedelta(minutes=5),
             )
         )
-        conn.execute(sa.insert(schema.stream_gaps), [
-            {"stream": "cap", "gap_start": now - timedelta(days=2, minutes=1),
-             "gap_end": now - timedelta(days=2), "reason": "reconnect",
-             "detected_at": now - timedelta(days=2)},
-            {"stream": "cap", "gap_start": now - timedelta(hours=1, minutes=5),
-             "gap_end": now - timedelta(hours=1), "reason": "store_disabled",
-             "detected_at": now - timedelta(hours=1)},
-        ])
+        conn.execute(
+            sa.insert(schema.stream_gaps),
+            [
+                {
+                    "stream": "cap",
+                    "gap_start": now - timedelta(days=2, minutes=1),
+                    "gap_end": now - timedelta(days=2),
+                    "reason": "reconnect",
+                    "detected_at": now - timedelta(days=2),
+                },
+                {
+                    "stream": "cap",
+                    "gap_start": now - timedelta(hours=1, minutes=5),
+                    "gap_end": now - timedelta(hours=1),
+                    "reason": "store_disabled",
+                    "detected_at": now - timedelta(hours=1),
+                },
+            ],
+        )
     Store(engine).set_stream_state(
         "water-meters", connected_since=None, last_error="HTTP 401: api_key_expired"
     )
@@ -304,8 +404,12 @@ def _seed_outbox_gaps_and_state(db_url: str, now: datetime) -> None:
 @pytest.mark.parametrize("db_url", DIALECTS, indirect=True)
 def test_status_matches_the_database_after_an_import(db_url: str, tmp_path: Path) -> None:
     now = datetime.now(UTC)
-    cfg = _write_config(tmp_path, db_url=db_url, base_url="http://127.0.0.1:9",
-                        api_key=fake_api_key(random.Random(2)))
+    cfg = _write_config(
+        tmp_path,
+        db_url=db_url,
+        base_url="http://127.0.0.1:9",
+        api_key=fake_api_key(random.Random(2)),
+    )
     imported = _ingestd(cfg, "import", str(_capture(tmp_path / "cap.txt", now)), "--stream", "cap")
     assert imported.returncode == 0, imported.stderr
     _seed_outbox_gaps_and_state(db_url, now)
@@ -360,14 +464,13 @@ def test_status_matches_the_database_after_an_import(db_url: str, tmp_path: Path
     assert "api_key_expired" in human.stdout
 
 
-def test_check_reports_whether_the_storage_integration_answers(
-    db_url: str, tmp_path: Path
-) -> None:
+def test_check_reports_whether_the_storage_integration_answers(db_url: str, tmp_path: Path) -> None:
     sim = Simulator(storage_enabled=True, seed=2).start()
     try:
         streams = [{"name": "app", "application_id": "sim-app"}]
-        cfg = _write_config(tmp_path, db_url=db_url, base_url=sim.base_url, api_key=sim.api_key,
-                            streams=streams)
+        cfg = _write_config(
+            tmp_path, db_url=db_url, base_url=sim.base_url, api_key=sim.api_key, streams=streams
+        )
         res = _ingestd(cfg, "check")
         assert res.returncode == 0, res.stdout + res.stderr
         lines = _verdicts(res.stdout)["stream app"]

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from ingestd import eventgen
+from ingestd.sim import events as eventgen
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 

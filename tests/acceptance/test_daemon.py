@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from support import DaemonProcess, ProcessTracker, ingestd_env, stream_requests_ok
 
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 
 def _config(path: Path, sim: Simulator, db_url: str, **extra: str) -> Path:

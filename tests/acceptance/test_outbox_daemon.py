@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 ROWS = 1000
 DEVICES = 20

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 START_TIMEOUT_S = 20.0
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from support import Db
 
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 
 @pytest.fixture

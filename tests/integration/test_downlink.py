@@ -17,13 +17,15 @@ from outbox_rows import insert_unreadable, unreadable_values
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
-from ingestd import __version__, outbox, schema
-from ingestd.config import DownlinkSettings, Secret, Settings, TtsSettings
+from ingestd import __version__, schema
+from ingestd.batch import BatchBuilder
+from ingestd.config import DownlinkSettings, Settings, TtsSettings
 from ingestd.db import create_engine
-from ingestd.downlink import DownlinkWorker
-from ingestd.ingest import BatchBuilder
 from ingestd.models import Cursor
-from ingestd.simulator import Simulator
+from ingestd.outbox import sql as outbox
+from ingestd.outbox.worker import DownlinkWorker
+from ingestd.secrets import Secret
+from ingestd.sim.server import Simulator
 from ingestd.store import Store
 
 T = schema.downlink_outbox
@@ -310,6 +312,37 @@ async def test_rejected_key_fails_rows_logs_once_and_never_logs_the_key(
     assert sum(1 for e in logs if e["event"] == "downlink_auth_rejected") == 1
     assert real_key not in repr(logs)
     assert wrong not in repr(logs)
+
+
+@pytest.mark.parametrize(
+    "granted",
+    [
+        ["RIGHT_APPLICATION_TRAFFIC_READ"],
+        ["RIGHT_APPLICATION_INFO", "RIGHT_APPLICATION_DEVICES_READ"],
+    ],
+)
+async def test_a_key_without_the_downlink_right_fails_rows_with_the_tts_error_name(
+    engine: Engine, sim: Simulator, granted: list[str]
+) -> None:
+    """TTS answers a push with 403 insufficient_application_rights (issue 11): the row fails
+    at once naming it, and nothing else is retried against a key that cannot push."""
+    read_only = sim.add_api_key(granted)
+    ids = insert(engine, "dev-0001") + insert(engine, "dev-0002")
+    settings = Settings(
+        tts=TtsSettings(base_url=sim.base_url, api_key=Secret(read_only)),
+        downlinks=settings_for(sim).downlinks,
+    )
+    with capture_logs() as logs:
+        await run_until(worker(engine, settings), settled(engine, "failed"))
+    for outbox_id in ids:
+        r = row(engine, outbox_id)
+        assert r.last_error.startswith("pkg/auth/rights:insufficient_application_rights"), r
+        assert "RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE" in r.last_error  # attributes.missing
+        assert r.attempts <= 1
+    assert all(p.status == 403 for p in pushes(sim))
+    assert len(pushes(sim)) <= len(ids)
+    assert sim.queue("dev-0001") == [] and sim.queue("dev-0002") == []
+    assert read_only not in repr(logs)
 
 
 async def test_crash_after_push_is_verified_not_pushed_again(

@@ -14,8 +14,9 @@ import sqlalchemy as sa
 from outbox_rows import insert_unreadable, unreadable_values
 from sqlalchemy.engine import Engine
 
-from ingestd import outbox, schema
+from ingestd import schema
 from ingestd.db import create_engine, is_postgres
+from ingestd.outbox import sql as outbox
 
 T = schema.downlink_outbox
 

@@ -10,10 +10,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 from support import Db, connected, make_settings, running, wait_for
 
 from ingestd.config import DownlinkSettings, MetricsSettings
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -109,3 +110,45 @@ async def test_metrics_count_what_was_stored_and_healthz_flips_when_tts_goes_awa
                 assert sum(reconnects) >= 1
     finally:
         sim.stop()
+
+
+async def test_a_dying_side_task_stops_the_daemon_with_a_task_failed_line(
+    sim: Simulator, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watchdog task that dies must not leave systemd to kill a silent daemon later."""
+    from ingestd import sdnotify
+    from ingestd.service import Service
+
+    def notify_socket_gone() -> None:
+        raise OSError("notify socket gone")
+
+    monkeypatch.setattr(sdnotify, "watchdog_interval_s", lambda: 0.05)
+    monkeypatch.setattr(sdnotify, "watchdog", notify_socket_gone)
+    with capture_logs() as logs:
+        async with Service(make_settings(sim, db_url)) as service:
+            with pytest.raises(OSError, match="notify socket gone"):
+                await asyncio.wait_for(service.run(asyncio.Event()), timeout=10)
+    failed = [e for e in logs if e["event"] == "task_failed"]
+    assert [e["task"] for e in failed] == ["watchdog"]
+    assert "notify socket gone" in failed[0]["error"]
+
+
+async def test_an_error_a_task_raises_while_stopping_is_logged(
+    sim: Simulator, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ingestd.service import Service
+
+    async def gauge_failing_at_stop(self: Service, stop: asyncio.Event) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("gauge broke while stopping") from None
+
+    monkeypatch.setattr(Service, "_outbox_gauge", gauge_failing_at_stop)
+    with capture_logs() as logs:
+        async with running(make_settings(sim, db_url)) as service:
+            await connected(service)
+    at_stop = [e for e in logs if e["event"] == "task_failed_at_stop"]
+    assert [e["task"] for e in at_stop] == ["outbox_gauge"]
+    assert "gauge broke while stopping" in at_stop[0]["error"]
+    assert not [e for e in logs if e["event"] == "task_failed"]

@@ -16,8 +16,8 @@ import httpx
 import orjson
 import pytest
 
-from ingestd import eventgen
-from ingestd.simulator import Simulator
+from ingestd.sim import events as eventgen
+from ingestd.sim.server import Simulator
 
 APP = "sim-app"
 APP_IDS = {"application_ids": {"application_id": APP}}
@@ -389,8 +389,7 @@ def test_device_only_events_are_not_on_the_application_stream(sim: Simulator) ->
         assert [e["name"] for e in app.events(2)] == ["as.down.data.receive", "as.up.data.forward"]
 
 
-def test_app_and_device_subscription_with_a_store_sends_duplicates_like_tts(
-        sim: Simulator) -> None:
+def test_app_and_device_subscription_with_a_store_sends_duplicates_like_tts(sim: Simulator) -> None:
     (old,) = sim.uplinks(1, devices=["dev-0001"])
     with Stream(sim, {"identifiers": [APP_IDS, dev_ids("dev-0001")], "tail": 10}) as s:
         replayed = [e["unique_id"] for e in s.events(3)[1:]]
@@ -519,9 +518,14 @@ def test_stop_returns_within_a_second_when_the_client_stopped_reading() -> None:
     with socket.socket() as client, _stopping(sim):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.connect((host, int(port)))
-        client.sendall(b"POST /api/v3/events HTTP/1.1\r\nHost: sim\r\nAuthorization: Bearer "
-                       + sim.api_key.encode() + b"\r\nContent-Length: "
-                       + str(len(body)).encode() + b"\r\n\r\n" + body)
+        client.sendall(
+            b"POST /api/v3/events HTTP/1.1\r\nHost: sim\r\nAuthorization: Bearer "
+            + sim.api_key.encode()
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         wait_for(lambda: len(sim.conns) == 1)
         sim.uplinks(1500)  # far more than the socket buffers hold: the writer blocks
         wait_for(lambda: any(s.buffer for s in sim.event_store.subscriptions))

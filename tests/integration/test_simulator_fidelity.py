@@ -14,7 +14,7 @@ import pytest
 
 from ingestd import rights
 from ingestd.errors import AuthRejected
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 APP = "sim-app"
 APP_IDS = {"application_ids": {"application_id": APP}}

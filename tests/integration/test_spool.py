@@ -24,13 +24,14 @@ import sqlalchemy as sa
 from structlog.testing import capture_logs
 from support import Db, connected, make_settings, running, wait_for, with_stream
 
-from ingestd import metrics, status
+from ingestd import metrics
+from ingestd.cli import status
 from ingestd.config import Settings, SpoolSettings
 from ingestd.consumer import StreamConsumer
 from ingestd.errors import StoreUnavailable
 from ingestd.normalize import parse_time
 from ingestd.service import Service
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 from ingestd.spool import Spool, stream_dir
 from ingestd.store import Store
 
@@ -328,7 +329,7 @@ async def test_a_reject_flood_ends_the_connection_and_it_reconnects(
 ) -> None:
     """A connection that brings mostly junk (frames that are not events) is dropped and
     reopened with backoff instead of filling rejected_events without end."""
-    from ingestd.ingest import REJECT_FLOOD_FRAMES
+    from ingestd.batch import REJECT_FLOOD_FRAMES
 
     def reconnects() -> float:
         labels = {"stream": "app", "reason": "reject_flood"}

@@ -12,7 +12,7 @@ import pytest
 
 from ingestd.errors import AuthRejected, ServerUnavailable, StorageNotEnabled
 from ingestd.normalize import normalize_application_up
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 from ingestd.storage import StorageClient, StorageState
 
 

@@ -12,10 +12,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ingestd import eventgen, schema
+from ingestd import schema
+from ingestd.batch import BatchBuilder
 from ingestd.errors import StoreUnavailable
-from ingestd.ingest import BatchBuilder, import_stream
+from ingestd.importer import import_stream
 from ingestd.models import Cursor
+from ingestd.sim import events as eventgen
 from ingestd.store import Store
 
 DATA = Path(__file__).parent.parent / "data" / "events"

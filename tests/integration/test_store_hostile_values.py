@@ -19,10 +19,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ingestd import eventgen, schema
+from ingestd import schema
+from ingestd.batch import BatchBuilder
 from ingestd.errors import StoreUnavailable
-from ingestd.ingest import BatchBuilder, import_stream
+from ingestd.importer import import_stream
 from ingestd.models import CURSOR_IDS_MAX, Batch, Cursor
+from ingestd.sim import events as eventgen
 from ingestd.store import Store
 
 NUL = "\x00"

@@ -13,7 +13,7 @@ from support import Db, connected, make_settings, running, wait_for, with_stream
 
 from ingestd.normalize import parse_time
 from ingestd.service import Service
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 
 def _times(events: list[dict[str, object]]) -> list[datetime]:
@@ -224,7 +224,7 @@ async def test_401_is_one_clear_error_and_the_other_streams_keep_running(
     )
     from dataclasses import replace
 
-    from ingestd.config import Secret
+    from ingestd.secrets import Secret
 
     settings = replace(
         settings,

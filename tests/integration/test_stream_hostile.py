@@ -30,7 +30,7 @@ from ingestd.config import MetricsSettings, Settings, StreamSettings
 from ingestd.errors import ServerUnavailable, StreamDisconnected
 from ingestd.models import Cursor
 from ingestd.service import Service
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 from ingestd.store import Store
 from ingestd.stream import EventStream
 
@@ -46,6 +46,15 @@ class Request:
 
 
 Script = Callable[[Request, asyncio.StreamWriter], Awaitable[None]]
+
+
+_RIGHTS_BODY = (
+    b'{"rights":["RIGHT_APPLICATION_TRAFFIC_READ","RIGHT_APPLICATION_TRAFFIC_DOWN_WRITE"]}'
+)
+_RIGHTS_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_RIGHTS_BODY), _RIGHTS_BODY)
+)
 
 
 class HostileServer:
@@ -87,7 +96,11 @@ class HostileServer:
                 if name.strip().lower() == b"content-length":
                     length = int(value)
             request = Request(head, await reader.readexactly(length))
-            self.requests.append(request)
+            if head.startswith(b"GET /api/v3/applications/") and b"/rights " in head:
+                writer.write(_RIGHTS_ANSWER)  # the daemon's rights check: answered honestly
+                await writer.drain()
+                return
+            self.requests.append(request)  # stream requests only
             await self.script(request, writer)
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):

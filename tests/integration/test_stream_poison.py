@@ -10,23 +10,24 @@ import orjson
 import pytest
 from support import Db, connected, make_settings, running, wait_for
 
-from ingestd import eventgen, ingest
+import ingestd.batch
 from ingestd.normalize import parse_time
-from ingestd.simulator import Simulator
+from ingestd.sim import events as eventgen
+from ingestd.sim.server import Simulator
 
 
 async def test_poison_events_cost_only_themselves_and_the_cursor_stays_at_the_clock(
     sim: Simulator, db_url: str, db: Db, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     crash_ids: set[str] = set()
-    real_normalize = ingest.normalize
+    real_normalize = ingestd.batch.normalize
 
     def normalize_with_a_bug(event: dict[str, Any], source: str = "stream") -> Any:
         if event.get("unique_id") in crash_ids:
             raise AttributeError("'str' object has no attribute 'get'")  # as issue 8 saw
         return real_normalize(event, source)
 
-    monkeypatch.setattr(ingest, "normalize", normalize_with_a_bug)
+    monkeypatch.setattr(ingestd.batch, "normalize", normalize_with_a_bug)
     devices = sim.device_ids
     async with running(make_settings(sim, db_url)) as service:
         await connected(service)

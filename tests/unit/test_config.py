@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,16 @@ from ingestd.config import (
     DownlinkSettings,
     LoggingSettings,
     MetricsSettings,
-    Secret,
+    RetentionSettings,
     Settings,
     StreamSettings,
     TtsSettings,
     default_settings,
     load_settings,
 )
+from ingestd.config.values import Invalid, parse_age
 from ingestd.errors import ConfigError
+from ingestd.secrets import Secret
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "ingestd.example.toml"
@@ -380,9 +383,10 @@ application_id = "acme-gas"
         "ingestd.toml: downlinks.enabled: expected true or false, got 'true'",
         "ingestd.toml: streams[0].device_ids: 'Bad_Device' is not a valid TTS id"
         " (lowercase a-z0-9 and single dashes, 3-36 chars)",
-        "ingestd.toml: streams[0].names: '/[unclosed/' is not a valid regexp:"
-        " unterminated character set; 'Uplink' is neither a dotted event name"
-        " (as.up.data.forward) nor a /regexp/",
+        "ingestd.toml: streams[0].names: '/[unclosed/' would be refused by TTS with"
+        " invalid_regexp (invalid regexp: missing ]: [unclosed (TTS uses Go RE2 syntax));"
+        " 'Uplink' would be refused by TTS with unknown_event_name (unknown event `Uplink`"
+        " among the 248 event names of TTS v3.32)",
         "ingestd.toml: streams[1].name: 'water' is already the name of streams[0]",
         "ingestd.toml: streams[1].application_id: 'Bad_App' is not a valid TTS id"
         " (lowercase a-z0-9 and single dashes, 3-36 chars)",
@@ -549,10 +553,11 @@ def test_example_config_is_valid_and_documents_every_field_with_its_default() ->
     assert settings.downlinks == defaults.downlinks
     assert settings.metrics == defaults.metrics
     assert settings.logging == defaults.logging
+    assert settings.retention == defaults.retention
 
     text = EXAMPLE.read_text(encoding="utf-8")
     assert KEY not in text
-    documented = set(re.findall(r"^[#\s]*([a-z_]+)\s*=", text, flags=re.MULTILINE))
+    documented = set(re.findall(r"^[#\s]*([a-z0-9_]+)\s*=", text, flags=re.MULTILINE))
     every_class = (
         DatabaseSettings,
         TtsSettings,
@@ -560,6 +565,7 @@ def test_example_config_is_valid_and_documents_every_field_with_its_default() ->
         DownlinkSettings,
         MetricsSettings,
         LoggingSettings,
+        RetentionSettings,
     )
     missing = {
         f"{cls.__name__}.{f.name}"
@@ -686,7 +692,7 @@ def test_stream_names_must_fit_the_stream_columns(tmp_path: Path, name: str, pro
 
 def test_the_longest_stream_name_is_the_stream_columns_size(tmp_path: Path) -> None:
     from ingestd import schema
-    from ingestd.config_values import STREAM_NAME_MAX_CHARS
+    from ingestd.config.values import STREAM_NAME_MAX_CHARS
 
     sizes = {
         t.c.stream.type.length  # type: ignore[attr-defined]
@@ -702,7 +708,7 @@ def test_the_longest_stream_name_is_the_stream_columns_size(tmp_path: Path) -> N
 
 
 def test_loading_settings_registers_their_secrets_for_masking(tmp_path: Path) -> None:
-    from ingestd.logs import redact
+    from ingestd.secrets import redact
 
     path = write(
         tmp_path / "c.toml",
@@ -750,3 +756,103 @@ def test_a_world_readable_file_with_a_literal_secret_is_warned_about(
     assert "literal-key" not in warning and DB_PASSWORD not in warning
     path.chmod(0o640)
     assert load_settings(path, environ=environ).warnings == ()
+
+
+def test_retention_max_age_reads_durations_and_names_a_bad_one(tmp_path: Path) -> None:
+    path = tmp_path / "ingestd.toml"
+    path.write_text('[retention]\nmax_age = "90d"\n', encoding="utf-8")
+    assert load_settings(path, environ={}).retention.max_age == timedelta(days=90)
+    env = {"INGESTD_RETENTION__MAX_AGE": "12h"}
+    assert load_settings(path, environ=env).retention.max_age == timedelta(hours=12)
+    with pytest.raises(ConfigError, match=r"env INGESTD_RETENTION__MAX_AGE: expected a positive"):
+        load_settings(path, environ={"INGESTD_RETENTION__MAX_AGE": "90 days"})
+    assert default_settings().retention.max_age is None  # off by default
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90d", 90 * 86400),
+        ("12h", 43200),
+        ("30m", 1800),
+        ("45s", 45),
+        ("2w", 14 * 86400),
+        ("1.5h", 5400),
+    ],
+)
+def test_parse_age(text: str, seconds: float) -> None:
+    assert parse_age(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "0d", "-1d", "90", "d", "90 days", "1y"])
+def test_parse_age_rejects(text: str) -> None:
+    with pytest.raises(Invalid):
+        parse_age(text)
+
+
+# --- names as TTS judges them (issue 11) -------------------------------------------------
+
+
+def _names_config(tmp_path: Path, names: list[str]) -> Path:
+    import json
+
+    return write(tmp_path / "c.toml", STREAM + f"names = {json.dumps(names)}\n")
+
+
+@pytest.mark.parametrize(
+    ("entry", "error_name"),
+    [
+        ("as.up.data.forwarded", "unknown_event_name"),  # dotted, but not a TTS event
+        ("/^gs\\.nothing\\./", "no_matching_events"),
+        ("/[unclosed/", "invalid_regexp"),
+        ("/^as\\.(?!down)/", "invalid_regexp"),  # look-ahead: Python re has it, RE2 not
+        ("/^as\\.up\\.data\\.forward\\Z/", "invalid_regexp"),  # \Z: Python only
+    ],
+)
+def test_a_names_filter_tts_refuses_is_a_config_error_naming_the_key_and_tts_error(
+    tmp_path: Path, entry: str, error_name: str
+) -> None:
+    """Before, these loaded and the stream got a 400 on every reconnect."""
+    path = _names_config(tmp_path, ["as.up.data.forward", entry])
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(path, environ={})
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith(f"{path}: streams[0].names: {entry!r} would be refused by TTS")
+    assert f"with {error_name} (" in problem
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        # The Console's default filter: unknown to the old simulator's 62 names.
+        ("/^ns\\.mac\\..*\\.answer\\.reject$/", "ns.mac.link_adr.answer.reject"),
+        ("/^as\\.up\\.data\\.forward\\z/", "as.up.data.forward"),  # \z: RE2 only
+        ("ns.mac.rx_param_setup.answer.reject", "ns.mac.rx_param_setup.answer.reject"),
+        ("/", "as.up.data.forward"),  # the empty regexp: every event, as in TTS
+    ],
+)
+def test_names_tts_accepts_load_even_where_python_re_would_not(
+    tmp_path: Path, entry: str, expected: str
+) -> None:
+    from ingestd.eventnames import expand_names
+
+    settings = load_settings(_names_config(tmp_path, [entry]), environ={})
+    assert settings.streams[0].names == (entry,)
+    assert expected in expand_names(settings.streams[0].names)
+
+
+def test_http2_prior_knowledge_is_inherited_and_may_be_set_per_stream(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.toml",
+        "[tts]\nhttp2_prior_knowledge = true\n"
+        + STREAM
+        + '[[streams]]\nname = "gas"\napplication_id = "acme-gas"\nhttp2_prior_knowledge = false\n',
+    )
+    settings = load_settings(path, environ={})
+    assert settings.tts.http2_prior_knowledge is True
+    assert [s.http2_prior_knowledge for s in settings.streams] == [True, False]
+    assert default_settings().tts.http2_prior_knowledge is False
+    with pytest.raises(ConfigError, match=r"tts\.http2_prior_knowledge: expected true or false"):
+        load_settings(
+            write(tmp_path / "d.toml", '[tts]\nhttp2_prior_knowledge = "yes"\n'), environ={}
+        )

@@ -42,6 +42,7 @@ def _state(**fields: Any) -> SimpleNamespace:
         "following_since": _ago(3600),
         "last_frame_at": _ago(1),
         "uncommitted_since": None,
+        "rights_missing": (),
     }
     return SimpleNamespace(**{**base, **fields})
 
@@ -93,6 +94,12 @@ def _state(**fields: Any) -> SimpleNamespace:
             False,
             "down: HTTP 401",
             id="key-rejected",
+        ),
+        pytest.param(
+            {"rights_missing": ("RIGHT_APPLICATION_TRAFFIC_READ",)},
+            False,
+            "down: the key lacks RIGHT_APPLICATION_TRAFFIC_READ",
+            id="connected-without-traffic-rights",
         ),
         pytest.param(
             {"connected": False, "standby": True, "last_frame_at": None},

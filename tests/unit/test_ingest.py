@@ -10,9 +10,8 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from ingestd import eventgen, ingest
-from ingestd.config import StreamSettings
-from ingestd.ingest import (
+import ingestd.batch
+from ingestd.batch import (
     RAW_KEEP_CHARS_FLOOD,
     REJECT_FLOOD_FRAMES,
     REJECT_FULL_RAW_ROWS,
@@ -20,7 +19,9 @@ from ingestd.ingest import (
     REJECT_WINDOW_S,
     BatchBuilder,
 )
+from ingestd.config import StreamSettings
 from ingestd.models import CURSOR_FUTURE_TOLERANCE_S, CURSOR_IDS_MAX, Cursor
+from ingestd.sim import events as eventgen
 from ingestd.stream import EventStream
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -163,7 +164,7 @@ def test_an_unexpected_exception_in_normalize_is_a_reject_logged_once_per_kind(
     def broken(event: object, source: str = "stream") -> list[object]:
         raise ZeroDivisionError("a bug in a handler")
 
-    monkeypatch.setattr(ingest, "normalize", broken)
+    monkeypatch.setattr(ingestd.batch, "normalize", broken)
     builder = BatchBuilder("s", Cursor())
     events = [_uplink(i) for i in range(4)]
     with capture_logs() as logs:

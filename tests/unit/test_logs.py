@@ -12,7 +12,8 @@ import pytest
 import structlog
 
 from ingestd.config import LoggingSettings
-from ingestd.logs import ROUTED_LOGGERS, configure_logging, redact, redact_processor
+from ingestd.logs import ROUTED_LOGGERS, configure_logging, redact_processor
+from ingestd.secrets import redact
 
 KEY = "NNSXS." + "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567ABCDEFG" + "." + "Z" * 52
 SECRET_PART = KEY[6:]
@@ -258,7 +259,7 @@ def test_redact_processor_walks_nested_values_and_keeps_other_types() -> None:
 
 def test_registered_secrets_are_masked_by_value_whatever_their_shape() -> None:
     """Only TTS-shaped keys were masked: another key echoed in a 401 reached the log."""
-    from ingestd.logs import register_secrets
+    from ingestd.secrets import register_secrets
 
     odd_key = 'proxy-token"with\\quotes'
     register_secrets([odd_key, "abc"])  # too short to mask by value: ignored

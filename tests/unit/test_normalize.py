@@ -19,14 +19,12 @@ from ingestd import schema
 from ingestd.errors import MalformedEvent
 from ingestd.models import Row
 from ingestd.normalize import (
-    OUTBOX_CID_PREFIX,
     event_row,
     normalize,
-    outbox_correlation_id,
-    outbox_id_from,
     parse_duration_s,
     parse_time,
 )
+from ingestd.outbox.ids import OUTBOX_CID_PREFIX, outbox_correlation_id, outbox_id_from
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "events"
 STREAM = "app:acme-water-meters"
@@ -100,6 +98,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 0.061696,
                     "packet_error_rate": 0.0123,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
@@ -175,6 +174,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 0.00496,
                     "packet_error_rate": None,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
@@ -233,6 +233,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 0.185344,
                     "packet_error_rate": None,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
@@ -308,6 +309,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 0.056576,
                     "packet_error_rate": None,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
@@ -364,6 +366,7 @@ NORMALIZED = [
                     "consumed_airtime_s": 2.113536,
                     "packet_error_rate": None,
                     "source": "stream",
+                    "simulated": False,
                 },
             ),
             Row(
@@ -1322,3 +1325,11 @@ def test_uplink_data_rate_with_a_value_no_column_holds_is_rejected(key: str, bad
 def test_time_that_leaves_the_datetime_range_in_utc_is_rejected(bad: str) -> None:
     with pytest.raises(MalformedEvent, match="out of range in UTC"):
         parse_time(bad)
+
+
+def test_a_simulated_uplink_is_marked_simulated() -> None:
+    """TTS marks Console/API "simulate uplink" with data.simulated; the views leave it out."""
+    event = load("uplink_lora_2gw")
+    assert normalize(event)[0].values["simulated"] is False
+    event["data"]["simulated"] = True
+    assert normalize(event)[0].values["simulated"] is True

@@ -1,0 +1,472 @@
+"""The downlink worker: claims due outbox rows, pushes them to TTS, records each outcome.
+
+Several workers and processes may share a database: claims never overlap and a device's
+rows go out one at a time in order (see :mod:`ingestd.outbox.sql`). Each worker runs
+``concurrency`` slots; a slot claims one row, then: validate → stream gate → verify (only
+if an earlier push got no answer) → push → mark. It claims again at once after work, else
+waits for its poll timer or, on PostgreSQL, a ``NOTIFY ingestd_outbox`` from the insert
+trigger (a LISTEN connection of its own; the poll stays as the fallback).
+
+Never twice: push is not idempotent in TTS (TTS_WIRE 5.3). A row whose earlier push got no
+answer (timeout, 5xx, a worker that died between push and mark) has ``verify_before_push``:
+it is looked up in the stored lifecycle events and in the device's queue (``GET …/down``)
+by its correlation id first, pushed again only when both say no, and waits while TTS
+cannot be asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import httpx
+import psycopg
+import structlog
+from sqlalchemy.engine import Engine
+from structlog.contextvars import bound_contextvars
+
+from ingestd import metrics, tts
+from ingestd.aio import sleep_or_stop, wait_any
+from ingestd.config import DownlinkSettings
+from ingestd.db import is_postgres
+from ingestd.outbox import sql as outbox
+from ingestd.outbox.ids import request_id
+from ingestd.outbox.rules import (
+    Outcome,
+    classify_response,
+    list_request,
+    push_request,
+    queue_has,
+    transport_outcome,
+    validate,
+)
+from ingestd.retry import Backoff
+from ingestd.secrets import Secret
+
+log = structlog.get_logger()
+
+NOTIFY_CHANNEL = "ingestd_outbox"
+STREAM_WAIT_RECHECK_MAX_S = 2.0  # a row held back by the stream gate: look again after a poll
+VERIFY_RECHECK_S = 10.0  # a row whose earlier push may still turn up in events waits this long
+QUEUE_FULL_MIN_RETRY_S = 30.0  # downlink_queue_capacity: the device's queue drains slowly
+LISTEN_RETRY_MAX_S = 30.0
+LOOP_ERROR_RETRY_MAX_S = 30.0
+
+_R = TypeVar("_R")
+StreamReady = Callable[[str, str], bool]
+
+
+class DownlinkConfig(Protocol):
+    """What the worker reads from :class:`ingestd.config.Settings`."""
+
+    @property
+    def downlinks(self) -> DownlinkSettings: ...
+
+    def credentials_for(self, application_id: str) -> tuple[str, Secret | None]: ...
+
+
+class DownlinkWorker:
+    """Drains ``downlink_outbox`` into TTS ``down/push`` / ``down/replace``.
+
+    ``stream_ready(application_id, device_id)`` says whether an event stream that receives
+    the device's lifecycle events is connected; pushes wait for it (``require_stream``) so
+    no ``sent``/``ack`` is missed. ``None`` disables the gate. ``concurrency`` is the number
+    of rows claimed and pushed at once (always for different devices); ``worker_id`` names
+    the claims, and a restart with the same id frees its own claims sooner.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: DownlinkConfig,
+        *,
+        client: httpx.AsyncClient | None = None,
+        stream_ready: StreamReady | None = None,
+        worker_id: str,
+        concurrency: int = 1,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._cfg = settings.downlinks
+        self._worker_id = worker_id
+        self._stream_ready = stream_ready if self._cfg.require_stream else None
+        self._own_client = client is None
+        self._timeout = httpx.Timeout(self._cfg.request_timeout_s)
+        self._client = client or httpx.AsyncClient(timeout=self._timeout)
+        self._backoff = Backoff(
+            base_s=self._cfg.retry_base_s,
+            factor=2.0,
+            max_s=self._cfg.retry_max_s,
+            max_attempts=self._cfg.max_attempts,
+        )
+        self._concurrency = max(1, concurrency)
+        self._stream_recheck_s = min(STREAM_WAIT_RECHECK_MAX_S, self._cfg.poll_interval_s)
+        self._wakeup = asyncio.Event()
+        self._paused_until: dict[str, float] = {}  # application_id -> monotonic deadline
+        self._warnings = tts.WarningLog()
+        self._auth_rejected: set[str] = set()
+        self._waiting_for_stream: set[tuple[str, str]] = set()
+        self.pushes = 0  # HTTP push requests sent (for tests, metrics)
+        # Handling one row never takes longer than a verify GET plus a push POST (each
+        # bounded by request_timeout_s) and a few short transactions.
+        self._row_max_s = 3 * self._cfg.request_timeout_s
+        if self._cfg.stale_claim_s < self._row_max_s:
+            log.warning(
+                "downlink_stale_claim_too_short",
+                stale_claim_s=self._cfg.stale_claim_s,
+                request_timeout_s=self._cfg.request_timeout_s,
+            )
+
+    # -- main loop ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set; an in-flight push gets ``shutdown_grace_s`` to finish."""
+        listener = None
+        if is_postgres(self._engine):
+            listener = asyncio.create_task(self._listen(stop), name="downlink:listen")
+        log.info(
+            "downlink_worker_started", worker_id=self._worker_id, concurrency=self._concurrency
+        )
+        try:
+            # `concurrency` independent slots, each claim → push → mark: a slow push holds
+            # up only its own slot, and the claims never give two slots the same device.
+            slots = [
+                asyncio.create_task(
+                    self._slot(stop, housekeeper=(i == 0)), name=f"downlink:slot:{i}"
+                )
+                for i in range(self._concurrency)
+            ]
+            try:
+                await asyncio.gather(*slots)
+            finally:
+                for slot in slots:
+                    slot.cancel()
+                await asyncio.gather(*slots, return_exceptions=True)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+            if self._own_client:
+                await self._client.aclose()
+            log.info("downlink_worker_stopped", worker_id=self._worker_id)
+
+    async def _slot(self, stop: asyncio.Event, *, housekeeper: bool) -> None:
+        next_stale_check, startup = 0.0, True  # the housekeeper releases stale claims first
+        errors = 0
+        while not stop.is_set():
+            try:
+                if housekeeper and time.monotonic() >= next_stale_check:
+                    await self._release_stale(startup=startup)
+                    next_stale_check = time.monotonic() + self._stale_check_interval_s
+                    startup = False
+                found = await self._claim_and_push(stop)
+                errors = 0
+            except Exception as exc:  # the loop's top: log, back off, go on
+                errors += 1
+                delay = min(LOOP_ERROR_RETRY_MAX_S, self._cfg.poll_interval_s * 2**errors)
+                log.exception("downlink_loop_failed", error=str(exc), retry_in_s=delay)
+                await sleep_or_stop(delay, stop)
+                continue
+            if not found:
+                await wait_any(
+                    stop.wait(), self._wakeup.wait(), timeout_s=self._cfg.poll_interval_s
+                )
+
+    @property
+    def _stale_check_interval_s(self) -> float:
+        return max(self._cfg.stale_claim_s / 4, self._cfg.poll_interval_s)
+
+    async def _claim_and_push(self, stop: asyncio.Event) -> bool:
+        # Clear before claiming: a NOTIFY arriving during the claim sets it again, so no
+        # insert is missed between this claim and the next wait.
+        self._wakeup.clear()
+        items = await self._db(
+            outbox.claim_due,
+            self._engine,
+            worker_id=self._worker_id,
+            limit=1,
+            now=_now(),
+        )
+        if not items:
+            return False
+        await self._finish([asyncio.create_task(self._handle(items[0], stop))], stop)
+        return True
+
+    async def _finish(self, tasks: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
+        """Wait for ``tasks``; once ``stop`` is set, give them ``shutdown_grace_s``, then cancel.
+
+        A push cancelled mid-flight leaves its row ``pushing``; it is reconciled after the
+        claim expires (``stale_claim_s``), never pushed blindly.
+        """
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            pending: set[asyncio.Future[Any]] = set(tasks)
+            while pending and not stop.is_set():
+                _, pending = await asyncio.wait(
+                    pending | {stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(stopper)
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=self._cfg.shutdown_grace_s)
+            if pending:
+                log.warning("downlink_push_abandoned", count=len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            stopper.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)
+
+    # -- one row ------------------------------------------------------------------------
+
+    async def _handle(self, item: outbox.OutboxItem, stop: asyncio.Event) -> None:
+        with bound_contextvars(
+            application_id=item.application_id, device_id=item.device_id, outbox_id=item.id
+        ):
+            try:
+                await self._handle_row(item, stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the row stays `pushing` and is reconciled later
+                log.exception("downlink_row_failed", error=str(exc))
+
+    async def _handle_row(self, item: outbox.OutboxItem, stop: asyncio.Event) -> None:
+        problem = validate(item)
+        if problem is not None:
+            await self._fail(item, f"invalid row: {problem}", reason="invalid")
+            return
+        if stop.is_set():
+            await self._release(item, 0.0, None)
+            return
+        if not self._gate_open(item):
+            note = (
+                f"waiting for a connected event stream of {item.application_id} "
+                "(downlinks.require_stream)"
+            )
+            await self._release(item, self._stream_recheck_s, note)
+            return
+        paused_s = self._paused_until.get(item.application_id, 0.0) - time.monotonic()
+        if paused_s > 0:
+            await self._release(item, paused_s, None)
+            return
+        base_url, key = self._settings.credentials_for(item.application_id)
+        if key is None:
+            await self._fail(
+                item, f"no API key configured for {item.application_id}", reason="no_api_key"
+            )
+            return
+        try:
+            request = push_request(item, base_url, key)
+        except (TypeError, ValueError) as exc:  # orjson: e.g. a payload nested too deep
+            await self._fail(
+                item, f"invalid row: cannot encode the push request: {exc}", reason="invalid"
+            )
+            return
+        if item.verify_before_push:  # an earlier push got no answer: did TTS take it?
+            verdict = await self._reconcile(item, base_url, key)
+            if verdict != "absent":
+                return
+        outcome = await self._push(request)
+        await self._record(item, outcome)
+
+    def _gate_open(self, item: outbox.OutboxItem) -> bool:
+        if self._stream_ready is None:
+            return True
+        key = (item.application_id, item.device_id)
+        if self._stream_ready(*key):
+            self._waiting_for_stream.discard(key)
+            return True
+        if key not in self._waiting_for_stream:
+            self._waiting_for_stream.add(key)
+            log.info("downlink_waiting_for_stream", recheck_s=self._stream_recheck_s)
+        return False
+
+    async def _reconcile(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> str:
+        """Look for an unanswered earlier push in the stored events and TTS's device queue.
+
+        ``accepted`` (marked queued), ``absent`` (safe to push) or ``wait`` (TTS could not
+        be asked, or a recent ``receive`` may still turn into ``sent``: the row waits,
+        keeping ``verify_before_push``).
+        """
+        accepted = await self._db(outbox.accepted_per_events, self._engine, item.id, now=_now())
+        if accepted:
+            return await self._reconciled(item, "events")
+        url, headers = list_request(item, base_url, key)
+        error: str | None = None
+        try:
+            async with asyncio.timeout(self._cfg.request_timeout_s):
+                response = await self._client.get(url, headers=headers, timeout=self._timeout)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            error = transport_outcome(exc).error
+        else:
+            self._log_warnings(response)
+            found = queue_has(response.content, item) if response.status_code == 200 else None
+            if found:
+                return await self._reconciled(item, "device_queue")
+            if found is None:
+                error = classify_response(response).error or "unreadable device queue listing"
+        if error is not None:
+            await self._retry(
+                item,
+                f"could not check the device queue before re-pushing: {error}",
+                self._backoff.delay_s(item.attempts),
+                unknown=True,
+            )
+            return "wait"
+        if accepted is None:
+            log.info("downlink_verify_waiting", recheck_s=VERIFY_RECHECK_S)
+            await self._release(item, VERIFY_RECHECK_S, None)
+            return "wait"
+        log.info("downlink_reconciled", found=False, attempts=item.attempts)
+        return "absent"
+
+    async def _reconciled(self, item: outbox.OutboxItem, source: str) -> str:
+        rid = request_id(item.id, item.attempts)
+        await self._db(outbox.mark_queued, self._engine, item.id, request_id=rid, now=_now())
+        metrics.DOWNLINK_PUSHES.labels("reconciled").inc()
+        log.info("downlink_reconciled", found=True, source=source, attempts=item.attempts)
+        return "accepted"
+
+    async def _push(self, request: tuple[str, dict[str, str], bytes]) -> Outcome:
+        url, headers, body = request
+        self.pushes += 1
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._cfg.request_timeout_s):
+                response = await self._client.post(
+                    url, content=body, headers=headers, timeout=self._timeout
+                )
+        except (httpx.HTTPError, TimeoutError) as exc:
+            return transport_outcome(exc)
+        finally:
+            metrics.DOWNLINK_PUSH_SECONDS.observe(time.monotonic() - started)
+        self._log_warnings(response)
+        return classify_response(response)
+
+    async def _record(self, item: outbox.OutboxItem, outcome: Outcome) -> None:
+        if outcome.kind == "queued":
+            rid = request_id(item.id, item.attempts)
+            await self._db(outbox.mark_queued, self._engine, item.id, request_id=rid, now=_now())
+            log.info("downlink_queued", attempts=item.attempts)
+            metrics.DOWNLINK_PUSHES.labels("queued").inc()
+            return
+        error = outcome.error or "unknown error"
+        if outcome.kind == "failed":
+            if outcome.auth_rejected and item.application_id not in self._auth_rejected:
+                self._auth_rejected.add(item.application_id)
+                log.error("downlink_auth_rejected", error=error)
+            await self._fail(item, error, reason="rejected")
+            return
+        delay = self._backoff.delay_s(item.attempts)
+        if outcome.retry_after_s is not None:  # rate limited: pause the whole application
+            delay = outcome.retry_after_s
+            self._paused_until[item.application_id] = time.monotonic() + delay
+        elif outcome.queue_full:
+            delay = min(self._cfg.retry_max_s, max(QUEUE_FULL_MIN_RETRY_S, delay))
+        await self._retry(item, error, delay, unknown=outcome.outcome_unknown)
+
+    async def _retry(
+        self, item: outbox.OutboxItem, error: str, delay_s: float, *, unknown: bool = False
+    ) -> None:
+        if self._backoff.gives_up(item.attempts + 1):
+            await self._fail(
+                item,
+                f"{error} (gave up after {item.attempts} attempts)",
+                reason="attempts_exhausted",
+            )
+            return
+        now = _now()
+        await self._db(
+            outbox.mark_retry,
+            self._engine,
+            item.id,
+            error=error,
+            next_attempt_at=now + timedelta(seconds=delay_s),
+            now=now,
+            outcome_unknown=unknown,
+        )
+        metrics.DOWNLINK_PUSHES.labels("retry").inc()
+        log.warning(
+            "downlink_retry", error=error, attempts=item.attempts, retry_in_s=round(delay_s, 3)
+        )
+
+    async def _fail(self, item: outbox.OutboxItem, error: str, *, reason: str) -> None:
+        await self._db(outbox.mark_failed, self._engine, item.id, error=error, now=_now())
+        metrics.DOWNLINK_PUSHES.labels("invalid" if reason == "invalid" else "failed").inc()
+        log.warning("downlink_failed", reason=reason, error=error, attempts=item.attempts)
+
+    async def _release(self, item: outbox.OutboxItem, delay_s: float, note: str | None) -> None:
+        now = _now()
+        await self._db(
+            outbox.release_claim,
+            self._engine,
+            item.id,
+            next_attempt_at=now + timedelta(seconds=delay_s),
+            now=now,
+            note=note,
+        )
+
+    def _log_warnings(self, response: httpx.Response | None) -> None:
+        if response is not None:
+            self._warnings.log(tts.warnings_of(response))
+
+    # -- wakeups, stale claims, database calls ------------------------------------------
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """LISTEN on PostgreSQL and set the wakeup on every NOTIFY; reconnect on failure."""
+        conninfo = self._engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        backoff = Backoff(base_s=0.5, max_s=LISTEN_RETRY_MAX_S)
+        failures = 0
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    failures = 0
+                    self._wakeup.set()  # rows may have arrived while we were not listening
+                    async for _ in conn.notifies():
+                        self._wakeup.set()
+            except Exception as exc:  # the loop's top; polling goes on meanwhile
+                failures += 1
+                delay = backoff.delay_s(failures)
+                log.warning(
+                    "outbox_listen_failed", error=type(exc).__name__, retry_in_s=round(delay, 3)
+                )
+                await sleep_or_stop(delay, stop)
+
+    async def _release_stale(self, *, startup: bool) -> None:
+        now = _now()
+        released = await self._db(
+            outbox.release_stale_claims,
+            self._engine,
+            older_than=now - timedelta(seconds=self._cfg.stale_claim_s),
+            now=now,
+        )
+        if startup:
+            # A request of our own earlier life (same worker_id) cannot still be in flight
+            # once the longest a row can take has passed.
+            released += await self._db(
+                outbox.release_stale_claims,
+                self._engine,
+                older_than=now - timedelta(seconds=self._row_max_s),
+                now=now,
+                claimed_by=self._worker_id,
+            )
+        for item in released:
+            log.warning(
+                "downlink_claim_expired",
+                outbox_id=item.id,
+                application_id=item.application_id,
+                device_id=item.device_id,
+            )
+
+    async def _db(self, fn: Callable[..., _R], /, *args: Any, **kwargs: Any) -> _R:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
