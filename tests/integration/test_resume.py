@@ -32,7 +32,7 @@ from test_spool import (
 )
 
 from ingestd.normalize import parse_time
-from ingestd.simulator import Simulator
+from ingestd.sim.server import Simulator
 
 TAIL = 20  # the replay's bound and the simulator's buffer (TTS: clamp(tail, 8, 1024))
 
