@@ -7,7 +7,7 @@ added a row each time. Rows from before this revision keep a NULL digest (NULLs 
 conflict), so existing duplicates stay as they are.
 
 Revision ID: 0010_rejected_events_digest
-Revises: 0008_message_identity
+Revises: 0009_analytics_views
 Create Date: 2026-12-01 23:00:00
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0010_rejected_events_digest"
-down_revision: str | None = "0008_message_identity"
+down_revision: str | None = "0009_analytics_views"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
