@@ -30,6 +30,9 @@ log = structlog.get_logger()
 
 STREAM_START = "events.stream.start"
 RAW_KEEP_CHARS = 1_000_000  # a rejected frame larger than this is truncated in rejected_events
+# After a stream start that found the cursor older than the entity TTL, this long without any
+# replayed event means the server has no history left for the stream (see expect_replay_from).
+EXPIRY_GRACE_S = 2.0
 ERROR_KEEP_CHARS = 2000
 # Frames that are not even events (not JSON, not a frame, no unique_id) are limited, so a
 # flood of junk (a gzip bomb of newlines, a proxy's page) cannot become millions of rows:
@@ -88,6 +91,17 @@ class BatchBuilder:
         # server's store lost what lay between (see expect_replay_from).
         self._replay_check: Cursor | None = None
         self._replay_earliest: datetime | None = None  # earliest event seen while checking
+        # A check to arm at the stream start of the connection with this request id (its
+        # frames were spooled behind older ones): (cursor, request id, entity TTL).
+        self._replay_pending: tuple[Cursor, str | None, float] | None = None
+        self._resume_from: Cursor | None = None  # judged against the entity TTL at stream start
+        self._entity_ttl_s = 0.0
+        self._expired_at: datetime | None = None  # the stream start that found it too old
+        self._expired_seen = 0.0  # monotonic time of that stream start
+        # Events at or before the last stream start (replayed history) since then, counted
+        # until the consumer calls end_replay_count(): did the replay fill TTS's buffer?
+        self._history_until: datetime | None = None
+        self.replayed = 0
         # True when a stream-start frame gave a new stream its first cursor: save it at once.
         self.first_cursor_pending = False
         self.rejected_total = 0  # frames and events rejected so far (a frame was valid if not)
@@ -151,12 +165,16 @@ class BatchBuilder:
         self.names[name] = self.names.get(name, 0) + 1
         if uid in self._seen:
             self._batch.duplicates_in_batch += 1
+            if self._replay_check is not None:  # a resume in this batch replayed it
+                self._check_replay_reach(ev_row["time"], uid)
             return
         self._seen.add(uid)
         self._batch.items.append((ev_row, rows))
         t = ev_row["time"]
         if t > self._horizon and self._beyond_horizon(t):
             return  # stored, but it neither moves the cursor nor counts as replay evidence
+        if self._history_until is not None and t <= self._history_until:
+            self.replayed += 1
         if self._replay_check is not None:
             self._check_replay_reach(t, uid)
         if ev_row["data"] is None and ev_row["correlation_ids"] is None:
@@ -194,6 +212,12 @@ class BatchBuilder:
         except (KeyError, MalformedEvent) as exc:
             raise MalformedEvent(f"events.stream.start without a valid time: {exc}") from None
         self.stream_start_time = start
+        self._history_until, self.replayed = start, 0
+        pending = self._replay_pending
+        if pending is not None and (pending[1] is None or _started_by(event, pending[1])):
+            self._replay_pending = None
+            self._arm_replay_check(pending[0], pending[2])
+        self._judge_entity_ttl(start)
         if self._last_time is None and CURSOR_MIN_TIME <= start <= self._new_horizon():
             # A new stream's first connection: start the cursor at the server's "now", so a
             # crash before the first event still resumes from here and loses nothing.
@@ -225,7 +249,14 @@ class BatchBuilder:
         junk = self._conn_junk
         return junk >= REJECT_FLOOD_FRAMES and junk > self._events_seen() - self._conn_events_base
 
-    def expect_replay_from(self, cursor: Cursor) -> None:
+    def expect_replay_from(
+        self,
+        cursor: Cursor,
+        *,
+        entity_ttl_s: float = 0.0,
+        request_id: str | None = None,
+        deferred: bool = False,
+    ) -> None:
         """After a resume from ``cursor``, check that the replay reaches back to it.
 
         The request asks for events after ``cursor - overlap``, so a store that still
@@ -233,9 +264,47 @@ class BatchBuilder:
         to the next batch boundary reaches back (all later than the cursor, none of its own),
         the store no longer had what lay between: that window is a gap. A cursor that came from a
         stream-start time (no event ids) gives no such evidence, and is not checked.
+
+        With ``entity_ttl_s`` (TTS's ``entity-ttl``), the stream start is compared with the
+        cursor: TTS forgets an entity's whole history that long after its last event, so a
+        cursor older than that may have nothing left to reach back to, and nothing at all
+        arrives. Then the check also runs for a cursor without ids, and when no replayed
+        event has arrived :data:`EXPIRY_GRACE_S` after the stream start, the window from
+        the cursor to the stream start is a ``history_expired`` gap (a quiet entity makes
+        it conservative: backfill then finds nothing in it). A replay that reaches back
+        proves the history intact: no gap.
+
+        ``deferred``: arm the check only at the stream start of the connection with
+        ``request_id`` (its frames come after older spooled ones, which must not count).
         """
+        self._replay_pending = None
+        if deferred:
+            self._replay_pending = (cursor, request_id, entity_ttl_s)
+            return
+        self._arm_replay_check(cursor, entity_ttl_s)
+
+    def _arm_replay_check(self, cursor: Cursor, entity_ttl_s: float) -> None:
+        if self._replay_check is not None and self._replay_earliest is not None:
+            self._settle_replay_check()  # the last connection ended before a batch boundary
         self._replay_check = cursor if cursor.last_time and cursor.unique_ids_at_last_time else None
         self._replay_earliest = None
+        self._expired_at = None
+        self._resume_from = cursor if cursor.last_time and entity_ttl_s > 0 else None
+        self._entity_ttl_s = entity_ttl_s
+
+    def _judge_entity_ttl(self, start: datetime) -> None:
+        resume, self._resume_from = self._resume_from, None
+        if resume is None or resume.last_time is None:
+            return
+        if (start - resume.last_time).total_seconds() > self._entity_ttl_s:
+            self._replay_check = resume
+            self._replay_earliest = None
+            self._expired_at = start
+            self._expired_seen = time.monotonic()
+
+    def end_replay_count(self) -> None:
+        """Stop counting replayed events (``replayed``) until the next stream start."""
+        self._history_until = None
 
     def _check_replay_reach(self, t: datetime, uid: str) -> None:
         check = self._replay_check
@@ -243,6 +312,7 @@ class BatchBuilder:
         assert check.last_time is not None
         if t <= check.last_time or uid in check.unique_ids_at_last_time:
             self._replay_check = None  # the replay reached back: nothing was lost
+            self._expired_at = None
         elif self._replay_earliest is None or t < self._replay_earliest:
             self._replay_earliest = t
 
@@ -251,17 +321,31 @@ class BatchBuilder:
         # alone: events may arrive out of order, so a later one can come first.
         check, self._replay_check = self._replay_check, None
         earliest, self._replay_earliest = self._replay_earliest, None
-        if check is None or earliest is None:
-            if check is not None:
-                self._replay_check = check  # nothing arrived yet: keep waiting
+        expired, self._expired_at = self._expired_at, None
+        if check is None:
             return
+        if earliest is None:
+            if expired is not None and time.monotonic() - self._expired_seen >= EXPIRY_GRACE_S:
+                earliest = expired  # nothing replayed at all: the history is gone
+            else:
+                self._replay_check, self._expired_at = check, expired  # keep waiting
+                return
+        if expired is not None:
+            reason = "history_expired"
+            detail = (
+                "the cursor was older than the entity TTL: the server no longer held "
+                "the stream's history"
+            )
+        else:
+            reason = "replay_truncated"
+            detail = "the server's event store no longer held the events after the cursor"
         self.add_gap(
             Gap(
                 stream=self.stream,
                 gap_start=check.last_time,
                 gap_end=earliest,
-                reason="replay_truncated",
-                detail="the server's event store no longer held the events after the cursor",
+                reason=reason,
+                detail=detail,
             )
         )
 
@@ -393,3 +477,10 @@ def _raw_of(payload: bytes | None, event: Any, limit: int) -> str:
         except Exception:
             raw = f"<unrepresentable {type(event).__name__}>"
     return raw[:limit]
+
+
+def _started_by(event: dict[str, Any], request_id: str) -> bool:
+    """True when the stream-start ``event`` began the request ``request_id`` (TTS_WIRE 1.3)."""
+    ids = event.get("correlation_ids")
+    suffix = ":" + request_id
+    return isinstance(ids, list) and any(isinstance(c, str) and c.endswith(suffix) for c in ids)

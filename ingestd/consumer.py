@@ -17,6 +17,17 @@ then, so events commit in arrival order. A spool left by a crash is drained befo
 stream connects, so the resume starts after the spooled events. When the spool is full
 the stream is closed; once the database has taken everything spooled, a ``spool_full`` gap
 from the spool's end is recorded and the stream resumes from there.
+
+A connection that ends while the drainer is behind reconnects at once, without waiting for
+the database: it resumes after the newest event spooled (kept in memory as frames are
+spooled), and its frames keep going to the spool until the drainer has caught up.
+
+TTS's per-stream buffer holds ``clamp(tail, 8, 1024)`` events, as many as a replay may
+bring; a replay that fills it makes TTS drop the live events published while it drains,
+and nothing on the wire says so. So when the replayed events of a connection (event time
+at or before its stream start) reach that size, the consumer reconnects once they are
+read, from the new cursor with a short overlap: the store replays what the buffer dropped
+(or, when it holds too little, the resume records a ``replay_truncated`` gap).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import sqlalchemy as sa
 import structlog
 
@@ -51,7 +63,8 @@ from ingestd.errors import (
 )
 from ingestd.framing import ErrorFrame, parse_frame
 from ingestd.leader import StreamLeadership
-from ingestd.models import Batch, Gap
+from ingestd.models import Batch, Cursor, Gap
+from ingestd.normalize import parse_time
 from ingestd.retry import Backoff
 from ingestd.spool import MAX_BYTES_DEFAULT, Position, Spool, stream_dir
 from ingestd.store import Store
@@ -74,6 +87,17 @@ RESULT_FRAME = b'{"result":'  # how every TTS event frame begins; anything else 
 # Connections that end so, with nothing past the cursor, were no progress for /healthz; the
 # network's own ends (idle timeout, a close, a transport error) are a quiet stream's life.
 NO_PROGRESS = frozenset({"no_frame", "bad_response", "stream_error", "error", "unexpected"})
+# TTS's per-stream buffer: clamp(tail, 8, 1024) events (TTS_WIRE 1.6).
+BUFFER_MIN, BUFFER_MAX = 8, 1024
+# A replay within this share of the buffer size filled it, or nearly (rejected frames and
+# out-of-order delivery make the count short): reconnect to have the store replay the drops.
+REFILL_SLACK = 1 / 8
+# The overlap of that reconnect: the cursor's ids cover its own time, and what the buffer
+# dropped is all later than the replayed history, so a short one keeps the next replay small.
+REFILL_OVERLAP_S = 0.05
+QUIET_ENDS = frozenset({"server_closed", "idle_timeout", "replay_refill"})  # logged at info
+MAX_CURSOR_IDS = 1000  # ids at one time kept for the spool's resume cursor (a bound, item 9)
+FUTURE_SLACK_S = 300.0  # a spooled event later than now + this does not move the resume
 HTTP_1_1 = "HTTP/1.1"  # long-lived HTTP/1.1 streams get stuck behind proxies (lorawan-stack#6653)
 
 
@@ -155,6 +179,11 @@ class StreamConsumer:
         self._stopping = False
         self._halt = asyncio.Event()  # set when following stops (shutdown or leadership lost)
         self._overlap_s = settings.overlap_s
+        self._refill = False  # the next connection resumes after a replay that filled the buffer
+        tail = settings.tail
+        self._buffer_size = min(max(tail, BUFFER_MIN), BUFFER_MAX)
+        # Replayed events that show the buffer was full; a tail of 0 asks for no replay.
+        self._refill_at = self._buffer_size - int(self._buffer_size * REFILL_SLACK) if tail else 0
         self.connected_event = asyncio.Event()  # set on every successful (re)connect
         # The spool (None: disabled). Opened when first needed, or at start if it holds frames.
         self._spool_dir = None if spool_root is None else stream_dir(spool_root, settings.name)
@@ -163,9 +192,12 @@ class StreamConsumer:
         self._spooling = False  # True: every frame read goes to the spool
         self._spool_buffer: list[bytes] = []  # read while spooling, not yet appended
         self._spool_lock = asyncio.Lock()  # appends in arrival order
-        self._appending: asyncio.Future[list[Position]] | None = None
+        self._appending: asyncio.Future[tuple[list[Position], Cursor | None]] | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._spool_full = False  # the stream was closed: the spool took no more
+        # The newest event in the spool while the drainer is behind (the resume point);
+        # None: unknown (a spool left by a crash), so a reconnect waits for the drainer.
+        self._spool_cursor: Cursor | None = None
         self._raw: list[bytes] = []  # frames in the builder's batch that are not in the spool
         self._batch_spool_pos: Position | None = None  # how far into the spool that batch reaches
         self._committing: _Taken | None = None
@@ -207,6 +239,7 @@ class StreamConsumer:
         cursor = await asyncio.to_thread(self._store.load_cursor, name)
         self._builder = BatchBuilder(name, cursor)
         self._raw, self._batch_spool_pos = [], None
+        self._spool_cursor = None
         if self._spool_dir is not None and self._spool_dir.is_dir():
             await self._open_spool()  # a spool left by the last run: drain it first
         spooled = self._spool.frames if self._spool is not None else 0
@@ -281,19 +314,22 @@ class StreamConsumer:
         while not stop.is_set():
             if not await self._settle_spool(stop):
                 return
-            opened_at = self._builder_or_fail().cursor.last_time
+            resume = self._resume_cursor()
+            opened_at = resume.last_time
+            overlap_s = self._overlap_s
+            if self._refill:
+                self._refill = False
+                overlap_s = min(overlap_s, REFILL_OVERLAP_S)
             was_open = False
             frame_at_open = self.state.last_frame_at
             if self.state.retrying_since is None:  # the retry clock starts with the attempt
                 self.state.retrying_since = datetime.now(UTC)
             try:
-                async with self._stream.open(
-                    self._builder_or_fail().cursor, overlap_s=self._overlap_s, stop=stop
-                ) as conn:
+                async with self._stream.open(resume, overlap_s=overlap_s, stop=stop) as conn:
                     attempt = 0
                     was_open = True
                     self._on_connected(conn)
-                    reader = asyncio.create_task(self._read(conn))
+                    reader = asyncio.create_task(self._read(conn, opened_at))
                     await wait_any(reader, stop.wait())
                     if stop.is_set():
                         return  # wait_any cancelled the reader between two frames
@@ -306,6 +342,8 @@ class StreamConsumer:
                     return  # e.g. a connect cut short by the stop
                 attempt += 1
                 delay, reason = self._delay_for(exc, attempt)
+                if reason == "replay_refill":  # progress, not a failure: resume at once
+                    attempt, delay = 0, 0.0
                 if was_open and not self._adapt_overlap(opened_at) and reason in NO_PROGRESS:
                     # Its stream start (and any replayed duplicates) was no progress: a
                     # stream wedged on one event must not look alive on /healthz.
@@ -317,7 +355,7 @@ class StreamConsumer:
 
     def _adapt_overlap(self, opened_at: datetime | None) -> bool:
         """Adapt the next overlap to the connection that ended; True if it made progress."""
-        now_at = self._builder_or_fail().cursor.last_time
+        now_at = self._resume_cursor().last_time
         if opened_at is None or (now_at is not None and now_at > opened_at):
             self._overlap_s = self.settings.overlap_s  # progress: back to the full overlap
             return True
@@ -358,7 +396,7 @@ class StreamConsumer:
         else:
             reason = "unexpected"
             log.exception("stream_unexpected_error")
-        level = log.info if reason in ("server_closed", "idle_timeout") else log.warning
+        level = log.info if reason in QUIET_ENDS else log.warning
         level(
             "stream_disconnected", reason=reason, error=_describe(exc), retry_in_s=round(delay, 2)
         )
@@ -377,7 +415,7 @@ class StreamConsumer:
             if warning not in self._warned:  # log each X-Warning once per stream
                 self._warned.add(warning)
                 log.warning("tts_warning", warning=warning)
-        cursor = builder.cursor
+        cursor = self._resume_cursor()
         if conn.store_disabled:
             if cursor.last_time is not None:
                 builder.add_gap(
@@ -390,7 +428,12 @@ class StreamConsumer:
                     )
                 )
         else:
-            builder.expect_replay_from(cursor)
+            builder.expect_replay_from(
+                cursor,
+                entity_ttl_s=self.settings.entity_ttl_s,
+                request_id=conn.request_id,
+                deferred=self._spooling,  # spooled frames come first: arm at its stream start
+            )
         log.info(
             "stream_connected",
             after=conn.after,
@@ -438,10 +481,14 @@ class StreamConsumer:
 
     # -- reading and committing --------------------------------------------------------------
 
-    async def _read(self, conn: OpenStream) -> None:
+    async def _read(self, conn: OpenStream, opened_at: datetime | None) -> None:
         builder = self._builder_or_fail()
         max_events = self._max_events
+        # After the stream start and as many frames as TTS's buffer holds, judge the replay.
+        refill_frame = self._buffer_size + 1 if self._refill_at else 0
+        n = 0
         async for payload in conn.frames:
+            n += 1
             if self._spooling:
                 await self._spool_frame(payload)
                 if payload.startswith(RESULT_FRAME):  # judged by the drainer; cheap here
@@ -467,6 +514,38 @@ class StreamConsumer:
                 await self._start_flush()  # a new stream's first cursor, saved at once
             elif len(builder) >= max_events and not self._commit_running():
                 await self._start_flush()
+            if n == refill_frame:
+                self._judge_replay(opened_at)
+
+    def _judge_replay(self, opened_at: datetime | None) -> None:
+        """Once the buffer's worth of frames is read: did the replay fill TTS's buffer?
+
+        Then the live events published while it drained were dropped: reconnect from the
+        new cursor (only after progress, so a replay of duplicates cannot loop).
+        """
+        builder = self._builder_or_fail()
+        replayed = builder.replayed
+        builder.end_replay_count()
+        if self._spooling or replayed < self._refill_at:
+            return  # spooled frames are judged by nobody: a later resume replays them
+        now_at = self._resume_cursor().last_time
+        if now_at is None or (opened_at is not None and now_at <= opened_at):
+            return
+        self._refill = True
+        log.info("stream_replay_filled_buffer", replayed=replayed, buffer=self._buffer_size)
+        raise StreamDisconnected(
+            f"the replay ({replayed} events) filled the server's buffer of "
+            f"{self._buffer_size}: resuming to replay what it dropped",
+            reason="replay_refill",
+        )
+
+    def _resume_cursor(self) -> Cursor:
+        """Where a connection resumes: after everything read, stored or still spooled."""
+        cursor = self._builder_or_fail().cursor
+        spooled = self._spool_cursor
+        if spooled is None or not self._spooling:
+            return cursor
+        return _later(cursor, spooled)
 
     def _commit_running(self) -> bool:
         return self._flush_task is not None and not self._flush_task.done()
@@ -658,8 +737,10 @@ class StreamConsumer:
 
     async def _append(self, spool: Spool, frames: list[bytes]) -> list[Position]:
         # shield: a cancelled reader must not leave an append half-way; the stop waits for it.
-        self._appending = asyncio.ensure_future(asyncio.to_thread(spool.append, frames))
-        ends = await asyncio.shield(self._appending)
+        self._appending = asyncio.ensure_future(asyncio.to_thread(_append_noting, spool, frames))
+        ends, newest = await asyncio.shield(self._appending)
+        if newest is not None:
+            self._spool_cursor = _later(self._spool_cursor, newest)
         # Durable in the spool is progress for /healthz, like a commit.
         self.state.last_commit_at = datetime.now(UTC)
         self.state.uncommitted_since = None
@@ -711,6 +792,7 @@ class StreamConsumer:
                 # read directly, in this same step, so no frame can slip in between.
                 frames, self._spool_buffer = self._spool_buffer, []
                 self._spooling = False
+                self._spool_cursor = None  # the builder's cursor covers the spool now
                 for payload in frames:
                     builder.add_frame(payload)
                     self._raw.append(payload)
@@ -741,6 +823,9 @@ class StreamConsumer:
         stream was closed as a gap from the spool's end. False when stopping.
         """
         drainer = self._drainer
+        draining = drainer is not None and not drainer.done() and not self._spool_full
+        if draining and await self._resume_while_draining():
+            return not stop.is_set()
         if drainer is not None and not drainer.done():
             await wait_any(asyncio.shield(drainer), stop.wait())
         if not self._spool_full:
@@ -766,6 +851,28 @@ class StreamConsumer:
             )
         )
         await self._start_flush()
+        return True
+
+    async def _resume_while_draining(self) -> bool:
+        """True when the stream may reconnect before the drainer has caught up.
+
+        It may when the newest spooled event is known: the frames read but not yet
+        appended are appended first, so the resume starts after everything read, and the
+        new connection's frames go on into the spool behind them.
+        """
+        if not self._spooling or self._spool_cursor is None:
+            return False  # a spool left by a crash: its newest event is not known
+        try:
+            await self._append_buffer()
+        except StreamDisconnected:
+            return False  # the spool is full: wait, then record the gap
+        if not self._spooling:  # caught up meanwhile: the builder's cursor covers it all
+            return True
+        log.info(
+            "stream_resuming_while_draining",
+            spool_frames=self._spool.frames if self._spool is not None else 0,
+            after=self._spool_cursor.last_time,
+        )
         return True
 
     async def _stop_spooling(self) -> None:
@@ -801,6 +908,40 @@ def _read_result(task: asyncio.Task[None]) -> None:
     """Retrieve a flush's outcome: none may end as "Task exception was never retrieved"."""
     if not task.cancelled() and task.exception() is not None:
         log.error("flush_failed", error=_describe(task.exception() or Exception()))
+
+
+def _append_noting(spool: Spool, frames: list[bytes]) -> tuple[list[Position], Cursor | None]:
+    """Append ``frames`` (in a worker thread); also the cursor of their newest event.
+
+    Spooling is off the fast path, so each frame is parsed here once more for its time
+    and id; a frame without them (a stream start, a malformed one) does not count.
+    """
+    ends = spool.append(frames)
+    horizon = datetime.now(UTC).timestamp() + FUTURE_SLACK_S
+    newest: Cursor | None = None
+    for payload in frames:
+        try:
+            event = orjson.loads(payload)["result"]
+            if event.get("name") == "events.stream.start":
+                continue
+            t = parse_time(event["time"])
+            uid = event["unique_id"]
+        except Exception:  # the drainer judges (and rejects) it
+            continue
+        if not isinstance(uid, str) or t.timestamp() > horizon:
+            continue
+        newest = _later(newest, Cursor(last_time=t, unique_ids_at_last_time=frozenset({uid})))
+    return ends, newest
+
+
+def _later(a: Cursor | None, b: Cursor) -> Cursor:
+    """The later of two cursors; at one time, both times' ids."""
+    if a is None or a.last_time is None or (b.last_time is not None and b.last_time > a.last_time):
+        return b
+    if b.last_time == a.last_time and len(a.unique_ids_at_last_time) < MAX_CURSOR_IDS:
+        ids = a.unique_ids_at_last_time | b.unique_ids_at_last_time
+        return Cursor(last_time=a.last_time, unique_ids_at_last_time=ids)
+    return a
 
 
 def _stream_error(error: Any) -> StreamError:

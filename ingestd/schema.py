@@ -223,6 +223,10 @@ rejected_events = sa.Table(
     sa.Column("raw", sa.Text, nullable=False),
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("received_at", UtcDateTime(), nullable=False, server_default=NOW),
+    # A hash of what was rejected (ingestd.store.reject_digest): the same frame replayed
+    # after a reconnect is one row, not one per replay. NULL on rows from before 0010.
+    sa.Column("digest", sa.String(32)),
+    sa.Index(None, "stream", "digest", unique=True),
 )
 
 OUTBOX_STATUSES: tuple[str, ...] = tuple(OutboxStatus)

@@ -26,6 +26,7 @@ where that is cheap, on PostgreSQL only (SQLite stores all of it):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -326,10 +327,8 @@ class Store:
         result.duplicates += len(batch.items) - len(items)
         self._insert_items(conn, items, result)
         if batch.rejected:
-            conn.execute(
-                sa.insert(schema.rejected_events), [self._clean(r) for r in batch.rejected]
-            )
-            result.rejected = len(batch.rejected)
+            rows = [self._clean(r) for r in batch.rejected]
+            result.rejected = len(conn.execute(_insert_rejects(conn), rows).all())
         self._finish(conn, batch, result)
         return result
 
@@ -352,44 +351,52 @@ class Store:
                         "stream": batch.stream,
                         "raw": _raw_text(item[0]),
                         "error": f"database refused the event: {_describe(exc)}"[:2000],
+                        # Its raw text holds ingested_at, which differs on every replay.
+                        "digest": reject_digest(str(item[0]["unique_id"]), "refused"),
                     }
                 )
                 continue
             result.add(part)
-        self._insert_rejected(conn, rejected)
-        result.rejected = len(rejected)
+        result.rejected = self._insert_rejected(conn, rejected)
         self._finish(conn, batch, result)
         return result
 
-    def _insert_rejected(self, conn: Connection, rejected: list[dict[str, Any]]) -> None:
-        """All of ``rejected``, each row reduced to escaped ASCII if it is refused as is."""
+    def _insert_rejected(self, conn: Connection, rejected: list[dict[str, Any]]) -> int:
+        """All of ``rejected``, each row reduced to escaped ASCII if it is refused as is.
+
+        A reject already stored (the same frame replayed after a reconnect) is skipped;
+        returns how many rows were inserted.
+        """
         if not rejected:
-            return
+            return 0
         rows = [self._clean(r) for r in rejected]
-        insert = sa.insert(schema.rejected_events)
+        insert = _insert_rejects(conn)
         try:
             with conn.begin_nested():
-                conn.execute(insert, rows)
-            return
+                return len(conn.execute(insert, rows).all())
         except Exception as exc:
             if is_outage(exc):
                 raise
+        inserted = 0
         for row in rows:
             try:
                 with conn.begin_nested():
-                    conn.execute(insert, [row])
+                    inserted += len(conn.execute(insert, [row]).all())
             except Exception as exc:
                 if is_outage(exc):
                     raise
                 log.warning("reject_row_refused_rewriting", error=_describe(exc))
-                conn.execute(insert, [_ascii_reject(row, exc)])
+                inserted += len(conn.execute(insert, [_ascii_reject(row, exc)]).all())
+        return inserted
 
     def _clean(self, reject: dict[str, Any]) -> dict[str, Any]:
         text = self._text
+        raw, error = text(reject["raw"]), text(reject["error"])
         return {
             "stream": reject["stream"],
-            "raw": text(reject["raw"]),
-            "error": text(reject["error"]),
+            "raw": raw,
+            "error": error,
+            "digest": reject.get("digest") or reject_digest(raw, error),
         }
 
     def _finish(self, conn: Connection, batch: Batch, result: CommitResult) -> None:
@@ -469,6 +476,23 @@ class Store:
         )
 
 
+def reject_digest(raw: str, error: str) -> str:
+    """The ``rejected_events.digest`` of a reject: what was refused, and why."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(raw.encode("utf-8", "surrogatepass"))
+    h.update(b"\0")
+    h.update(error.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _insert_rejects(conn: Connection) -> Any:
+    """Insert rejects, skipping one already stored (``rejected_events.digest``, per stream).
+
+    RETURNING counts the rows inserted on both dialects (executemany's rowcount does not).
+    """
+    return _insert_ignore(conn, schema.rejected_events).returning(schema.rejected_events.c.id)
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -505,4 +529,5 @@ def _ascii_reject(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
         "stream": _escaped(row["stream"], 200),
         "raw": _escaped(row["raw"], RAW_FALLBACK_CHARS),
         "error": _escaped(f"{row['error']} (row rewritten as ASCII: {_describe(exc)})", 2000),
+        "digest": row.get("digest"),
     }

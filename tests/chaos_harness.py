@@ -294,9 +294,12 @@ class Chaos:
             'level = "info"',
             'format = "json"',
         ]
-        if self.cfg.spool is not None:
+        # The daemon's spool lives in the work directory: by default it would be ./ingestd-spool
+        # (PostgreSQL) and a run that ends with frames spooled would feed them to the next.
+        spool = self.cfg.spool if self.cfg.spool is not None else {"dir": self.workdir / "spool"}
+        if spool:
             lines.append("[spool]")
-            for key, value in self.cfg.spool.items():
+            for key, value in spool.items():
                 rendered = (
                     str(value).lower()
                     if isinstance(value, bool)

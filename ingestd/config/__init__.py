@@ -65,6 +65,7 @@ BATCH_MAX_DELAY_S = 0.2
 TTS_BASE_URL_DEFAULT = "https://eu1.cloud.thethings.network"
 TAIL_EVENTS = 1000  # TTS keeps ~100 per entity; a larger tail costs nothing (TTS_WIRE 1.6)
 OVERLAP_S = 2.0
+ENTITY_TTL_S = 86400.0  # TTS forgets an entity's history this long after its last event
 IDLE_TIMEOUT_S = 120.0  # TTS sends no heartbeats (TTS_WIRE 1.4)
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 60.0
@@ -116,6 +117,7 @@ class TtsSettings:
     api_key: ApiKey = None  # or api_key_file: the key read from that file
     tail: NonNegativeInt = TAIL_EVENTS
     overlap_s: NonNegativeFloat = OVERLAP_S
+    entity_ttl_s: NonNegativeFloat = ENTITY_TTL_S  # TTS entity-ttl; 0: do not assume one
     idle_timeout_s: PositiveFloat = IDLE_TIMEOUT_S
     reconnect_min_s: PositiveFloat = RECONNECT_MIN_S
     reconnect_max_s: PositiveFloat = RECONNECT_MAX_S

@@ -219,3 +219,35 @@ def test_a_console_style_json_array_export_imports_like_a_stream(engine: Engine)
     assert first.bytes_read == len(body) + 3
     assert again.result.duplicates == 6
     assert _count(engine, schema.uplinks) == 6
+
+
+def test_a_reject_replayed_is_one_row_per_stream(engine: Engine) -> None:
+    """The same bad frames again (a resume replays them) add no rejected_events rows; the
+    same frames on another stream are that stream's own rows."""
+    good = _uplinks(2)
+    body = b"this is not json\n\n" + b'{"result": 42}\n\n' + _body(good)
+    store = Store(engine)
+    first = import_stream(store, io.BytesIO(body), stream="bad")
+    again = import_stream(store, io.BytesIO(body + body), stream="bad")
+    other = import_stream(store, io.BytesIO(body), stream="other")
+    assert (first.result.rejected, again.result.rejected, other.result.rejected) == (2, 0, 2)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(schema.rejected_events.c.stream, schema.rejected_events.c.digest)
+        ).all()
+    assert sorted(r.stream for r in rows) == ["bad", "bad", "other", "other"]
+    assert all(r.digest for r in rows)
+
+
+def test_an_event_the_database_refuses_again_is_not_rejected_twice(engine: Engine) -> None:
+    store = Store(engine)
+    events = _uplinks(3)
+    for _ in range(2):  # its raw text differs each time (ingested_at); its id does not
+        builder = BatchBuilder("refuse", Cursor())
+        for ev in events:
+            builder.add_event(ev)
+        batch = builder.take()
+        batch.items[1][1][0].values["application_id"] = None
+        store.commit_batch(batch)
+    assert _count(engine, schema.rejected_events) == 1
+    assert _count(engine, schema.uplinks) == 2
