@@ -163,8 +163,8 @@ def section_import(args: argparse.Namespace, table: Table, tmp: Path) -> dict[st
 
 def section_run(args: argparse.Namespace, table: Table, imports: dict[str, float]) -> None:
     rate = 1000.0
-    seconds = 2.0 if args.quick else 15.0
-    flat_n = 1000 if args.quick else 50_000
+    seconds = 2.0 if args.quick else args.steady_seconds
+    flat_n = 1000 if args.quick else min(args.events, 50_000)
     n_fixed = round(rate * seconds)
     steady = ("1000/s", lambda p: p.fixed(rate, n_fixed), n_fixed)
     flat = ("flat-out", lambda p: p.flat_out(flat_n), flat_n)
@@ -319,8 +319,8 @@ def _status_mib(field: str) -> float:
 
 
 def section_rss(args: argparse.Namespace, table: Table, tmp: Path) -> None:
-    n = 20_000 if args.quick else 1_000_000
-    checkpoint = n // 10
+    n = 20_000 if args.quick else args.rss_events
+    checkpoint = min(100_000, n // 10)
     print(f"rss: import of {n:,} re-stamped uplinks in its own process (SQLite)", flush=True)
     url = f"sqlite:///{tmp / 'rss.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
@@ -390,6 +390,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round (smoke test)")
     ap.add_argument("--rounds", type=int, default=None, help="median of N rounds (default 3)")
     ap.add_argument("--events", type=int, default=None, help="uplinks in the import capture")
+    ap.add_argument("--steady-seconds", type=float, default=15.0, help="of the 1000/s phase")
+    ap.add_argument("--rss-events", type=int, default=1_000_000, help="events of the RSS import")
     ap.add_argument("--pg", default=PG_DEFAULT, help="PostgreSQL admin URL ('' to skip)")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
