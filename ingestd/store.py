@@ -113,8 +113,8 @@ class _BulkInsert:
         columns = [c.name for c in table.columns]
         self.dialect = dialect
         names = ", ".join(f'"{c}"' for c in columns)
-        marks = ", ".join("?" for _ in columns)
-        # SQLite: executemany of one compiled statement.
+        marks = ", ".join("?" if dialect == "sqlite" else "%s" for _ in columns)
+        # For executemany: SQLite's path here, and backfill's on both databases.
         self.sql = f'INSERT INTO "{table.name}" ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING'
         # PostgreSQL: COPY into a temporary staging table, then one INSERT … SELECT … ON
         # CONFLICT DO NOTHING (COPY itself cannot skip a conflict). 2-3x executemany.
