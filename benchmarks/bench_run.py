@@ -124,6 +124,7 @@ class Phase:
     stamp_p50_ms: float | None = None
     stamp_p99_ms: float | None = None
     cpu_pct: float | None = None  # the reader process's CPU time over the phase's wall time
+    sim_cpu_pct: float | None = None  # this process's (simulator + publisher) likewise
     peak_rss_mib: float | None = None
     start_rss_mib: float | None = None
     dropped: int = 0
@@ -455,12 +456,14 @@ def session(
         windows = []
         for name, publish, n in phases:
             cpu0, wall0 = _cpu_s(reader.proc.pid), time.monotonic()
+            sim0 = time.process_time()
             start = time.time()
             publish(pub)
             end = time.time()
             wait_until(reader, pub.last_time, timeout_s=60 + n / 100, what=f"{target} {name}")
             phase = Phase(target, name, n)
             cpu1 = _cpu_s(reader.proc.pid)
+            phase.sim_cpu_pct = 100 * (time.process_time() - sim0) / (time.monotonic() - wall0)
             if cpu0 is not None and cpu1 is not None:
                 phase.cpu_pct = 100 * (cpu1 - cpu0) / (time.monotonic() - wall0)
             windows.append((phase, start, end))

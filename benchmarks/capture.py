@@ -20,16 +20,26 @@ DELIMITERS = {"blank": (b"", b"\n\n"), "ndjson": (b"", b"\n"), "sse": (b"data: "
 
 
 def write_capture(
-    path: Path, *, events: int, devices: int = 200, framing: str = "blank", seed: int = 1
+    path: Path,
+    *,
+    events: int,
+    devices: int = 200,
+    framing: str = "blank",
+    seed: int = 1,
+    step_ms: int = 37,
 ) -> int:
-    """Write ``events`` uplinks as TTS frames to ``path``; return the byte size."""
+    """Write ``events`` uplinks as TTS frames to ``path``; return the byte size.
+
+    Events are ``step_ms`` apart; 0 gives them all one timestamp (an export, a synthetic
+    capture).
+    """
     rng = random.Random(seed)
     prefix, delim = DELIMITERS[framing]
     start = datetime(2026, 11, 1, tzinfo=UTC)
     ulids = eventgen.UlidFactory(rng)
     with path.open("wb") as out:
         for i in range(events):
-            t = start + timedelta(milliseconds=37 * i)
+            t = start + timedelta(milliseconds=step_ms * i)
             dev = i % devices
             uid = ulids(t)
             ev = eventgen.uplink_event(

@@ -2,7 +2,8 @@
 
 One code path serves SQLite and PostgreSQL; the dialect differences live in
 :class:`_BulkInsert` (placeholders, per-column value conversion), :func:`_upsert_cursor`
-and :func:`_insert_ignore`. Inserts are executemany per table
+and :func:`_insert_ignore`. Inserts are one statement per table per batch: executemany on
+SQLite, ``COPY`` into a temporary staging table then ``INSERT … SELECT`` on PostgreSQL
 (never a giant multi-VALUES statement, see PERF_NOTES), and every insert is
 ``ON CONFLICT DO NOTHING``: idempotency lives in the database, keyed by the event's
 ``unique_id``. The in-batch and pre-select de-duplication only saves work.
@@ -111,10 +112,22 @@ class _BulkInsert:
 
     def __init__(self, table: sa.Table, dialect: str) -> None:
         columns = [c.name for c in table.columns]
-        marker = "?" if dialect == "sqlite" else "%s"
+        self.dialect = dialect
         names = ", ".join(f'"{c}"' for c in columns)
-        marks = ", ".join(marker for _ in columns)
+        marks = ", ".join("?" if dialect == "sqlite" else "%s" for _ in columns)
+        # For executemany: SQLite's path here, and backfill's on both databases.
         self.sql = f'INSERT INTO "{table.name}" ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING'
+        # PostgreSQL: COPY into a temporary staging table, then one INSERT … SELECT … ON
+        # CONFLICT DO NOTHING (COPY itself cannot skip a conflict). 2-3x executemany.
+        stage = f"ingestd_stage_{table.name}"
+        self.stage_sql = (
+            f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" (LIKE "{table.name}")'
+            " ON COMMIT DELETE ROWS",
+            f'COPY "{stage}" ({names}) FROM STDIN',
+            f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM "{stage}"'
+            " ON CONFLICT DO NOTHING",
+            f'TRUNCATE "{stage}"',  # a savepoint's pass (_write_isolated) reuses it at once
+        )
         # One generated function per table turns a row dict into the driver's tuple, like
         # dataclasses generate __init__: no per-column loop or generator on the hot path.
         namespace: dict[str, Any] = {}
@@ -458,7 +471,22 @@ class Store:
 
     def _execute_bulk(self, conn: Connection, table: str, rows: list[dict[str, Any]]) -> int:
         bulk = self._bulk[table]
-        return conn.exec_driver_sql(bulk.sql, bulk.rows(rows)).rowcount
+        if bulk.dialect != "postgresql":
+            return conn.exec_driver_sql(bulk.sql, bulk.rows(rows)).rowcount
+        create, copy, insert, truncate = bulk.stage_sql
+        conn.exec_driver_sql(create)
+        driver: Any = conn.connection.driver_connection
+        try:  # COPY is the driver's own API: SQLAlchemy neither sees nor wraps it
+            with driver.cursor() as cur, cur.copy(copy) as cp:
+                for row in bulk.rows(rows):
+                    cp.write_row(row)
+        except conn.dialect.loaded_dbapi.Error as exc:  # as exec_driver_sql would raise it
+            raise sa.exc.DBAPIError.instance(
+                copy, None, exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
+            ) from exc
+        inserted: int = conn.exec_driver_sql(insert).rowcount
+        conn.exec_driver_sql(truncate)
+        return inserted
 
     def _insert_gaps(self, conn: Connection, gaps: Sequence[Gap]) -> None:
         conn.execute(

@@ -69,7 +69,6 @@ def import_(args: argparse.Namespace) -> int:
             Store(engine),
             source,
             stream=args.stream,
-            batch_max_events=settings.database.batch_max_events,
             progress=progress,
         )
         elapsed = time.perf_counter() - started
