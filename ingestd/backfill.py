@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -122,7 +122,7 @@ class BackfillStore:
     ) -> BackfillResult:
         """Normalize and insert one page; count new rows; add them to the gap's ``recovered``."""
         result = BackfillResult()
-        per_table: dict[str, list[dict[str, Any]]] = {n: [] for n in TABLES}
+        per_table: dict[str, list[Mapping[str, Any]]] = {n: [] for n in TABLES}
         for up in messages:
             result.fetched += 1
             device = str((up.get("end_device_ids") or {}).get("device_id"))
@@ -160,7 +160,7 @@ class BackfillStore:
                 )
         return result
 
-    def _insert(self, conn: Connection, table: str, rows: list[dict[str, Any]]) -> int:
+    def _insert(self, conn: Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> int:
         if not rows:
             return 0
         bulk = self._bulk[table]

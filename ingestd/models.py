@@ -1,7 +1,9 @@
 """Values passed between the pipeline's stages.
 
 Raw Things Stack JSON stays a plain ``dict`` (decoded by orjson; TTS_WIRE §2 has its keys).
-Internal values are small frozen dataclasses or NamedTuples, closed sets StrEnums.
+Internal values are small frozen dataclasses or NamedTuples, closed sets StrEnums, and the
+rows written to the hot tables TypedDicts: plain dicts at run time (built as dict literals,
+no class to construct), checked by mypy against their table's columns.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 # Closed sets as StrEnums: each member is its own string, so rows, SQL parameters and
 # comparisons with plain strings work unchanged, and the declaration is the one home.
@@ -63,11 +65,126 @@ class DownlinkKind(StrEnum):
 TX_PRIORITIES: tuple[str, ...] = tuple(Priority)
 
 
+# The rows that flow through the pipeline, one TypedDict per table, keyed exactly by the
+# columns in ingestd.schema (tests/unit/test_models.py holds the two in step). Values from
+# TTS JSON are typed as the column stores them; JSON columns hold any JSON value.
+
+
+class _EventColumns(TypedDict):
+    unique_id: str
+    stream: str
+    name: str
+    time: datetime
+    application_id: str | None
+    device_id: str | None
+    dev_eui: str | None
+    correlation_ids: list[Any] | None
+    data: dict[str, Any] | None
+
+
+class EventRow(_EventColumns, total=False):
+    """An ``events`` row (:func:`ingestd.normalize.event_row`).
+
+    ``ingested_at`` is set by the store as it writes the batch (not ``NotRequired``: under
+    ``from __future__ import annotations`` Python 3.11's TypedDict would not see it).
+    """
+
+    ingested_at: datetime
+
+
+class UplinkRow(TypedDict):
+    """An ``uplinks`` row: one per uplink message, its best signal over the gateways."""
+
+    uplink_id: str
+    event_unique_id: str | None  # None for a message read from the Storage Integration
+    application_id: str
+    device_id: str
+    dev_eui: str | None
+    join_eui: str | None
+    dev_addr: str | None
+    session_key_id: str | None
+    f_port: int
+    f_cnt: int
+    frm_payload: bytes | None
+    decoded_payload: Any
+    confirmed: bool
+    received_at: datetime
+    rssi: float | None
+    snr: float | None
+    gateway_count: int
+    frequency: int | None
+    modulation: str | None
+    spreading_factor: int | None
+    bandwidth: int | None
+    coding_rate: str | None
+    bit_rate: int | None
+    consumed_airtime_s: float | None
+    packet_error_rate: float | None
+    source: str
+    simulated: bool
+
+
+class UplinkReceptionRow(TypedDict):
+    """An ``uplink_receptions`` row: one per gateway that heard an uplink."""
+
+    uplink_id: str
+    received_at: datetime
+    reception_index: int
+    gateway_id: str | None
+    gateway_eui: str | None
+    rssi: float | None
+    channel_rssi: float | None
+    snr: float | None
+    time: datetime | None
+    channel_index: int | None
+    latitude: float | None
+    longitude: float | None
+    altitude: float | None
+    source: str
+
+
+class JoinRow(TypedDict):
+    """A ``joins`` row: one per join-accept."""
+
+    event_unique_id: str | None
+    application_id: str
+    device_id: str
+    dev_eui: str | None
+    join_eui: str | None
+    dev_addr: str | None
+    session_key_id: str | None
+    received_at: datetime
+    source: str
+
+
+class DownlinkEventRow(TypedDict):
+    """A ``downlink_events`` row: one per ``as.down.data.*`` lifecycle event."""
+
+    event_unique_id: str
+    kind: str
+    application_id: str
+    device_id: str
+    f_port: int | None
+    f_cnt: int | None
+    frm_payload: bytes | None
+    decoded_payload: Any
+    confirmed: bool | None
+    priority: str | None
+    correlation_ids: list[Any] | None
+    outbox_id: int | None
+    error: Any
+    time: datetime
+    source: str
+
+
+DerivedRow = UplinkRow | UplinkReceptionRow | JoinRow | DownlinkEventRow
+
+
 class Row(NamedTuple):
     """One row for one table, derived from an event by :func:`ingestd.normalize.normalize`."""
 
     table: str
-    values: dict[str, Any]
+    values: DerivedRow
 
 
 CURSOR_FUTURE_TOLERANCE_S = 300.0
@@ -114,7 +231,7 @@ class Batch:
     """
 
     stream: str
-    items: list[tuple[dict[str, Any], list[Row]]] = field(default_factory=list)
+    items: list[tuple[EventRow, list[Row]]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     gaps: list[Gap] = field(default_factory=list)
     cursor: Cursor | None = None  # None: leave the stored cursor as it is

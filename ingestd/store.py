@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,6 +47,7 @@ from ingestd.models import (
     Batch,
     CommitResult,
     Cursor,
+    EventRow,
     Gap,
     Row,
 )
@@ -56,7 +57,7 @@ log = structlog.get_logger()
 
 # Called inside the batch's transaction with the new downlink_events rows, so that an
 # outbox row's status moves in the same commit as the event that moved it.
-DownlinkHook = Callable[[Connection, list[dict[str, Any]]], None]
+DownlinkHook = Callable[[Connection, list[Mapping[str, Any]]], None]
 
 _TABLES: dict[str, sa.Table] = {t.name: t for t in schema.metadata.sorted_tables}
 # Parents before children (uplinks before uplink_receptions).
@@ -141,9 +142,9 @@ class _BulkInsert:
                 parts.append(f"_c{i}(get({col.name!r}))")
         source = f"def to_tuple(row):\n    get = row.get\n    return ({', '.join(parts)},)\n"
         exec(source, namespace)
-        self._to_tuple: Callable[[dict[str, Any]], tuple[Any, ...]] = namespace["to_tuple"]
+        self._to_tuple: Callable[[Mapping[str, Any]], tuple[Any, ...]] = namespace["to_tuple"]
 
-    def rows(self, values: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    def rows(self, values: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
         """The driver parameters for ``values``."""
         return list(map(self._to_tuple, values))
 
@@ -420,8 +421,8 @@ class Store:
             _upsert_cursor(conn, batch.stream, batch.cursor, datetime.now(UTC))
 
     def _drop_existing(
-        self, conn: Connection, items: list[tuple[dict[str, Any], list[Row]]]
-    ) -> list[tuple[dict[str, Any], list[Row]]]:
+        self, conn: Connection, items: list[tuple[EventRow, list[Row]]]
+    ) -> list[tuple[EventRow, list[Row]]]:
         """Skip events already stored (replays after a reconnect): one indexed query per chunk."""
         if not items:
             return items
@@ -438,12 +439,12 @@ class Store:
     def _insert_items(
         self,
         conn: Connection,
-        items: Sequence[tuple[dict[str, Any], list[Row]]],
+        items: Sequence[tuple[EventRow, list[Row]]],
         result: CommitResult,
     ) -> None:
         if not items:
             return
-        per_table: dict[str, list[dict[str, Any]]] = {name: [] for name in _DERIVED_ORDER}
+        per_table: dict[str, list[Mapping[str, Any]]] = {name: [] for name in _DERIVED_ORDER}
         by_name = result.stored_by_name
         now = datetime.now(UTC)
         events_rows = []
@@ -469,7 +470,7 @@ class Store:
         if self._downlink_hook is not None and per_table["downlink_events"]:
             self._downlink_hook(conn, per_table["downlink_events"])
 
-    def _execute_bulk(self, conn: Connection, table: str, rows: list[dict[str, Any]]) -> int:
+    def _execute_bulk(self, conn: Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> int:
         bulk = self._bulk[table]
         if bulk.dialect != "postgresql":
             return conn.exec_driver_sql(bulk.sql, bulk.rows(rows)).rowcount
@@ -531,7 +532,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {inner}"
 
 
-def _raw_text(event_row: dict[str, Any]) -> str:
+def _raw_text(event_row: Mapping[str, Any]) -> str:
     """An ``events`` row as JSON for ``rejected_events.raw``; never raises."""
     try:
         return orjson.dumps(event_row, default=str, option=orjson.OPT_NON_STR_KEYS).decode()

@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 from ingestd.errors import MalformedEvent
 from ingestd.identity import uplink_id
-from ingestd.models import Row
+from ingestd.models import DerivedRow, EventRow, Row
 from ingestd.normalize.down import (
     DOWNLINK_KINDS,
     EMPTY,
@@ -63,7 +63,7 @@ _INT32_MAX = 2**31 - 1  # INTEGER columns (spreading_factor, bandwidth, bit_rate
 _CODING_RATE_MAX_CHARS = 16
 
 _NUMBER = (float, int)  # JSON numbers as orjson decodes them (bool is neither)
-_NO_ROW = Row("", {})
+_NO_ROW = Row("", cast(DerivedRow, {}))  # a placeholder, replaced before it is returned
 
 _Handler = Callable[[Mapping[str, Any], Mapping[str, Any], str | None, str], list[Row]]
 
@@ -114,7 +114,7 @@ def parse_duration_s(value: str) -> float:
     raise MalformedEvent(f"bad duration {show(value)}: expected seconds like '0.061696s'")
 
 
-def event_row(event: Mapping[str, Any], *, stream: str) -> dict[str, Any]:
+def event_row(event: Mapping[str, Any], *, stream: str) -> EventRow:
     """The ``events`` row of any event: identity, time, entity ids and the raw payload.
 
     ``data`` and ``correlation_ids`` are kept as received (no copy). ``application_id``,
@@ -527,9 +527,7 @@ def _downlink(
     kind = DOWNLINK_KINDS[event["name"]]
     time = _time_of(event)
     assert unique_id is not None  # downlink rows only come from events
-    row = downlink_row(event, data, kind=kind, unique_id=unique_id, time=time)
-    row.values["source"] = source
-    return [row]
+    return [downlink_row(event, data, kind=kind, unique_id=unique_id, time=time, source=source)]
 
 
 _HANDLERS: dict[str, _Handler] = {

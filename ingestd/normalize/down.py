@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from ingestd.errors import MalformedEvent
-from ingestd.models import TX_PRIORITIES, DownlinkKind, Row
+from ingestd.models import TX_PRIORITIES, DownlinkEventRow, DownlinkKind, Row
 from ingestd.outbox.ids import outbox_id_from
 
 _SHOW_MAX_CHARS = 60
@@ -115,6 +115,7 @@ def downlink_row(
     kind: DownlinkKind,
     unique_id: str,
     time: datetime,
+    source: str,
 ) -> Row:
     """The ``downlink_events`` row of one lifecycle event (``data`` is the event's data)."""
     item: Any = None  # the ApplicationDownlink the event is about, if it carries one
@@ -162,7 +163,7 @@ def downlink_row(
     application_id, device_id = app_device_of(
         device_ids_of(event), data.get("end_device_ids") or EMPTY
     )
-    values: dict[str, Any] = {
+    values: DownlinkEventRow = {
         "event_unique_id": unique_id,
         "kind": kind,
         "application_id": application_id,
@@ -177,6 +178,7 @@ def downlink_row(
         "outbox_id": outbox_id_from(cids),
         "error": error,
         "time": time,
+        "source": source,
     }
     if item is not None:
         values["f_port"] = uint_of(item, "f_port", "downlink", FPORT_MAX)

@@ -22,7 +22,7 @@ moves nothing: TTS publishes it before it checks the device, session and NS queu
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -486,7 +486,7 @@ _TRANSITIONS: dict[str, _Transition] = {
 }
 
 
-def apply_downlink_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
+def apply_downlink_events(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     """Move outbox rows forward from new ``downlink_events`` rows (a ``store.DownlinkHook``).
 
     Runs in the ingest batch's transaction, so a status moves in the same commit as the

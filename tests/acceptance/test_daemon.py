@@ -108,7 +108,7 @@ def test_sigterm_exits_0_within_a_second_and_a_restart_resumes_without_duplicate
     daemon = daemon_factory(config, env, log)
     daemon.wait_connected(sim, requests)
     _wait_count(db_url, "SELECT count(*) FROM uplinks", 200)
-    time.sleep(0.3)
+    time.sleep(0.3)  # a window in which a duplicate would land (absence has no event to wait on)
     code, _ = daemon.terminate()
     assert code == 0
     assert _count(db_url, "SELECT count(*) FROM uplinks") == len(first) + len(second)
@@ -136,14 +136,14 @@ def test_three_sigkills_at_random_points_lose_nothing_and_store_nothing_twice(
         deadline = time.monotonic() + rng.uniform(0.3, 1.5)
         while time.monotonic() < deadline:
             published += sim.uplinks(rng.randrange(5, 40))
-            time.sleep(rng.uniform(0.0, 0.05))
+            time.sleep(rng.uniform(0.0, 0.05))  # pacing the traffic, at random
         daemon.kill()  # SIGKILL: no chance to commit anything in flight
         published += sim.uplinks(rng.randrange(0, 50))  # more while it is dead
     requests = stream_requests_ok(sim)
     daemon = daemon_factory(config, env, log)
     daemon.wait_connected(sim, requests)
     _wait_count(db_url, "SELECT count(*) FROM uplinks", len(published), timeout_s=30)
-    time.sleep(0.3)
+    time.sleep(0.3)  # a window in which a duplicate would land (absence has no event to wait on)
     assert daemon.terminate()[0] == 0
     engine = sa.create_engine(db_url)
     with engine.connect() as conn:

@@ -46,6 +46,15 @@ format = "json"
     return path
 
 
+def _count_pushed(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text("SELECT count(*) FROM downlink_outbox WHERE status <> 'pending'")
+            ).scalar_one()
+        )
+
+
 def _insert(engine: sa.Engine, sim: Simulator, first: int, count: int) -> None:
     rows = [
         {
@@ -102,8 +111,11 @@ def test_a_thousand_rows_two_processes_each_pushed_once_in_device_order(
             (refused,) = [p for p in procs if p.poll() is not None]
             assert refused.returncode == 1
             running.remove(refused)
-        time.sleep(0.5)
-        _insert(engine, sim, ROWS // 2, ROWS // 2)  # and more while they run
+        deadline = time.monotonic() + 20
+        while not _count_pushed(engine):  # the workers are at work: add more while they run
+            assert time.monotonic() < deadline, "no row was pushed"
+            time.sleep(0.05)
+        _insert(engine, sim, ROWS // 2, ROWS // 2)
 
         final = {"acked", "sent"}
         deadline = time.monotonic() + 120

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from outbox_rows import insert_unreadable, unreadable_values
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
+from support import wait_for
 
 from ingestd import __version__, schema
 from ingestd.batch import BatchBuilder
@@ -113,7 +114,7 @@ async def run_until(
 async def run_for(worker: DownlinkWorker, seconds: float) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds)  # a window in which it must do nothing (or nothing more)
     assert not task.done()
     stop.set()
     await asyncio.wait_for(task, 5.0)
@@ -362,7 +363,7 @@ async def test_crash_after_push_is_verified_not_pushed_again(
     monkeypatch.setattr(outbox, "mark_queued", real_mark)
     # The restarted process (same worker id) takes its own claim back once no request of
     # its previous life can still be in flight (3 request timeouts: verify, push, marks).
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.35)  # the time passing is the point: 3 x 0.1 s request timeouts
     await run_until(
         worker(engine, settings_for(sim, request_timeout_s=0.1)), settled(engine, "queued")
     )
@@ -397,7 +398,7 @@ async def test_claim_without_push_is_pushed_once_after_the_claim_expires(
     """A worker died after claiming, before pushing: TTS has nothing, so it goes out once."""
     (outbox_id,) = insert(engine)
     outbox.claim_due(engine, worker_id="dead:1", limit=1, now=datetime.now(UTC))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # the time passing is the point: the claim outlives stale_claim_s
     await run_until(worker(engine, settings_for(sim, stale_claim_s=0.2)), settled(engine, "queued"))
     assert [q.op for q in sim.downlink_requests] == ["list", "push"]
     assert row(engine, outbox_id).attempts == 2
@@ -464,7 +465,7 @@ async def test_postgres_notify_wakes_an_idle_worker_at_once(pg_url: str, sim: Si
         w = worker(engine, settings_for(sim, poll_interval_s=5.0))
         stop = asyncio.Event()
         task = asyncio.create_task(w.run(stop))
-        await asyncio.sleep(0.5)  # LISTEN is up and the first (empty) claim is done
+        await wait_for(lambda: _listening(engine), timeout_s=5, what="the worker's LISTEN")
         (outbox_id,) = await asyncio.to_thread(insert, engine)
         inserted = time.monotonic()
         while row(engine, outbox_id).status != "queued":
@@ -474,6 +475,18 @@ async def test_postgres_notify_wakes_an_idle_worker_at_once(pg_url: str, sim: Si
         await asyncio.wait_for(task, 5.0)
     finally:
         engine.dispose()
+
+
+def _listening(engine: Engine) -> bool:
+    """Some session of this test's database is idle in LISTEN (the worker's listener)."""
+    with engine.connect() as conn:
+        n = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle' AND query LIKE 'LISTEN %'"
+            )
+        ).scalar_one()
+    return bool(n)
 
 
 def _slow_tts(delay_s: float, called: asyncio.Event) -> httpx.AsyncClient:
@@ -516,11 +529,21 @@ async def test_stop_lets_a_push_finish_within_the_grace_else_leaves_it_pushing(
     assert len(warnings) == (1 if expected == "queued" else 0)
 
 
-async def test_an_idle_worker_stops_within_half_a_second(engine: Engine, sim: Simulator) -> None:
+async def test_an_idle_worker_stops_within_half_a_second(
+    engine: Engine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claims: list[object] = []
+    real_claim = outbox.claim_due
+
+    def recorded_claim(*args: Any, **kwargs: Any) -> Any:
+        claims.append(result := real_claim(*args, **kwargs))
+        return result
+
+    monkeypatch.setattr(outbox, "claim_due", recorded_claim)
     w = worker(engine, settings_for(sim, poll_interval_s=5.0))
     stop = asyncio.Event()
     task = asyncio.create_task(w.run(stop))
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: bool(claims), timeout_s=5, what="the first (empty) claim")
     stop.set()
     started = time.monotonic()
     await asyncio.wait_for(task, 2.0)

@@ -102,7 +102,7 @@ async def test_each_transport_tts_serves_or_suffers_is_ingested_with_nothing_los
                 sent: list[dict[str, Any]] = []
                 while len(sent) < n:
                     sent += sim.uplinks(100)
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.02)  # pacing the traffic
                 await wait_for(
                     lambda: db.scalar("SELECT count(*) FROM uplinks") >= n,
                     timeout_s=60,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 
 import httpx
@@ -16,13 +17,27 @@ from support import Db, connected, make_settings, running, wait_for
 from ingestd.config import DownlinkSettings, MetricsSettings
 from ingestd.sim.server import Simulator
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+
+def _samples(text: str) -> Samples:
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+async def _scrape_when(base: str, ready: Callable[[Samples], bool], what: str) -> Samples:
+    """Scrape /metrics until ``ready`` holds (counters land just after the commit they count)."""
+    scraped: list[Samples] = []
+
+    def check() -> bool:
+        scraped.append(_samples(httpx.get(f"{base}/metrics", timeout=5).text))
+        return ready(scraped[-1])
+
+    await wait_for(check, timeout_s=10, what=what)
+    return scraped[-1]
 
 
 async def test_metrics_count_what_was_stored_and_healthz_flips_when_tts_goes_away(
@@ -54,10 +69,12 @@ async def test_metrics_count_what_was_stored_and_healthz_flips_when_tts_goes_awa
             await wait_for(lambda: db.scalar("SELECT count(*) FROM rejected_events") == 1)
             base = f"http://127.0.0.1:{service.metrics_port}"
             async with httpx.AsyncClient(base_url=base, timeout=5) as client:
-                await asyncio.sleep(0.2)
-                text = (await client.get("/metrics")).text
-                m = _samples(text)
                 lbl = (("name", "as.up.data.forward"), ("stream", stream))
+                m = await _scrape_when(
+                    base,
+                    lambda m: m.get(("ingestd_events_stored_total", lbl)) == 26,
+                    "26 uplinks counted as stored",
+                )
                 assert m[("ingestd_events_stored_total", lbl)] == 26
                 assert m[("ingestd_events_received_total", lbl)] == 26
                 join = (("name", "as.up.join.forward"), ("stream", stream))
@@ -79,8 +96,11 @@ async def test_metrics_count_what_was_stored_and_healthz_flips_when_tts_goes_awa
                         {"p": b"\x01"},
                     )
                 await wait_for(lambda: db.scalar("SELECT status FROM downlink_outbox") == "sent")
-                await asyncio.sleep(0.3)
-                m = _samples((await client.get("/metrics")).text)
+                m = await _scrape_when(
+                    base,
+                    lambda m: m.get(("ingestd_outbox_rows", (("status", "sent"),))) == 1,
+                    "the outbox gauge counting the sent row",
+                )
                 assert (
                     m[("ingestd_downlink_pushes_total", (("outcome", "queued"),))]
                     == queued_before + 1
@@ -95,7 +115,11 @@ async def test_metrics_count_what_was_stored_and_healthz_flips_when_tts_goes_awa
 
                 sim.stop()  # TTS goes away: the stream retries, then exceeds its grace
                 await wait_for(lambda: not service.consumers[0].state.connected, timeout_s=5)
-                await asyncio.sleep(0.8)
+                await wait_for(  # once the 0.5 s grace has passed
+                    lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 503,
+                    timeout_s=5,
+                    what="/healthz failing",
+                )
                 health = await client.get("/healthz")
                 assert health.status_code == 503
                 assert health.json()["streams"][stream].startswith("down")

@@ -108,7 +108,7 @@ async def _publish(sim: Simulator, n: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     while len(out) < n:
         out += await asyncio.to_thread(sim.uplinks, min(BURST, n - len(out)))
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # pacing the traffic
     return out
 
 

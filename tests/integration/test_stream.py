@@ -46,7 +46,7 @@ async def _publish_paced(
     out: list[dict[str, object]] = []
     while len(out) < n:
         out += sim.uplinks(min(chunk, n - len(out)))
-        await asyncio.sleep(pause_s)
+        await asyncio.sleep(pause_s)  # pacing the traffic
     return out
 
 
@@ -102,8 +102,7 @@ async def test_reconnect_resumes_after_cursor_minus_overlap_with_a_tail(
         await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 30)
     last = max(_times(sent))
     async with running(settings) as service:
-        await connected(service)
-        await asyncio.sleep(0.2)
+        await connected(service)  # connected: the resume request has been answered
     resume = sim.stream_requests[-1]
     assert resume.after is not None
     assert parse_time(resume.after) == last - timedelta(seconds=settings.streams[0].overlap_s)
@@ -161,6 +160,8 @@ async def test_a_store_that_kept_only_the_newest_100_records_a_gap_over_the_rest
         published_while_down = sim.uplinks(300)
         async with running(settings) as service:
             await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") >= 110)
+            await wait_for(lambda: bool(_gaps(db, "replay_truncated")), what="the gap")
+            # Nothing to wait on for "no more than the store's 100": give extras a moment.
             await asyncio.sleep(0.2)
     stored = set(db.column("SELECT event_unique_id FROM uplinks"))
     missing = [e for e in published_while_down if e["unique_id"] not in stored]
@@ -183,7 +184,11 @@ async def test_sparse_replays_are_kept_in_events_and_recorded_as_a_gap(
     async with running(settings) as service:
         ids = {e["unique_id"] for e in sparse}
         await wait_for(lambda: ids <= set(db.column("SELECT unique_id FROM events")))
-        await asyncio.sleep(0.2)
+        # The gap is written with the batch that stores the events (and no uplink rows).
+        await wait_for(
+            lambda: all(_covered(t, _gaps(db, "sparse_replay")) for t in _times(sparse)),
+            what="the sparse_replay gap",
+        )
     assert db.scalar("SELECT count(*) FROM uplinks") == 5  # sparse events are not uplinks
     gaps = _gaps(db, "sparse_replay")
     assert all(_covered(t, gaps) for t in _times(sparse))
@@ -236,7 +241,7 @@ async def test_401_is_one_clear_error_and_the_other_streams_keep_running(
             await wait_for(lambda: service.consumers[1].state.last_error is not None)
             sim.uplinks(3)
             await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 3)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # a window in which a hot retry loop would show itself
             assert not service.consumers[1].state.connected
     rejected = [e for e in logs if e["event"] == "stream_auth_rejected"]
     assert len(rejected) == 1  # one clear line, then a long back-off (no hot loop)
@@ -399,7 +404,7 @@ async def test_an_unknown_event_name_in_the_filter_is_a_clear_error_not_a_hot_lo
     with capture_logs() as logs:
         async with running(settings) as service:
             await wait_for(lambda: service.consumers[0].state.permanent_error, timeout_s=5)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # a window in which a hot retry loop would show itself
     rejected = [e for e in logs if e["event"] == "stream_request_rejected"]
     assert len(rejected) == 1
     assert rejected[0]["error_name"] == "unknown_event_name"
