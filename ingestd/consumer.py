@@ -38,14 +38,14 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import orjson
 import sqlalchemy as sa
 import structlog
 
-from ingestd import metrics
+from ingestd import metrics, tts
 from ingestd.aio import cancel_and_wait, sleep_or_stop, wait_any
 from ingestd.batch import BatchBuilder
 from ingestd.config import DatabaseSettings, StreamSettings
@@ -174,7 +174,7 @@ class StreamConsumer:
         self._builder: BatchBuilder | None = None
         self._flush_lock = asyncio.Lock()
         self._flush_task: asyncio.Task[None] | None = None
-        self._warned: set[str] = set()
+        self._warnings = tts.WarningLog()  # each X-Warning once per stream
         self._warned_http1 = False
         self._stopping = False
         self._halt = asyncio.Event()  # set when following stops (shutdown or leadership lost)
@@ -364,37 +364,27 @@ class StreamConsumer:
 
     def _delay_for(self, exc: Exception, attempt: int) -> tuple[float, str]:
         s = self.settings
-        if isinstance(exc, RateLimited):
+        kind, reason = classify_disconnect(exc)
+        if kind == "rate_limited":
+            assert isinstance(exc, RateLimited)
             log.warning("stream_rate_limited", retry_after_s=exc.retry_after_s)
-            return exc.retry_after_s, "rate_limited"
-        auth = isinstance(exc, AuthRejected) or (
-            isinstance(exc, StreamError) and exc.status_code in AUTH_ERROR_CODES
-        )
-        if auth or isinstance(exc, RequestRejected):
+            return exc.retry_after_s, reason
+        if kind == "refused":
             # One clear line naming the stream and the TTS error (a bad key, missing rights,
             # or a request TTS refuses such as an unknown event name); then wait long, not
             # a hot loop.
             assert isinstance(exc, TtsError)
             log.error(
-                "stream_auth_rejected" if auth else "stream_request_rejected",
+                "stream_auth_rejected" if reason == "auth" else "stream_request_rejected",
                 stream=s.name,
                 error_name=exc.error_name,
                 error=str(exc),
                 retry_in_s=s.auth_retry_s,
             )
             self.state.permanent_error = True
-            return s.auth_retry_s, "auth" if auth else "rejected"
+            return s.auth_retry_s, reason
         delay = self._backoff.delay_s(attempt)
-        if isinstance(exc, StreamDisconnected):
-            reason = exc.reason
-        elif isinstance(exc, StreamError):
-            reason = "stream_error"
-        elif isinstance(exc, TransientError):
-            reason = "server_error"
-        elif isinstance(exc, PermanentError):
-            reason = "error"
-        else:
-            reason = "unexpected"
+        if reason == "unexpected":
             log.exception("stream_unexpected_error")
         level = log.info if reason in QUIET_ENDS else log.warning
         level(
@@ -411,10 +401,7 @@ class StreamConsumer:
         self.state.retrying_since = None
         self.state.permanent_error = False
         metrics.STREAM_CONNECTED.labels(self.settings.name).set(1)
-        for warning in conn.warnings:
-            if warning not in self._warned:  # log each X-Warning once per stream
-                self._warned.add(warning)
-                log.warning("tts_warning", warning=warning)
+        self._warnings.log(conn.warnings)
         cursor = self._resume_cursor()
         if conn.store_disabled:
             if cursor.last_time is not None:
@@ -951,6 +938,36 @@ def _stream_error(error: Any) -> StreamError:
         error_name=error.name,
         tts_message=error.message,
     )
+
+
+DisconnectKind = Literal["rate_limited", "refused", "backoff"]
+
+
+def classify_disconnect(exc: BaseException) -> tuple[DisconnectKind, str]:
+    """How a connection's end is retried, and the ``reason`` label it is counted under.
+
+    ``rate_limited``: wait what TTS said (``X-Rate-Limit-Retry``); ``refused``: the key,
+    its rights or the request itself was refused (``auth`` / ``rejected``): wait
+    ``auth_retry_s``; ``backoff``: capped exponential backoff, labelled by what ended it.
+    Pure, so every case is table-tested (tests/unit/test_reconnect.py).
+    """
+    if isinstance(exc, RateLimited):
+        return "rate_limited", "rate_limited"
+    if isinstance(exc, AuthRejected) or (
+        isinstance(exc, StreamError) and exc.status_code in AUTH_ERROR_CODES
+    ):
+        return "refused", "auth"
+    if isinstance(exc, RequestRejected):
+        return "refused", "rejected"
+    if isinstance(exc, StreamDisconnected):
+        return "backoff", exc.reason
+    if isinstance(exc, StreamError):
+        return "backoff", "stream_error"
+    if isinstance(exc, TransientError):
+        return "backoff", "server_error"
+    if isinstance(exc, PermanentError):
+        return "backoff", "error"
+    return "backoff", "unexpected"
 
 
 def _describe(exc: BaseException) -> str:
