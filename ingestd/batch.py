@@ -102,6 +102,10 @@ class BatchBuilder:
         # until the consumer calls end_replay_count(): did the replay fill TTS's buffer?
         self._history_until: datetime | None = None
         self.replayed = 0
+        # Set (to the entity TTL) while a spool left by a crash is drained: each spooled
+        # stream start re-arms the replay check from the cursor at that point, which is where
+        # that connection resumed, so a gap lost with the crash is found again.
+        self.recovering: float | None = None
         # True when a stream-start frame gave a new stream its first cursor: save it at once.
         self.first_cursor_pending = False
         self.rejected_total = 0  # frames and events rejected so far (a frame was valid if not)
@@ -217,6 +221,8 @@ class BatchBuilder:
         if pending is not None and (pending[1] is None or _started_by(event, pending[1])):
             self._replay_pending = None
             self._arm_replay_check(pending[0], pending[2])
+        if self.recovering is not None:
+            self._arm_replay_check(self.cursor, self.recovering)
         self._judge_entity_ttl(start)
         if self._last_time is None and CURSOR_MIN_TIME <= start <= self._new_horizon():
             # A new stream's first connection: start the cursor at the server's "now", so a

@@ -266,6 +266,8 @@ class StreamConsumer:
         if self._spool is not None and not self._spool.empty:
             log.info("spool_draining", frames=self._spool.frames, bytes=self._spool.bytes)
             self._spooling = True
+            # The gaps its connections found died with the process: find them again.
+            self._builder_or_fail().recovering = self.settings.entity_ttl_s
             self._start_drainer()
         await self._connect_forever(halt)
 
@@ -780,6 +782,7 @@ class StreamConsumer:
                 frames, self._spool_buffer = self._spool_buffer, []
                 self._spooling = False
                 self._spool_cursor = None  # the builder's cursor covers the spool now
+                builder.recovering = None
                 for payload in frames:
                     builder.add_frame(payload)
                     self._raw.append(payload)

@@ -16,11 +16,13 @@ inside a recorded gap.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 from support import Db, connected, make_settings, running, wait_for, with_stream
 from test_spool import (
     _assert_stored_once_or_in_a_gap,
@@ -33,6 +35,7 @@ from test_spool import (
 
 from ingestd.normalize import parse_time
 from ingestd.sim.server import Simulator
+from ingestd.spool import Spool, stream_dir
 
 TAIL = 20  # the replay's bound and the simulator's buffer (TTS: clamp(tail, 8, 1024))
 
@@ -180,3 +183,41 @@ async def test_poison_replayed_after_reconnects_is_rejected_once(db_url: str, db
     assert db.scalar("SELECT count(*) FROM rejected_events") == 2
     raws = db.column("SELECT raw FROM rejected_events")
     assert all(any(p.unique_id in raw for raw in raws) for p in poison)
+
+
+async def test_a_truncated_replay_spooled_before_a_crash_still_leaves_its_gap(
+    db_url: str, db: Db, tmp_path: Path
+) -> None:
+    """The resume's replay went to the spool (a stalled commit) and the process died before
+    the batch with its replay_truncated gap was stored: draining the spool finds it again."""
+    with Simulator(devices=3, seed=51, store_entity_count=20) as sim:  # only `replayed` kept
+        settings = _settings(sim, db_url, tmp_path / "spool")
+        async with running(settings) as service:
+            await connected(service)
+            stored = await asyncio.to_thread(sim.uplinks, 10)
+            await wait_for(lambda: _stored(db) == 10)
+        lost = await asyncio.to_thread(sim.uplinks, 30)  # beyond what the replay brought
+        replayed = await asyncio.to_thread(sim.uplinks, 20)
+        start = {
+            "name": "events.stream.start",
+            "time": replayed[-1]["time"],
+            "identifiers": [{"application_ids": {"application_id": sim.application_id}}],
+            "correlation_ids": ["rpc:/ttn.lorawan.v3.Events/Stream:01CRASHEDCRASHEDCRASHEDCRA"],
+            "unique_id": "01CRASHEDCRASHEDCRASHEDCRA",
+        }
+        spool = Spool(stream_dir(tmp_path / "spool", "app"))
+        spool.open()
+        spool.append([b'{"result":' + orjson.dumps(e) + b"}" for e in [start, *replayed]])
+        spool._close_fds()  # as a crash leaves it
+        assert spool._lock_fd is not None
+        os.close(spool._lock_fd)
+        async with running(settings) as service:
+            await wait_for(lambda: _stored(db) == 30, what="the spool drained")
+            await connected(service)
+            await wait_for(lambda: db.scalar("SELECT count(*) FROM stream_gaps") == 1)
+    gap = db.rows("SELECT reason, gap_start, gap_end FROM stream_gaps")[0]
+    assert gap.reason == "replay_truncated"
+    assert _aware(gap.gap_start) == parse_time(str(stored[-1]["time"]))
+    assert _aware(gap.gap_end) == parse_time(str(replayed[0]["time"]))
+    missing = _assert_stored_once_or_in_a_gap(db, stored + lost + replayed)
+    assert missing == {str(e["unique_id"]) for e in lost}
