@@ -23,7 +23,8 @@ from ingestd import schema
 from ingestd.identity import uplink_id
 
 NOW = datetime.now(UTC).replace(microsecond=0)
-D0 = NOW.replace(hour=0, minute=0, second=0) - timedelta(days=2)  # midnight, 2 days ago
+D0 = NOW.replace(hour=0, minute=0, second=0) - timedelta(days=3)  # midnight, 3 days ago:
+# D1 (and all its traffic) then lies over 24 h before NOW at any time of day.
 D1 = D0 + timedelta(days=1)
 T_DL = D1 + timedelta(hours=8)  # the downlinks' creation time
 
