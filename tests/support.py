@@ -249,3 +249,30 @@ class DaemonProcess:
 def stream_requests_ok(sim: Simulator) -> int:
     """How many stream requests the simulator answered with 200 so far."""
     return len([r for r in sim.stream_requests if r.status == 200])
+
+
+def daemon_config(path: Path, sim: Simulator, db_url: str, **extra: str) -> Path:
+    """A config file for ``ingestd run`` against ``sim``: fast batches and reconnects, JSON
+    logs, no metrics listener (``listen=`` to set one), the spool in the test's directory."""
+    lines = [
+        "[database]",
+        f'url = "{db_url}"',
+        "batch_max_delay_s = 0.05",
+        "[tts]",
+        f'base_url = "{sim.base_url}"',
+        'api_key = "${SIM_KEY}"',
+        "reconnect_min_s = 0.05",
+        "reconnect_max_s = 0.5",
+        "[[streams]]",
+        'name = "app"',
+        f'application_id = "{sim.application_id}"',
+        "[metrics]",
+        f'listen = "{extra.get("listen", "")}"',
+        "[logging]",
+        'level = "info"',
+        'format = "json"',
+        "[spool]",  # the test's own directory, never one in the working tree
+        f'dir = "{path.parent / "spool"}"',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path

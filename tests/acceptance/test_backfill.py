@@ -13,7 +13,16 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
-from support import DaemonProcess, Db, ProcessTracker, connected, make_settings, running, wait_for
+from support import (
+    DaemonProcess,
+    Db,
+    ProcessTracker,
+    connected,
+    daemon_config,
+    make_settings,
+    running,
+    wait_for,
+)
 
 from ingestd.backfill import run_cli
 from ingestd.config import BackfillSettings, Settings
@@ -184,11 +193,9 @@ async def test_cli_backfill_twice_adds_nothing_the_second_time(
 def test_sigkill_during_backfill_then_restart_stores_every_uplink_once(
     ssim: Simulator, db_url: str, tmp_path: Path, procs: ProcessTracker
 ) -> None:
-    from test_daemon import _config
-
     db = Db(db_url)
     try:
-        config = _config(tmp_path / "ingestd.toml", ssim, db_url)
+        config = daemon_config(tmp_path / "ingestd.toml", ssim, db_url)
         with config.open("a") as f:
             f.write("[backfill]\nsettle_s = 0\npoll_interval_s = 0.1\npage_limit = 5\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}

@@ -12,34 +12,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import DaemonProcess, ProcessTracker, ingestd_env, stream_requests_ok
+from support import DaemonProcess, ProcessTracker, daemon_config, ingestd_env, stream_requests_ok
 
 from ingestd.sim.server import Simulator
-
-
-def _config(path: Path, sim: Simulator, db_url: str, **extra: str) -> Path:
-    lines = [
-        "[database]",
-        f'url = "{db_url}"',
-        "batch_max_delay_s = 0.05",
-        "[tts]",
-        f'base_url = "{sim.base_url}"',
-        'api_key = "${SIM_KEY}"',
-        "reconnect_min_s = 0.05",
-        "reconnect_max_s = 0.5",
-        "[[streams]]",
-        'name = "app"',
-        f'application_id = "{sim.application_id}"',
-        "[metrics]",
-        f'listen = "{extra.get("listen", "")}"',
-        "[logging]",
-        'level = "info"',
-        'format = "json"',
-        "[spool]",  # the test's own directory, never one in the working tree
-        f'dir = "{path.parent / "spool"}"',
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -87,7 +62,7 @@ def test_sigterm_exits_0_within_a_second_and_a_restart_resumes_without_duplicate
     tmp_path: Path,
     daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
-    config = _config(tmp_path / "ingestd.toml", sim, db_url)
+    config = daemon_config(tmp_path / "ingestd.toml", sim, db_url)
     log = tmp_path / "daemon.log"
     daemon = daemon_factory(config, env, log)
     daemon.wait_connected(sim, 0)
@@ -126,7 +101,7 @@ def test_three_sigkills_at_random_points_lose_nothing_and_store_nothing_twice(
     daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
     rng = random.Random(1234)
-    config = _config(tmp_path / "ingestd.toml", sim, db_url)
+    config = daemon_config(tmp_path / "ingestd.toml", sim, db_url)
     log = tmp_path / "daemon.log"
     published: list[dict[str, object]] = []
     for _round in range(3):
@@ -168,7 +143,7 @@ def test_systemd_notify_socket_gets_ready_and_stopping(
     listener.bind(str(sock_path))
     listener.settimeout(15)
     try:
-        config = _config(tmp_path / "ingestd.toml", sim, f"sqlite:///{tmp_path / 'n.db'}")
+        config = daemon_config(tmp_path / "ingestd.toml", sim, f"sqlite:///{tmp_path / 'n.db'}")
         daemon = daemon_factory(
             config, {**env, "NOTIFY_SOCKET": str(sock_path)}, tmp_path / "d.log"
         )
@@ -192,7 +167,7 @@ def test_systemd_notify_socket_gets_ready_and_stopping(
 def test_run_no_migrate_on_an_unmigrated_database_says_to_migrate(
     sim: Simulator, env: dict[str, str], tmp_path: Path
 ) -> None:
-    config = _config(tmp_path / "ingestd.toml", sim, f"sqlite:///{tmp_path / 'blank.db'}")
+    config = daemon_config(tmp_path / "ingestd.toml", sim, f"sqlite:///{tmp_path / 'blank.db'}")
     res = subprocess.run(
         [sys.executable, "-m", "ingestd", "--config", str(config), "run", "--no-migrate"],
         env=env,

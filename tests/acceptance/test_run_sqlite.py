@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import daemon_config
 
 from ingestd.sim.server import Simulator
 
@@ -27,30 +28,7 @@ def sim() -> Iterator[Simulator]:
 
 
 def _config(tmp_path: Path, sim: Simulator, database: Path) -> Path:
-    path = tmp_path / "ingestd.toml"
-    path.write_text(
-        "\n".join(
-            [
-                "[database]",
-                f'url = "sqlite:///{database}"',
-                "batch_max_delay_s = 0.05",
-                "[tts]",
-                f'base_url = "{sim.base_url}"',
-                'api_key = "${SIM_KEY}"',
-                "reconnect_min_s = 0.05",
-                "reconnect_max_s = 0.5",
-                "[[streams]]",
-                'name = "app"',
-                f'application_id = "{sim.application_id}"',
-                "[metrics]",
-                'listen = ""',
-                "[logging]",
-                'format = "json"',
-            ]
-        )
-        + "\n"
-    )
-    return path
+    return daemon_config(tmp_path / "ingestd.toml", sim, f"sqlite:///{database}")
 
 
 class Run:
