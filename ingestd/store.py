@@ -62,7 +62,15 @@ DownlinkHook = Callable[[Connection, list[Mapping[str, Any]]], None]
 _TABLES: dict[str, sa.Table] = {t.name: t for t in schema.metadata.sorted_tables}
 # Parents before children (uplinks before uplink_receptions).
 _DERIVED_ORDER = ("uplinks", "uplink_receptions", "joins", "downlink_events")
-_PRESELECT_CHUNK = 500  # ids per "which of these exist already" query
+# After a PostgreSQL COPY met a stored row, that table's next batches are staged (the cost
+# of a failed COPY is then paid once per this many batches, not on every batch).
+STAGED_AFTER_CONFLICT = 100
+_UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE unique_violation
+# Which of a batch's event ids are stored already (the ids as one parameter).
+_PRESELECT = {
+    "postgresql": "SELECT unique_id FROM events WHERE unique_id = ANY(%s)",
+    "sqlite": "SELECT unique_id FROM events WHERE unique_id IN (SELECT value FROM json_each(?))",
+}
 # Text columns normalize has already checked for U+0000 (the event's id and name; the
 # stream is configuration): on PostgreSQL the others are cleaned per value (pg_text).
 _CHECKED_TEXT = frozenset({"unique_id", "event_unique_id", "uplink_id", "name", "stream"})
@@ -101,6 +109,19 @@ def _insert_ignore(conn: Connection, table: sa.Table) -> Any:
     return sqlite.insert(table).on_conflict_do_nothing()
 
 
+def _copy(conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """``COPY … FROM STDIN`` of ``rows`` (PostgreSQL), errors raised as SQLAlchemy's."""
+    driver: Any = conn.connection.driver_connection
+    try:  # COPY is the driver's own API: SQLAlchemy neither sees nor wraps it
+        with driver.cursor() as cur, cur.copy(sql) as cp:
+            for row in rows:
+                cp.write_row(row)
+    except conn.dialect.loaded_dbapi.Error as exc:  # as exec_driver_sql would raise it
+        raise sa.exc.DBAPIError.instance(
+            sql, None, exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
+        ) from exc
+
+
 class _BulkInsert:
     """``INSERT … ON CONFLICT DO NOTHING`` for one table, executed at driver level.
 
@@ -118,8 +139,13 @@ class _BulkInsert:
         marks = ", ".join("?" if dialect == "sqlite" else "%s" for _ in columns)
         # For executemany: SQLite's path here, and backfill's on both databases.
         self.sql = f'INSERT INTO "{table.name}" ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING'
-        # PostgreSQL: COPY into a temporary staging table, then one INSERT … SELECT … ON
-        # CONFLICT DO NOTHING (COPY itself cannot skip a conflict). 2-3x executemany.
+        # PostgreSQL: COPY straight into the table, in a savepoint (2-3x executemany). COPY
+        # cannot skip a conflict, so a batch holding a row stored already (a concurrent
+        # writer of an overlapping stream, one uplink under two event ids) is written again
+        # by COPY into a temporary staging table, then one INSERT … SELECT … ON CONFLICT DO
+        # NOTHING; the table's next STAGED_AFTER_CONFLICT batches go that way at once.
+        self.copy_sql = f'COPY "{table.name}" ({names}) FROM STDIN'
+        self.staged_batches = 0
         stage = f"ingestd_stage_{table.name}"
         self.stage_sql = (
             f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" (LIKE "{table.name}")'
@@ -243,6 +269,7 @@ class Store:
             name: _BulkInsert(_TABLES[name], dialect) for name in ("events", *_DERIVED_ORDER)
         }
         self._text: Callable[[Any], Any] = pg_text if dialect == "postgresql" else _same
+        self._preselect = _PRESELECT[dialect]
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -423,15 +450,16 @@ class Store:
     def _drop_existing(
         self, conn: Connection, items: list[tuple[EventRow, list[Row]]]
     ) -> list[tuple[EventRow, list[Row]]]:
-        """Skip events already stored (replays after a reconnect): one indexed query per chunk."""
+        """Skip events already stored (replays after a reconnect): one indexed query.
+
+        The ids travel as one parameter (a PostgreSQL array, a JSON array SQLite unpacks
+        with ``json_each``): a statement of 2,000 bound ids cost more to build than to run.
+        """
         if not items:
             return items
         ids = [ev["unique_id"] for ev, _ in items]
-        uid = schema.events.c.unique_id
-        existing: set[str] = set()
-        for i in range(0, len(ids), _PRESELECT_CHUNK):
-            chunk = ids[i : i + _PRESELECT_CHUNK]
-            existing.update(conn.execute(sa.select(uid).where(uid.in_(chunk))).scalars())
+        param = ids if conn.dialect.name == "postgresql" else orjson.dumps(ids).decode()
+        existing = {row[0] for row in conn.exec_driver_sql(self._preselect, (param,))}
         if not existing:
             return items
         return [item for item in items if item[0]["unique_id"] not in existing]
@@ -471,20 +499,24 @@ class Store:
             self._downlink_hook(conn, per_table["downlink_events"])
 
     def _execute_bulk(self, conn: Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Insert ``rows`` skipping those stored already; returns how many were inserted."""
         bulk = self._bulk[table]
+        tuples = bulk.rows(rows)
         if bulk.dialect != "postgresql":
-            return conn.exec_driver_sql(bulk.sql, bulk.rows(rows)).rowcount
+            return conn.exec_driver_sql(bulk.sql, tuples).rowcount
+        if bulk.staged_batches == 0:
+            try:
+                with conn.begin_nested():
+                    _copy(conn, bulk.copy_sql, tuples)
+                return len(tuples)
+            except sa.exc.IntegrityError as exc:
+                if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
+                    raise
+                bulk.staged_batches = STAGED_AFTER_CONFLICT  # a row is there: skip it, below
+        bulk.staged_batches -= 1
         create, copy, insert, truncate = bulk.stage_sql
         conn.exec_driver_sql(create)
-        driver: Any = conn.connection.driver_connection
-        try:  # COPY is the driver's own API: SQLAlchemy neither sees nor wraps it
-            with driver.cursor() as cur, cur.copy(copy) as cp:
-                for row in bulk.rows(rows):
-                    cp.write_row(row)
-        except conn.dialect.loaded_dbapi.Error as exc:  # as exec_driver_sql would raise it
-            raise sa.exc.DBAPIError.instance(
-                copy, None, exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
-            ) from exc
+        _copy(conn, copy, tuples)
         inserted: int = conn.exec_driver_sql(insert).rowcount
         conn.exec_driver_sql(truncate)
         return inserted

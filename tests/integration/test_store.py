@@ -95,7 +95,9 @@ def test_import_stores_every_family_and_reimport_stores_nothing_twice(engine: En
     assert _count(engine, schema.uplink_receptions) == first.result.rows["uplink_receptions"]
 
 
-def test_rows_and_cursor_commit_together_or_not_at_all(engine: Engine) -> None:
+def test_rows_and_cursor_commit_together_or_not_at_all(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     events = _uplinks(20)
     store = Store(engine)
     builder = BatchBuilder("s1", Cursor())
@@ -110,16 +112,19 @@ def test_rows_and_cursor_commit_together_or_not_at_all(engine: Engine) -> None:
     # Inject an outage half-way through the batch: after events and uplinks are written,
     # the receptions insert loses the database (as a dropped connection or a lock would).
     calls = {"n": 0}
+    execute_bulk = Store._execute_bulk
 
-    @sa.event.listens_for(engine, "before_cursor_execute")
-    def _fail(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        if "uplink_receptions" in statement and "INSERT" in statement:
+    def _fail(self: Store, conn: sa.Connection, table: str, rows: list[object]) -> int:
+        if table == "uplink_receptions":
             calls["n"] += 1
-            raise conn.dialect.loaded_dbapi.OperationalError("injected outage mid-batch")
+            orig = conn.dialect.loaded_dbapi.OperationalError("injected outage mid-batch")
+            raise sa.exc.OperationalError("INSERT INTO uplink_receptions", None, orig)
+        return execute_bulk(self, conn, table, rows)  # type: ignore[arg-type]
 
-    with pytest.raises(StoreUnavailable):
-        store.commit_batch(batch)
-    sa.event.remove(engine, "before_cursor_execute", _fail)
+    with monkeypatch.context() as patch:
+        patch.setattr(Store, "_execute_bulk", _fail)
+        with pytest.raises(StoreUnavailable):
+            store.commit_batch(batch)
 
     assert calls["n"] == 1
     assert _count(engine, schema.events) == 10
@@ -132,6 +137,40 @@ def test_rows_and_cursor_commit_together_or_not_at_all(engine: Engine) -> None:
     assert store.load_cursor("s1").last_time == max(
         datetime.fromisoformat(str(e["time"])) for e in events
     )
+
+
+def test_an_uplink_stored_under_another_event_id_is_one_row_and_the_batch_lands(
+    engine: Engine,
+) -> None:
+    # The same ApplicationUp under a second event id (an overlapping stream, an AS that
+    # published it twice): its uplinks row conflicts. On PostgreSQL that fails the fast
+    # COPY and the batch is written again through staging; later batches still land.
+    events = _uplinks(12)
+    store = Store(engine)
+    builder = BatchBuilder("s1", Cursor())
+    for ev in events[:4]:
+        builder.add_event(ev)
+    store.commit_batch(builder.take())
+
+    twin = dict(events[0], unique_id="01TWINTWINTWINTWINTWINTWIN")
+    for ev in [twin, *events[4:8]]:
+        builder.add_event(ev)
+    second = store.commit_batch(builder.take())
+    for ev in events[8:]:
+        builder.add_event(ev)
+    third = store.commit_batch(builder.take())
+
+    assert (second.events, third.events) == (5, 4)
+    assert _count(engine, schema.events) == 13  # every event, the twin too
+    assert _count(engine, schema.uplinks) == 12  # one row per message
+    assert _count(engine, schema.uplink_receptions) == 24
+    with engine.connect() as conn:
+        owner = conn.execute(
+            sa.select(schema.uplinks.c.event_unique_id).where(
+                schema.uplinks.c.f_cnt == 0, schema.uplinks.c.device_id == "dev-000"
+            )
+        ).scalar_one()
+    assert owner == events[0]["unique_id"]  # the first to arrive keeps the row
 
 
 def test_bad_frames_go_to_rejected_events_and_the_rest_is_stored(engine: Engine) -> None:

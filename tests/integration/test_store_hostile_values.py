@@ -210,11 +210,15 @@ def test_an_outage_during_the_per_event_pass_writes_nothing(engine: Engine) -> N
     batch = _batch(events)
     batch.items[1][1][0].values["application_id"] = None  # refused: the per-event pass runs
     store = Store(engine)
-    fail = {"on": True}
+    fail = {"on": True, "refused": False}
+
+    @sa.event.listens_for(engine, "rollback")
+    def _refused(conn):  # type: ignore[no-untyped-def]
+        fail["refused"] = True  # the whole batch was refused: the per-event pass follows
 
     @sa.event.listens_for(engine, "before_cursor_execute")
     def _outage(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        if fail["on"] and statement.startswith("SAVEPOINT"):
+        if fail["on"] and fail["refused"] and statement.startswith("SAVEPOINT"):
             raise conn.dialect.loaded_dbapi.OperationalError("injected outage")
 
     try:
@@ -226,6 +230,8 @@ def test_an_outage_during_the_per_event_pass_writes_nothing(engine: Engine) -> N
         result = store.commit_batch(batch)  # the caller's retry
     finally:
         sa.event.remove(engine, "before_cursor_execute", _outage)
+        sa.event.remove(engine, "rollback", _refused)
+    assert fail["refused"]
     assert (result.events, result.rejected) == (3, 1)
 
 
