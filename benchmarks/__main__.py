@@ -44,6 +44,7 @@ from capture import write_capture
 
 from ingestd import migrate
 from ingestd.db import create_engine
+from ingestd.gctune import tune_gc
 from ingestd.importer import import_stream
 from ingestd.sim.server import Simulator
 from ingestd.store import Store
@@ -396,6 +397,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    tune_gc()  # as the ingestd command does: import and backfill run in this process
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if args.rss_child:
         url, n, checkpoint = args.rss_child
