@@ -177,7 +177,7 @@ class _BulkInsert:
 
 def _converter(type_: Any, dialect: str) -> Callable[[Any], Any] | None:
     if isinstance(type_, schema.UtcDateTime):
-        return _sqlite_time if dialect == "sqlite" else None
+        return _sqlite_time_converter() if dialect == "sqlite" else None
     if isinstance(type_, sa.JSON):
         return _json_text if dialect == "sqlite" else _pg_json_text
     if isinstance(type_, sa.String) and dialect == "postgresql":  # Text is a String
@@ -217,13 +217,25 @@ def _without_nul(value: Any) -> Any:
     return value
 
 
-def _sqlite_time(value: datetime | None) -> str | None:
-    # The exact text SQLAlchemy's SQLite DateTime writes, so stored times sort and read alike.
-    if value is None:
-        return None
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+def _sqlite_time_converter() -> Callable[[datetime | None], str | None]:
+    """A converter to the exact text SQLAlchemy's SQLite DateTime writes (so stored times
+    sort and read alike), remembering its last value: a batch's ``ingested_at`` is one
+    object, and each reception row repeats its uplink's ``received_at``."""
+    # One (value, text) pair, replaced whole: threads of several streams may share it.
+    last: list[tuple[datetime | None, str | None]] = [(None, None)]
+
+    def convert(value: datetime | None) -> str | None:
+        seen, text = last[0]
+        if value is seen:
+            return text
+        if value is None:
+            return None
+        utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+        text = utc.isoformat(" ", "microseconds")[:26]  # without "+00:00"
+        last[0] = (value, text)
+        return text
+
+    return convert
 
 
 def _json_text(value: Any) -> str | None:
