@@ -594,10 +594,13 @@ class StreamConsumer:
         name = self.settings.name
         attempt = 0
         self.state.uncommitted_since = datetime.now(UTC)
+        # Converted here, on the loop's thread, so that the commit thread only sends and
+        # waits: a thread doing Python work would hold the GIL the parser needs.
+        prepared = self._store.prepare(batch)
         while True:
             started = asyncio.get_running_loop().time()
             try:
-                result = await asyncio.to_thread(self._store.commit_batch, batch)
+                result = await asyncio.to_thread(self._store.commit_batch, batch, prepared)
                 break
             except StoreUnavailable as exc:
                 attempt += 1

@@ -64,7 +64,7 @@ def import_stream(
                 summary.result.add(pending.result())
                 if progress is not None:
                     progress(summary)
-            pending = pool.submit(store.commit_batch, batch)
+            pending = pool.submit(store.commit_batch, batch, store.prepare(batch))
 
         for payload in _frames(source, summary):
             summary.frames += 1

@@ -30,12 +30,17 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
 import structlog
+
+# COPY text is formatted off the connection's thread with psycopg's own formatter (C).
+from psycopg._copy_base import TextFormatter
+from psycopg.adapt import Transformer
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -80,6 +85,16 @@ RAW_FALLBACK_CHARS = 100_000  # raw kept by a reject row rewritten as escaped AS
 _REPLACEMENT = "\ufffd"  # stands in for U+0000 on PostgreSQL
 
 
+@dataclass(slots=True)
+class PreparedRows:
+    """A batch's rows, converted for the driver (:meth:`Store.prepare`)."""
+
+    events: int
+    by_name: dict[str, int]  # events per name
+    tables: list[tuple[str, int, Any]]  # (table, rows, driver payload), in insert order
+    downlink_events: list[Mapping[str, Any]]  # for the outbox hook
+
+
 def is_outage(exc: BaseException) -> bool:
     """True when ``exc`` means the database is unreachable, locked or out of resources.
 
@@ -109,13 +124,12 @@ def _insert_ignore(conn: Connection, table: sa.Table) -> Any:
     return sqlite.insert(table).on_conflict_do_nothing()
 
 
-def _copy(conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """``COPY … FROM STDIN`` of ``rows`` (PostgreSQL), errors raised as SQLAlchemy's."""
+def _copy(conn: Connection, sql: str, data: bytes) -> None:
+    """``COPY … FROM STDIN`` of ``data`` (PostgreSQL), errors raised as SQLAlchemy's."""
     driver: Any = conn.connection.driver_connection
     try:  # COPY is the driver's own API: SQLAlchemy neither sees nor wraps it
         with driver.cursor() as cur, cur.copy(sql) as cp:
-            for row in rows:
-                cp.write_row(row)
+            cp.write(data)
     except conn.dialect.loaded_dbapi.Error as exc:  # as exec_driver_sql would raise it
         raise sa.exc.DBAPIError.instance(
             sql, None, exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
@@ -155,24 +169,47 @@ class _BulkInsert:
             " ON CONFLICT DO NOTHING",
             f'TRUNCATE "{stage}"',  # a savepoint's pass (_write_isolated) reuses it at once
         )
-        # One generated function per table turns a row dict into the driver's tuple, like
-        # dataclasses generate __init__: no per-column loop or generator on the hot path.
-        namespace: dict[str, Any] = {}
-        parts = []
-        for i, col in enumerate(table.columns):
-            conv = None if col.name in _CHECKED_TEXT else _converter(col.type, dialect)
-            if conv is None:
-                parts.append(f"get({col.name!r})")
-            else:
-                namespace[f"_c{i}"] = conv
-                parts.append(f"_c{i}(get({col.name!r}))")
-        source = f"def to_tuple(row):\n    get = row.get\n    return ({', '.join(parts)},)\n"
-        exec(source, namespace)
-        self._to_tuple: Callable[[Mapping[str, Any]], tuple[Any, ...]] = namespace["to_tuple"]
+        self._to_tuple = _tuple_function(table, dialect, copy=False)
+        self._to_copy_tuple = _tuple_function(table, dialect, copy=dialect == "postgresql")
 
     def rows(self, values: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
         """The driver parameters for ``values``."""
         return list(map(self._to_tuple, values))
+
+    def payload(self, values: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]] | bytes:
+        """What the write sends for ``values``: the executemany parameters on SQLite, the
+        ``COPY`` text on PostgreSQL (formatted here, so that the writer only sends it)."""
+        if self.dialect != "postgresql":
+            return self.rows(values)
+        formatter = TextFormatter(Transformer())
+        out = bytearray()
+        write_row = formatter.write_row
+        for row in map(self._to_copy_tuple, values):
+            out += write_row(row)
+        out += formatter.end()
+        return bytes(out)
+
+
+def _tuple_function(
+    table: sa.Table, dialect: str, *, copy: bool
+) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """A generated function turning one row dict into the driver's tuple, like dataclasses
+    generate ``__init__``: no per-column loop or generator on the hot path. ``copy``: for
+    PostgreSQL ``COPY`` text (bytea as hex text), else for driver parameters."""
+    namespace: dict[str, Any] = {}
+    parts = []
+    for i, col in enumerate(table.columns):
+        conv = None if col.name in _CHECKED_TEXT else _converter(col.type, dialect)
+        if copy and isinstance(col.type, sa.LargeBinary):
+            conv = _pg_bytea_text
+        if conv is None:
+            parts.append(f"get({col.name!r})")
+        else:
+            namespace[f"_c{i}"] = conv
+            parts.append(f"_c{i}(get({col.name!r}))")
+    source = f"def to_tuple(row):\n    get = row.get\n    return ({', '.join(parts)},)\n"
+    exec(source, namespace)
+    return namespace["to_tuple"]  # type: ignore[no-any-return]
 
 
 def _converter(type_: Any, dialect: str) -> Callable[[Any], Any] | None:
@@ -183,6 +220,12 @@ def _converter(type_: Any, dialect: str) -> Callable[[Any], Any] | None:
     if isinstance(type_, sa.String) and dialect == "postgresql":  # Text is a String
         return pg_text
     return None
+
+
+def _pg_bytea_text(value: bytes | None) -> str | None:
+    # bytea in PostgreSQL's hex input format. The COPY text is formatted without a
+    # connection, and psycopg escapes bytes without one in the pre-9.0 escape format.
+    return None if value is None else "\\x" + value.hex()
 
 
 def pg_text(value: Any) -> Any:
@@ -335,8 +378,23 @@ class Store:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def commit_batch(self, batch: Batch) -> CommitResult:
+    def prepare(self, batch: Batch) -> PreparedRows | None:
+        """``batch``'s rows converted for the driver, ready for :meth:`commit_batch`.
+
+        CPU work only: call it on the thread that builds batches, so that the commit thread
+        only sends and waits (with the GIL released) while the next batch is parsed. None
+        when a value cannot be converted: :meth:`commit_batch` then finds it event by event.
+        """
+        try:
+            return self._prepare(batch.items)
+        except Exception:  # e.g. an object where the driver takes text (a hostile event)
+            return None
+
+    def commit_batch(self, batch: Batch, prepared: PreparedRows | None = None) -> CommitResult:
         """Store ``batch`` and its cursor atomically; a refused batch is retried per event.
+
+        ``prepared`` (:meth:`prepare` of this batch) saves converting its rows here; it is
+        not used when some events turn out stored already (they are skipped).
 
         Raises :class:`StoreUnavailable` on an outage (nothing written; retry the batch).
         Any other exception means even the per-event pass could not write it (e.g. the
@@ -346,7 +404,7 @@ class Store:
         with map_db_errors():
             try:
                 with self.engine.begin() as conn:
-                    return self._write(conn, batch)
+                    return self._write(conn, batch, prepared)
             except Exception as exc:
                 if is_outage(exc):
                     raise
@@ -374,11 +432,14 @@ class Store:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _write(self, conn: Connection, batch: Batch) -> CommitResult:
+    def _write(self, conn: Connection, batch: Batch, prepared: PreparedRows | None) -> CommitResult:
         result = CommitResult(duplicates=batch.duplicates_in_batch)
         items = self._drop_existing(conn, batch.items)
         result.duplicates += len(batch.items) - len(items)
-        self._insert_items(conn, items, result)
+        if prepared is not None and len(items) == len(batch.items):
+            self._insert_rows(conn, prepared, result)
+        else:
+            self._insert_items(conn, items, result)
         if batch.rejected:
             rows = [self._clean(r) for r in batch.rejected]
             result.rejected = len(conn.execute(_insert_rejects(conn), rows).all())
@@ -476,16 +537,9 @@ class Store:
             return items
         return [item for item in items if item[0]["unique_id"] not in existing]
 
-    def _insert_items(
-        self,
-        conn: Connection,
-        items: Sequence[tuple[EventRow, list[Row]]],
-        result: CommitResult,
-    ) -> None:
-        if not items:
-            return
+    def _prepare(self, items: Sequence[tuple[EventRow, list[Row]]]) -> PreparedRows:
         per_table: dict[str, list[Mapping[str, Any]]] = {name: [] for name in _DERIVED_ORDER}
-        by_name = result.stored_by_name
+        by_name: dict[str, int] = {}
         now = datetime.now(UTC)
         events_rows = []
         for ev, rows in items:
@@ -494,33 +548,48 @@ class Store:
             by_name[ev["name"]] = by_name.get(ev["name"], 0) + 1
             for table, values in rows:
                 per_table[table].append(values)
-        inserted = self._execute_bulk(conn, "events", events_rows)
-        # rowcount is exact for executemany on both drivers; a concurrent writer's rows
-        # count as duplicates here.
-        if inserted is not None and inserted >= 0:
-            result.duplicates += len(events_rows) - inserted
-            result.events += inserted
-        else:
-            result.events += len(events_rows)
-        for name in _DERIVED_ORDER:
-            table_rows = per_table[name]
-            if table_rows:
-                self._execute_bulk(conn, name, table_rows)
-                result.rows[name] = result.rows.get(name, 0) + len(table_rows)
-        if self._downlink_hook is not None and per_table["downlink_events"]:
-            self._downlink_hook(conn, per_table["downlink_events"])
+        tables = [("events", events_rows)] + [(n, per_table[n]) for n in _DERIVED_ORDER]
+        return PreparedRows(
+            events=len(events_rows),
+            by_name=by_name,
+            tables=[(n, len(rows), self._bulk[n].payload(rows)) for n, rows in tables if rows],
+            downlink_events=per_table["downlink_events"],
+        )
 
-    def _execute_bulk(self, conn: Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Insert ``rows`` skipping those stored already; returns how many were inserted."""
+    def _insert_items(
+        self,
+        conn: Connection,
+        items: Sequence[tuple[EventRow, list[Row]]],
+        result: CommitResult,
+    ) -> None:
+        if items:
+            self._insert_rows(conn, self._prepare(items), result)
+
+    def _insert_rows(self, conn: Connection, prepared: PreparedRows, result: CommitResult) -> None:
+        by_name = result.stored_by_name
+        for name, count in prepared.by_name.items():
+            by_name[name] = by_name.get(name, 0) + count
+        for table, count, payload in prepared.tables:
+            inserted = self._execute_bulk(conn, table, payload, count)
+            if table == "events":
+                # Exact on both drivers; a concurrent writer's rows count as duplicates.
+                result.duplicates += count - inserted
+                result.events += inserted
+            else:
+                result.rows[table] = result.rows.get(table, 0) + count
+        if self._downlink_hook is not None and prepared.downlink_events:
+            self._downlink_hook(conn, prepared.downlink_events)
+
+    def _execute_bulk(self, conn: Connection, table: str, payload: Any, count: int) -> int:
+        """Insert a table's rows skipping those stored already; returns how many were."""
         bulk = self._bulk[table]
-        tuples = bulk.rows(rows)
         if bulk.dialect != "postgresql":
-            return conn.exec_driver_sql(bulk.sql, tuples).rowcount
+            return conn.exec_driver_sql(bulk.sql, payload).rowcount
         if bulk.staged_batches == 0:
             try:
                 with conn.begin_nested():
-                    _copy(conn, bulk.copy_sql, tuples)
-                return len(tuples)
+                    _copy(conn, bulk.copy_sql, payload)
+                return count
             except sa.exc.IntegrityError as exc:
                 if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
                     raise
@@ -528,7 +597,7 @@ class Store:
         bulk.staged_batches -= 1
         create, copy, insert, truncate = bulk.stage_sql
         conn.exec_driver_sql(create)
-        _copy(conn, copy, tuples)
+        _copy(conn, copy, payload)
         inserted: int = conn.exec_driver_sql(insert).rowcount
         conn.exec_driver_sql(truncate)
         return inserted

@@ -82,11 +82,11 @@ def _outage(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
     real_commit = Store.commit_batch
     state = {"on": 1, "refused": 0}
 
-    def commit(self: Store, batch: Any) -> Any:
+    def commit(self: Store, batch: Any, prepared: Any = None) -> Any:
         if state["on"]:
             state["refused"] += 1
             raise StoreUnavailable("database unavailable: OperationalError")
-        return real_commit(self, batch)
+        return real_commit(self, batch, prepared)
 
     monkeypatch.setattr(Store, "commit_batch", commit)
     try:
@@ -298,10 +298,10 @@ async def test_a_commit_that_fails_unexpectedly_stops_the_stream_and_keeps_the_c
     real_commit = Store.commit_batch
     broken = threading.Event()
 
-    def commit(self: Store, batch: Any) -> Any:
+    def commit(self: Store, batch: Any, prepared: Any = None) -> Any:
         if broken.is_set() and batch.items:
             raise OverflowError("Python int too large to convert to SQLite INTEGER")
-        return real_commit(self, batch)
+        return real_commit(self, batch, prepared)
 
     monkeypatch.setattr(Store, "commit_batch", commit)
     stop = asyncio.Event()

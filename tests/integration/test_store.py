@@ -114,12 +114,12 @@ def test_rows_and_cursor_commit_together_or_not_at_all(
     calls = {"n": 0}
     execute_bulk = Store._execute_bulk
 
-    def _fail(self: Store, conn: sa.Connection, table: str, rows: list[object]) -> int:
+    def _fail(self: Store, conn: sa.Connection, table: str, payload: object, count: int) -> int:
         if table == "uplink_receptions":
             calls["n"] += 1
             orig = conn.dialect.loaded_dbapi.OperationalError("injected outage mid-batch")
             raise sa.exc.OperationalError("INSERT INTO uplink_receptions", None, orig)
-        return execute_bulk(self, conn, table, rows)  # type: ignore[arg-type]
+        return execute_bulk(self, conn, table, payload, count)
 
     with monkeypatch.context() as patch:
         patch.setattr(Store, "_execute_bulk", _fail)

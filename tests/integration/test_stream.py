@@ -368,11 +368,11 @@ async def test_a_database_outage_is_retried_and_does_not_delay_stopping(
     real_commit = Store.commit_batch
     outage = {"on": False, "refused": 0}
 
-    def flaky_commit(self: Store, batch: object) -> object:
+    def flaky_commit(self: Store, batch: object, prepared: object = None) -> object:
         if outage["on"]:
             outage["refused"] += 1
             raise StoreUnavailable("database unavailable: OperationalError")
-        return real_commit(self, batch)  # type: ignore[arg-type]
+        return real_commit(self, batch, prepared)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Store, "commit_batch", flaky_commit)
     stop = asyncio.Event()

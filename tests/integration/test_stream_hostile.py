@@ -522,10 +522,10 @@ async def test_healthz_fails_while_commits_stall_and_recovers_after(
     blocking = threading.Event()
     real_commit = Store.commit_batch
 
-    def stuck_commit(self: Store, batch: Any) -> Any:
+    def stuck_commit(self: Store, batch: Any, prepared: Any = None) -> Any:
         if blocking.is_set():
             release.wait(30)  # a table lock, a full disk, a read-only file...
-        return real_commit(self, batch)
+        return real_commit(self, batch, prepared)
 
     monkeypatch.setattr(Store, "commit_batch", stuck_commit)
     sim = Simulator(devices=3, seed=7).start()
