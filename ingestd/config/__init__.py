@@ -61,7 +61,7 @@ CREDENTIAL_NAME = "tts_api_key"  # systemd LoadCredential=tts_api_key:/path
 
 DATABASE_URL_DEFAULT = "sqlite:///ingestd.db"
 BATCH_MAX_EVENTS = 500
-BATCH_MAX_DELAY_S = 0.2
+BATCH_MAX_DELAY_S = 0.1
 TTS_BASE_URL_DEFAULT = "https://eu1.cloud.thethings.network"
 TAIL_EVENTS = 1000  # TTS keeps ~100 per entity; a larger tail costs nothing (TTS_WIRE 1.6)
 OVERLAP_S = 2.0
