@@ -44,8 +44,8 @@ from capture import write_capture
 
 from ingestd import migrate
 from ingestd.db import create_engine
-from ingestd.gctune import tune_gc
 from ingestd.importer import import_stream
+from ingestd.runtime import tune_for_database, tune_gc
 from ingestd.sim.server import Simulator
 from ingestd.store import Store
 
@@ -118,6 +118,7 @@ def timed(fn: Callable[[], int]) -> tuple[int, float]:
 def import_file(url: str, path: Path) -> int:
     """``ingestd import`` of ``path`` into the migrated database at ``url``."""
     engine = create_engine(url)
+    tune_for_database(engine.dialect.name)  # as the ingestd command does
     try:
         with path.open("rb") as f:
             return import_stream(Store(engine), f, stream="bench").result.events

@@ -32,6 +32,7 @@ from ingestd.backfill import BackfillStore, backfill_window
 from ingestd.config import StreamSettings
 from ingestd.db import create_engine
 from ingestd.importer import import_stream
+from ingestd.runtime import tune_for_database
 from ingestd.sim.server import Simulator
 from ingestd.storage import StorageClient
 from ingestd.store import Store
@@ -39,6 +40,7 @@ from ingestd.store import Store
 
 def run_backfill(sim: Simulator, url: str, since: datetime, until: datetime) -> int:
     engine = create_engine(url)
+    tune_for_database(engine.dialect.name)  # as the ingestd command does
     try:
         migrate.upgrade(engine)
         store = BackfillStore(engine)
@@ -62,6 +64,7 @@ def run_backfill(sim: Simulator, url: str, since: datetime, until: datetime) -> 
 
 def run_import(url: str, path: Path) -> int:
     engine = create_engine(url)
+    tune_for_database(engine.dialect.name)
     try:
         migrate.upgrade(engine)
         with path.open("rb") as f:

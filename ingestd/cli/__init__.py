@@ -100,7 +100,7 @@ def _masked(text: str) -> str:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from ingestd.cli import commands
-    from ingestd.gctune import tune_gc
+    from ingestd.runtime import tune_gc
 
     tune_gc()  # after the imports, so that the modules are frozen
     if args.command == "simulate":

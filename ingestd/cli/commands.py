@@ -11,6 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO
 
+import sqlalchemy as sa
+
 from ingestd import migrate as migrations
 from ingestd.config import Settings, load_settings
 from ingestd.config.values import stream_name_problem
@@ -18,6 +20,7 @@ from ingestd.db import create_engine
 from ingestd.errors import ConfigError, SchemaNotReady, UsageError
 from ingestd.importer import ImportSummary, import_stream
 from ingestd.logs import configure_logging
+from ingestd.runtime import tune_for_database
 from ingestd.store import Store
 
 PROGRESS_INTERVAL_S = 0.5
@@ -26,6 +29,7 @@ PROGRESS_INTERVAL_S = 0.5
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     configure_logging(settings.logging)
+    tune_for_database(sa.make_url(settings.database.url).get_backend_name())
     return settings
 
 
