@@ -3,10 +3,12 @@
 Several workers and processes may share a database: claims never overlap and a device's
 rows go out one at a time in order (see :mod:`ingestd.outbox.sql`). Each worker keeps up
 to ``concurrency`` rows in flight, each: validate → stream gate → verify (only if an
-earlier push got no answer) → push → outcome. Whenever rows finish, one transaction
-records their outcomes and claims as many new rows; when nothing is due, the worker waits
-for its poll timer or, on PostgreSQL, a ``NOTIFY ingestd_outbox`` from the insert trigger
-(a LISTEN connection of its own; the poll stays as the fallback).
+earlier push got no answer) → push → outcome. A row that finishes is followed at once by
+one claimed ahead (up to ``concurrency`` rows wait ready), so no push waits for the
+database; one transaction at a time records the finished rows' outcomes and claims the
+next rows (few transactions, several rows each: issue 12). When nothing is
+due, the worker waits for its poll timer or, on PostgreSQL, a ``NOTIFY ingestd_outbox``
+from the insert trigger (a LISTEN connection of its own; the poll stays as the fallback).
 
 Never twice: push is not idempotent in TTS (TTS_WIRE 5.3). A row whose earlier push got no
 answer (timeout, 5xx, a worker that died between push and mark) has ``verify_before_push``:
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -115,8 +118,9 @@ class DownlinkWorker:
         self._auth_rejected: set[str] = set()
         self._waiting_for_stream: set[tuple[str, str]] = set()
         self.pushes = 0  # HTTP push requests sent (for tests, metrics)
-        # Handling one row never takes longer than a verify GET plus a push POST (each
-        # bounded by request_timeout_s) and a few short transactions.
+        # Handling one row never takes longer than half a request timeout waiting to start
+        # (_start_ready), a verify GET plus a push POST (each bounded by request_timeout_s)
+        # and a few short transactions.
         self._row_max_s = 3 * self._cfg.request_timeout_s
         if self._cfg.stale_claim_s < self._row_max_s:
             log.warning(
@@ -136,16 +140,12 @@ class DownlinkWorker:
             "downlink_worker_started", worker_id=self._worker_id, concurrency=self._concurrency
         )
         stopper = asyncio.create_task(stop.wait(), name="downlink:stop")
-        in_flight: set[asyncio.Task[_Done | None]] = set()
-        done: list[_Done] = []
+        rows = _Rows()
         try:
             try:
-                await self._dispatch(stop, stopper, in_flight, done)
+                await self._dispatch(stop, stopper, rows)
             finally:
-                await self._finish(in_flight, stopper, done)
-                if done:  # what the last pushes got is recorded before we go
-                    with contextlib.suppress(Exception):  # logged; they are reconciled
-                        await self._write(done, limit=0)
+                await self._drain(rows)
         finally:
             stopper.cancel()
             await asyncio.gather(stopper, return_exceptions=True)
@@ -156,120 +156,141 @@ class DownlinkWorker:
                 await self._client.aclose()
             log.info("downlink_worker_stopped", worker_id=self._worker_id)
 
-    async def _dispatch(
-        self,
-        stop: asyncio.Event,
-        stopper: asyncio.Task[Any],
-        in_flight: set[asyncio.Task[_Done | None]],
-        done: list[_Done],
-    ) -> None:
-        """Keep ``concurrency`` rows in flight: whenever rows finish, record their outcomes
-        and claim as many new rows in one transaction; wait only when nothing is due."""
+    async def _dispatch(self, stop: asyncio.Event, stopper: asyncio.Task[Any], rows: _Rows) -> None:
+        """Keep ``concurrency`` rows in flight, started from claimed rows kept ready, while
+        one transaction at a time records finished rows' outcomes and tops the ready rows up.
+
+        Busy, a transaction runs once half the ready rows have been started; idle (the last
+        claim found fewer rows than it asked for), after any row finished, a NOTIFY or the
+        poll timer.
+        """
+        n = self._concurrency
         next_stale_check, startup = 0.0, True  # stale claims are released first
-        errors = 0
+        errors, retry_at = 0, 0.0
+        idle, poked, asked = True, True, 0
         while not stop.is_set():
-            free = self._concurrency - len(in_flight)
-            try:
-                if time.monotonic() >= next_stale_check:
-                    await self._release_stale(startup=startup)
-                    next_stale_check = time.monotonic() + self._stale_check_interval_s
-                    startup = False
+            self._start_ready(rows, stop)
+            now = time.monotonic()
+            due = poked if idle else len(rows.ready) <= n // 2
+            if rows.txn is None and now >= retry_at and due:
+                stale = None
+                if now >= next_stale_check:
+                    stale, startup = startup, False
+                    next_stale_check = now + self._stale_check_interval_s
                 # Clear before claiming: a NOTIFY arriving during the claim sets it again,
                 # so no insert is missed between this claim and the next wait.
                 self._wakeup.clear()
-                items = await self._write(done, limit=free)
-                errors = 0
-            except Exception as exc:  # the loop's top: log, back off, go on
-                errors += 1
-                delay = min(LOOP_ERROR_RETRY_MAX_S, self._cfg.poll_interval_s * 2**errors)
-                log.exception("downlink_loop_failed", error=str(exc), retry_in_s=delay)
-                await sleep_or_stop(delay, stop)
-                continue
-            for item in items:
-                task = asyncio.create_task(self._handle(item, stop))
-                in_flight.add(task)
-            waits: set[asyncio.Future[Any]] = {stopper, *in_flight}
-            waker = None
-            if len(items) < free:  # nothing more is due: wait for an insert or the poll
+                asked = 2 * n - len(rows.in_flight) - len(rows.ready)
+                rows.txn = asyncio.create_task(self._cycle(rows.take_done(), asked, stale))
+                poked = False
+            waits: set[asyncio.Future[Any]] = {stopper, *rows.in_flight}
+            timeout, waker = None, None
+            if rows.txn is not None:
+                waits.add(rows.txn)
+            elif now < retry_at:
+                timeout = retry_at - now
+            elif idle:  # nothing more is due: wait for a row to finish, an insert or the poll
                 waker = asyncio.ensure_future(self._wakeup.wait())
                 waits.add(waker)
+                timeout = self._cfg.poll_interval_s
             try:
                 finished, _ = await asyncio.wait(
-                    waits,
-                    timeout=self._cfg.poll_interval_s if waker else None,
-                    return_when=asyncio.FIRST_COMPLETED,
+                    waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
                 if waker is not None:
                     waker.cancel()
-            self._collect(finished, in_flight, done)
+            if rows.collect(finished) or rows.txn not in finished:
+                poked = True  # a row finished, an insert was notified or the timer ran out
+            if rows.txn is not None and rows.txn.done():
+                txn, rows.txn = rows.txn, None
+                try:
+                    items = txn.result()
+                except Exception as exc:  # the loop's top: log, back off, go on
+                    errors += 1
+                    delay = min(LOOP_ERROR_RETRY_MAX_S, self._cfg.poll_interval_s * 2**errors)
+                    log.exception("downlink_loop_failed", error=str(exc), retry_in_s=delay)
+                    retry_at, idle = time.monotonic() + delay, True
+                else:
+                    errors, idle = 0, len(items) < asked
+                    rows.add_ready(items)
 
-    async def _write(self, done: list[_Done], *, limit: int) -> list[outbox.OutboxItem]:
-        """Record the outcomes in ``done`` and claim up to ``limit`` rows (one transaction).
+    async def _cycle(
+        self, done: list[_Done], limit: int, stale: bool | None
+    ) -> list[outbox.OutboxItem]:
+        """Release stale claims (if ``stale`` is not None; True: at startup), then record
+        ``done`` and claim up to ``limit`` rows in one transaction.
 
-        If the transaction fails, those outcomes are not retried: the rows stay ``pushing``
+        If that transaction fails, those outcomes are not retried: the rows stay ``pushing``
         and are reconciled (TTS asked, never pushed blindly) once their claims expire.
         """
-        recorded = done[:]
-        done.clear()
         try:
+            if stale is not None:
+                await self._release_stale(startup=stale)
             items = await self._db(
                 outbox.claim_due,
                 self._engine,
                 worker_id=self._worker_id,
                 limit=limit,
                 now=_now(),
-                record=[d.mark for d in recorded],
+                record=[d.mark for d in done],
             )
         except Exception as exc:
-            if recorded:
+            if done:
                 log.warning(
                     "downlink_outcomes_lost",
                     error=type(exc).__name__,
-                    outbox_ids=[d.mark.outbox_id for d in recorded],
+                    outbox_ids=[d.mark.outbox_id for d in done],
                     note="left pushing; reconciled after stale_claim_s",
                 )
             raise
-        for d in recorded:
+        for d in done:
             d.report()
         return items
 
-    @staticmethod
-    def _collect(
-        finished: AbstractSet[asyncio.Future[Any]],
-        in_flight: set[asyncio.Task[_Done | None]],
-        done: list[_Done],
-    ) -> None:
-        for task in list(in_flight):
-            if task in finished:
-                in_flight.discard(task)
-                if not task.cancelled() and (result := task.result()) is not None:
-                    done.append(result)
+    def _start_ready(self, rows: _Rows, stop: asyncio.Event) -> None:
+        """Start ready rows while fewer than ``concurrency`` are in flight.
+
+        A row that waited longer than half a request timeout (every slot held by slow
+        requests) is given back instead: claim to last request stays within ``_row_max_s``.
+        """
+        now = time.monotonic()
+        while rows.ready and len(rows.in_flight) < self._concurrency:
+            claimed_at, item = rows.ready.popleft()
+            if now - claimed_at > self._cfg.request_timeout_s / 2:
+                rows.done.append(self._release(item, 0.0, None))
+                continue
+            rows.in_flight.add(asyncio.create_task(self._handle(item, stop)))
 
     @property
     def _stale_check_interval_s(self) -> float:
         return max(self._cfg.stale_claim_s / 4, self._cfg.poll_interval_s)
 
-    async def _finish(
-        self,
-        in_flight: set[asyncio.Task[_Done | None]],
-        stopper: asyncio.Task[Any],
-        done: list[_Done],
-    ) -> None:
-        """Give ``in_flight`` ``shutdown_grace_s`` once ``stop`` is set, then cancel the rest.
+    async def _drain(self, rows: _Rows) -> None:
+        """At stop: give the ready rows back, ``in_flight`` ``shutdown_grace_s`` (then
+        cancel them), and record the outcomes.
 
         A push cancelled mid-flight leaves its row ``pushing``; it is reconciled after the
         claim expires (``stale_claim_s``), never pushed blindly.
         """
-        if in_flight:
-            finished, _ = await asyncio.wait(in_flight, timeout=self._cfg.shutdown_grace_s)
-            self._collect(finished, in_flight, done)
-        if in_flight:
-            log.warning("downlink_push_abandoned", count=len(in_flight))
-            for task in in_flight:
+        if rows.txn is not None:
+            with contextlib.suppress(Exception):  # logged; those rows are reconciled
+                rows.add_ready(await rows.txn)
+            rows.txn = None
+        while rows.ready:
+            rows.done.append(self._release(rows.ready.popleft()[1], 0.0, None))
+        if rows.in_flight:
+            finished, _ = await asyncio.wait(rows.in_flight, timeout=self._cfg.shutdown_grace_s)
+            rows.collect(finished)
+        if rows.in_flight:
+            log.warning("downlink_push_abandoned", count=len(rows.in_flight))
+            for task in rows.in_flight:
                 task.cancel()
-            await asyncio.gather(*in_flight, return_exceptions=True)
-            in_flight.clear()
+            await asyncio.gather(*rows.in_flight, return_exceptions=True)
+            rows.in_flight.clear()
+        if rows.done:  # what the last pushes got is recorded before we go
+            with contextlib.suppress(Exception):  # logged; those rows are reconciled
+                await self._cycle(rows.take_done(), 0, None)
 
     # -- one row ------------------------------------------------------------------------
 
@@ -556,3 +577,30 @@ class _Done:
                 outbox_id=item.id,
                 **self.fields,
             )
+
+
+@dataclass
+class _Rows:
+    """The worker's claimed rows: ready to start, in flight, finished (outcome to record)."""
+
+    ready: deque[tuple[float, outbox.OutboxItem]] = field(default_factory=deque)  # claimed at
+    in_flight: set[asyncio.Task[_Done | None]] = field(default_factory=set)
+    done: list[_Done] = field(default_factory=list)
+    txn: asyncio.Task[list[outbox.OutboxItem]] | None = None  # the record-and-claim running
+
+    def add_ready(self, items: list[outbox.OutboxItem]) -> None:
+        claimed_at = time.monotonic()
+        self.ready.extend((claimed_at, item) for item in items)
+
+    def collect(self, finished: AbstractSet[asyncio.Future[Any]]) -> bool:
+        """Move the finished rows' outcomes to ``done``; True if any row finished."""
+        tasks = [t for t in self.in_flight if t in finished]
+        for task in tasks:
+            self.in_flight.discard(task)
+            if not task.cancelled() and (result := task.result()) is not None:
+                self.done.append(result)
+        return bool(tasks)
+
+    def take_done(self) -> list[_Done]:
+        done, self.done = self.done, []
+        return done

@@ -622,3 +622,32 @@ async def test_an_idle_worker_stops_within_half_a_second(
     started = time.monotonic()
     await asyncio.wait_for(task, 2.0)
     assert time.monotonic() - started < 0.5
+
+
+async def test_rows_claimed_ahead_are_given_back_untouched_at_stop(engine: Engine) -> None:
+    """The worker claims up to `concurrency` rows ahead of the ones in flight; at stop those
+    were never pushed, so they go back to `pending` with the attempt not counted."""
+    called = asyncio.Event()
+    ids = [insert(engine, f"dev-{i:04d}")[0] for i in range(1, 9)]
+    settings = Settings(
+        tts=TtsSettings(base_url="http://tts.invalid", api_key=Secret("NNSXS.X.Y")),
+        downlinks=downlink_settings(shutdown_grace_s=0.2, request_timeout_s=10.0),
+    )
+    async with _slow_tts(5.0, called) as client:
+        w = worker(engine, settings, client=client, concurrency=2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(w.run(stop))
+        await asyncio.wait_for(called.wait(), 5.0)
+        await wait_for(
+            lambda: sum(row(engine, i).status == "pushing" for i in ids) == 4,
+            timeout_s=5,
+            what="2 rows in flight and 2 claimed ahead",
+        )
+        stop.set()
+        await asyncio.wait_for(task, 5.0)
+    rows = [row(engine, i) for i in ids]
+    assert w.pushes == 2
+    assert sum(r.status == "pushing" for r in rows) == 2  # abandoned mid-push: reconciled later
+    for r in rows:
+        if r.status != "pushing":
+            assert (r.status, r.attempts, r.claimed_by) == ("pending", 0, None)
