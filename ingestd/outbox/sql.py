@@ -25,7 +25,7 @@ import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import sqlalchemy as sa
@@ -206,20 +206,32 @@ def _clip(error: str) -> str:
 # -- claims ---------------------------------------------------------------------------------
 
 
-def claim_due(engine: Engine, *, worker_id: str, limit: int, now: datetime) -> list[OutboxItem]:
-    """Claim up to ``limit`` due rows for ``worker_id``, at most one per device, most overdue
-    first.
+def claim_due(
+    engine: Engine,
+    *,
+    worker_id: str,
+    limit: int,
+    now: datetime,
+    record: Sequence[Mark] = (),
+) -> list[OutboxItem]:
+    """Record the outcomes ``record``, then claim up to ``limit`` due rows for ``worker_id``,
+    at most one per device, most overdue first; one transaction.
 
-    A claim sets ``pushing``, ``claimed_at``/``claimed_by``, ``attempts + 1`` and the
-    correlation id ``ingestd:outbox:<id>``. PostgreSQL locks candidates with ``FOR UPDATE
-    SKIP LOCKED`` (concurrent claimers take different rows instead of waiting); SQLite runs
-    one ``UPDATE … RETURNING`` under ``BEGIN IMMEDIATE``, which serialises claimers.
+    Recording first lets a device whose row was just recorded give its next row to this
+    same claim. A claim sets ``pushing``, ``claimed_at``/``claimed_by``, ``attempts + 1``
+    and the correlation id ``ingestd:outbox:<id>``. PostgreSQL locks candidates with ``FOR
+    UPDATE SKIP LOCKED`` (concurrent claimers take different rows instead of waiting);
+    SQLite runs one ``UPDATE … RETURNING`` under ``BEGIN IMMEDIATE``, which serialises
+    claimers.
 
     A row whose stored values cannot be read is claimed like any other, with ``problem``
     set, so that the worker fails it by id; it never fails the claim of the other rows.
     """
     params = {"b_worker": worker_id, "b_limit": limit, "b_now": now}
     with map_db_errors(), engine.begin() as conn:
+        write_marks(conn, record)
+        if limit <= 0:
+            return []
         postgres = is_postgres(conn)
         if postgres:
             conn.exec_driver_sql(PG_CLAIM_PLAN)
@@ -286,47 +298,6 @@ def _claim_statement(postgres: bool) -> sa.Update:
     return stmt.values(values).returning(*_returned(postgres))
 
 
-def release_claim(
-    engine: Engine,
-    outbox_id: int,
-    *,
-    next_attempt_at: datetime,
-    now: datetime,
-    note: str | None = None,
-) -> bool:
-    """Give a claimed row back untouched (no push was attempted): the attempt is not counted.
-
-    Used when the row's stream is not connected yet, its application is rate limited, or
-    the worker is stopping. ``note`` (if given) goes to ``last_error`` to say why it waits.
-    """
-    values: dict[str, Any] = {
-        "status": "pending",
-        "attempts": sa.case((_T.c.attempts > 0, _T.c.attempts - 1), else_=0),
-        "next_attempt_at": next_attempt_at,
-    }
-    if note is not None:
-        values["last_error"] = _clip(note)
-    return _move(engine, outbox_id, ("pushing",), values, now=now)
-
-
-def _move(
-    engine: Engine,
-    outbox_id: int,
-    sources: tuple[str, ...],
-    values: dict[str, Any],
-    *,
-    now: datetime,
-) -> bool:
-    """Update one row if its status is in ``sources`` and drop its claim; True if it moved."""
-    stmt = (
-        sa.update(_T)
-        .where(_T.c.id == outbox_id, _T.c.status.in_(sources))
-        .values(values | {"claimed_at": None, "claimed_by": None, "updated_at": now})
-    )
-    with map_db_errors(), engine.begin() as conn:
-        return bool(conn.execute(stmt).rowcount)
-
-
 def release_stale_claims(
     engine: Engine, *, older_than: datetime, now: datetime, claimed_by: str | None = None
 ) -> list[OutboxItem]:
@@ -359,21 +330,77 @@ def release_stale_claims(
 
 # -- outcomes of a push ---------------------------------------------------------------------
 
+MarkKind = Literal["queued", "retry", "failed", "released"]
 
-def mark_queued(engine: Engine, outbox_id: int, *, request_id: str, now: datetime) -> None:
-    """TTS accepted the push: ``pushing``/``pending`` → ``queued`` (later statuses stay)."""
-    params = {"b_id": outbox_id, "b_request_id": request_id, "b_now": now}
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Mark:
+    """One claimed row's outcome, as :func:`write_marks` records it.
+
+    - ``queued``: TTS accepted the push: ``pushing``/``pending`` → ``queued`` with
+      ``request_id`` (later statuses stay).
+    - ``retry``: a transient failure: back to ``pending`` until ``next_attempt_at``, with
+      ``error``. ``outcome_unknown`` (no answer from TTS: timeout, connection lost after
+      sending) sets ``verify_before_push``; a clear refusal clears it. Only a row still
+      ``pushing`` moves (an event may have moved it forward meanwhile).
+    - ``failed``: a permanent failure (or retries exhausted): ``failed`` with ``error``.
+    - ``released``: the claim given back untouched (no push was attempted: the row's
+      stream is not connected yet, its application is rate limited, or the worker is
+      stopping), so the attempt is not counted; ``pending`` until ``next_attempt_at``.
+      ``error`` (if given) goes to ``last_error`` to say why it waits.
+
+    ``now`` is when the outcome was known (``updated_at``, ``queued_at``, ``finished_at``).
+    Every mark but ``queued`` drops the row's claim (a queued row keeps who pushed it).
+    """
+
+    kind: MarkKind
+    outbox_id: int
+    now: datetime
+    request_id: str | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    outcome_unknown: bool = False
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "b_id": self.outbox_id,
+            "b_now": self.now,
+            "b_request_id": self.request_id,
+            "b_error": None if self.error is None else _clip(self.error),
+            "b_next": self.next_attempt_at,
+            "b_unknown": self.outcome_unknown,
+        }
+
+
+def write_marks(conn: Connection, marks: Iterable[Mark]) -> int:
+    """Record ``marks`` in the caller's transaction: one statement (an executemany) per
+    kind. Returns how many rows moved (a mark whose row moved on meanwhile moves none)."""
+    by_kind: dict[MarkKind, list[dict[str, Any]]] = {}
+    for mark in marks:
+        by_kind.setdefault(mark.kind, []).append(mark.params())
+    moved = 0
+    for kind, params in by_kind.items():
+        result = conn.execute(_mark_statement(kind), params[0] if len(params) == 1 else params)
+        moved += result.rowcount
+    return moved
+
+
+def record(engine: Engine, marks: Sequence[Mark]) -> int:
+    """:func:`write_marks` in a transaction of its own."""
     with map_db_errors(), engine.begin() as conn:
-        conn.execute(_mark_queued_statement(), params)
+        return write_marks(conn, marks)
 
 
 @functools.cache
-def _mark_queued_statement() -> sa.Update:
+def _mark_statement(kind: MarkKind) -> sa.Update:
+    # Literal IN lists, since an executemany cannot expand them.
     now = sa.bindparam("b_now", type_=schema.UtcDateTime())
-    return (
-        sa.update(_T)
-        .where(_T.c.id == sa.bindparam("b_id"))
-        .values(
+    error = sa.bindparam("b_error", type_=sa.Text())
+    next_attempt_at = sa.bindparam("b_next", type_=schema.UtcDateTime())
+    unclaimed = {"claimed_at": None, "claimed_by": None, "updated_at": now}
+    stmt = sa.update(_T).where(_T.c.id == sa.bindparam("b_id", type_=sa.BigInteger()))
+    if kind == "queued":
+        return stmt.values(
             status=sa.case((_literal_in(_T.c.status, _ACTIVE), "queued"), else_=_T.c.status),
             # A `sent` event committed before this answer was recorded (they race) proves
             # TTS had accepted it by then: queued_at never lies after sent_at.
@@ -384,7 +411,34 @@ def _mark_queued_statement() -> sa.Update:
             verify_before_push=False,
             updated_at=now,
         )
+    if kind == "retry":
+        return stmt.where(_literal_in(_T.c.status, ("pushing",))).values(
+            status="pending",
+            last_error=error,
+            next_attempt_at=next_attempt_at,
+            verify_before_push=sa.bindparam("b_unknown", type_=sa.Boolean()),
+            **unclaimed,
+        )
+    if kind == "failed":
+        return stmt.where(_literal_in(_T.c.status, _ACTIVE)).values(
+            status="failed",
+            last_error=error,
+            finished_at=now,
+            verify_before_push=False,
+            **unclaimed,
+        )
+    return stmt.where(_literal_in(_T.c.status, ("pushing",))).values(  # released
+        status="pending",
+        attempts=sa.case((_T.c.attempts > 0, _T.c.attempts - 1), else_=0),
+        next_attempt_at=next_attempt_at,
+        last_error=sa.func.coalesce(error, _T.c.last_error),
+        **unclaimed,
     )
+
+
+def mark_queued(engine: Engine, outbox_id: int, *, request_id: str, now: datetime) -> None:
+    """Record a ``queued`` :class:`Mark` on its own."""
+    record(engine, [Mark(kind="queued", outbox_id=outbox_id, now=now, request_id=request_id)])
 
 
 def mark_retry(
@@ -396,30 +450,36 @@ def mark_retry(
     now: datetime,
     outcome_unknown: bool = False,
 ) -> bool:
-    """A transient failure: back to ``pending`` until ``next_attempt_at``.
-
-    ``outcome_unknown`` (no answer from TTS: timeout, connection lost after sending) sets
-    ``verify_before_push``; a clear refusal clears it. Only a row still ``pushing`` moves
-    (an event may have moved it forward meanwhile).
-    """
-    values = {
-        "status": "pending",
-        "last_error": _clip(error),
-        "next_attempt_at": next_attempt_at,
-        "verify_before_push": outcome_unknown,
-    }
-    return _move(engine, outbox_id, ("pushing",), values, now=now)
+    """Record a ``retry`` :class:`Mark` on its own; True if the row moved."""
+    mark = Mark(
+        kind="retry",
+        outbox_id=outbox_id,
+        now=now,
+        error=error,
+        next_attempt_at=next_attempt_at,
+        outcome_unknown=outcome_unknown,
+    )
+    return record(engine, [mark]) > 0
 
 
 def mark_failed(engine: Engine, outbox_id: int, *, error: str, now: datetime) -> bool:
-    """A permanent failure (or retries exhausted): ``failed`` with ``last_error``."""
-    values = {
-        "status": "failed",
-        "last_error": _clip(error),
-        "finished_at": now,
-        "verify_before_push": False,
-    }
-    return _move(engine, outbox_id, _ACTIVE, values, now=now)
+    """Record a ``failed`` :class:`Mark` on its own; True if the row moved."""
+    return record(engine, [Mark(kind="failed", outbox_id=outbox_id, now=now, error=error)]) > 0
+
+
+def release_claim(
+    engine: Engine,
+    outbox_id: int,
+    *,
+    next_attempt_at: datetime,
+    now: datetime,
+    note: str | None = None,
+) -> bool:
+    """Record a ``released`` :class:`Mark` on its own; True if the row moved."""
+    mark = Mark(
+        kind="released", outbox_id=outbox_id, now=now, error=note, next_attempt_at=next_attempt_at
+    )
+    return record(engine, [mark]) > 0
 
 
 # Kinds that TTS publishes only for an item it accepted into the device's queue.

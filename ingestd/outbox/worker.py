@@ -1,11 +1,14 @@
 """The downlink worker: claims due outbox rows, pushes them to TTS, records each outcome.
 
 Several workers and processes may share a database: claims never overlap and a device's
-rows go out one at a time in order (see :mod:`ingestd.outbox.sql`). Each worker runs
-``concurrency`` slots; a slot claims one row, then: validate → stream gate → verify (only
-if an earlier push got no answer) → push → mark. It claims again at once after work, else
-waits for its poll timer or, on PostgreSQL, a ``NOTIFY ingestd_outbox`` from the insert
-trigger (a LISTEN connection of its own; the poll stays as the fallback).
+rows go out one at a time in order (see :mod:`ingestd.outbox.sql`). Each worker keeps up
+to ``concurrency`` rows in flight, each: validate → stream gate → verify (only if an
+earlier push got no answer) → push → outcome. A row that finishes is followed at once by
+one claimed ahead (up to ``concurrency`` rows wait ready), so no push waits for the
+database; one transaction at a time records the finished rows' outcomes and claims the
+next rows (few transactions, several rows each: issue 12). When nothing is
+due, the worker waits for its poll timer or, on PostgreSQL, a ``NOTIFY ingestd_outbox``
+from the insert trigger (a LISTEN connection of its own; the poll stays as the fallback).
 
 Never twice: push is not idempotent in TTS (TTS_WIRE 5.3). A row whose earlier push got no
 answer (timeout, 5xx, a worker that died between push and mark) has ``verify_before_push``:
@@ -17,8 +20,13 @@ cannot be asked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -29,7 +37,7 @@ from sqlalchemy.engine import Engine
 from structlog.contextvars import bound_contextvars
 
 from ingestd import metrics, tts
-from ingestd.aio import sleep_or_stop, wait_any
+from ingestd.aio import sleep_or_stop
 from ingestd.config import DownlinkSettings
 from ingestd.db import is_postgres
 from ingestd.outbox import sql as outbox
@@ -110,8 +118,9 @@ class DownlinkWorker:
         self._auth_rejected: set[str] = set()
         self._waiting_for_stream: set[tuple[str, str]] = set()
         self.pushes = 0  # HTTP push requests sent (for tests, metrics)
-        # Handling one row never takes longer than a verify GET plus a push POST (each
-        # bounded by request_timeout_s) and a few short transactions.
+        # Handling one row never takes longer than half a request timeout waiting to start
+        # (_start_ready), a verify GET plus a push POST (each bounded by request_timeout_s)
+        # and a few short transactions.
         self._row_max_s = 3 * self._cfg.request_timeout_s
         if self._cfg.stale_claim_s < self._row_max_s:
             log.warning(
@@ -130,22 +139,16 @@ class DownlinkWorker:
         log.info(
             "downlink_worker_started", worker_id=self._worker_id, concurrency=self._concurrency
         )
+        stopper = asyncio.create_task(stop.wait(), name="downlink:stop")
+        rows = _Rows()
         try:
-            # `concurrency` independent slots, each claim → push → mark: a slow push holds
-            # up only its own slot, and the claims never give two slots the same device.
-            slots = [
-                asyncio.create_task(
-                    self._slot(stop, housekeeper=(i == 0)), name=f"downlink:slot:{i}"
-                )
-                for i in range(self._concurrency)
-            ]
             try:
-                await asyncio.gather(*slots)
+                await self._dispatch(stop, stopper, rows)
             finally:
-                for slot in slots:
-                    slot.cancel()
-                await asyncio.gather(*slots, return_exceptions=True)
+                await self._drain(rows)
         finally:
+            stopper.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)
             if listener is not None:
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
@@ -153,124 +156,189 @@ class DownlinkWorker:
                 await self._client.aclose()
             log.info("downlink_worker_stopped", worker_id=self._worker_id)
 
-    async def _slot(self, stop: asyncio.Event, *, housekeeper: bool) -> None:
-        next_stale_check, startup = 0.0, True  # the housekeeper releases stale claims first
-        errors = 0
+    async def _dispatch(self, stop: asyncio.Event, stopper: asyncio.Task[Any], rows: _Rows) -> None:
+        """Keep ``concurrency`` rows in flight, started from claimed rows kept ready, while
+        one transaction at a time records finished rows' outcomes and tops the ready rows up.
+
+        Busy, a transaction runs once half the ready rows have been started; idle (the last
+        claim found fewer rows than it asked for), after any row finished, a NOTIFY or the
+        poll timer.
+        """
+        n = self._concurrency
+        next_stale_check, startup = 0.0, True  # stale claims are released first
+        errors, retry_at = 0, 0.0
+        idle, poked, asked = True, True, 0
         while not stop.is_set():
+            self._start_ready(rows, stop)
+            now = time.monotonic()
+            due = poked if idle else len(rows.ready) <= n // 2
+            if rows.txn is None and now >= retry_at and due:
+                stale = None
+                if now >= next_stale_check:
+                    stale, startup = startup, False
+                    next_stale_check = now + self._stale_check_interval_s
+                # Clear before claiming: a NOTIFY arriving during the claim sets it again,
+                # so no insert is missed between this claim and the next wait.
+                self._wakeup.clear()
+                asked = 2 * n - len(rows.in_flight) - len(rows.ready)
+                rows.txn = asyncio.create_task(self._cycle(rows.take_done(), asked, stale))
+                poked = False
+            waits: set[asyncio.Future[Any]] = {stopper, *rows.in_flight}
+            timeout, waker = None, None
+            if rows.txn is not None:
+                waits.add(rows.txn)
+            elif now < retry_at:
+                timeout = retry_at - now
+            elif idle:  # nothing more is due: wait for a row to finish, an insert or the poll
+                waker = asyncio.ensure_future(self._wakeup.wait())
+                waits.add(waker)
+                timeout = self._cfg.poll_interval_s
             try:
-                if housekeeper and time.monotonic() >= next_stale_check:
-                    await self._release_stale(startup=startup)
-                    next_stale_check = time.monotonic() + self._stale_check_interval_s
-                    startup = False
-                found = await self._claim_and_push(stop)
-                errors = 0
-            except Exception as exc:  # the loop's top: log, back off, go on
-                errors += 1
-                delay = min(LOOP_ERROR_RETRY_MAX_S, self._cfg.poll_interval_s * 2**errors)
-                log.exception("downlink_loop_failed", error=str(exc), retry_in_s=delay)
-                await sleep_or_stop(delay, stop)
-                continue
-            if not found:
-                await wait_any(
-                    stop.wait(), self._wakeup.wait(), timeout_s=self._cfg.poll_interval_s
+                finished, _ = await asyncio.wait(
+                    waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
+            finally:
+                if waker is not None:
+                    waker.cancel()
+            if rows.collect(finished) or rows.txn not in finished:
+                poked = True  # a row finished, an insert was notified or the timer ran out
+            if rows.txn is not None and rows.txn.done():
+                txn, rows.txn = rows.txn, None
+                try:
+                    items = txn.result()
+                except Exception as exc:  # the loop's top: log, back off, go on
+                    errors += 1
+                    delay = min(LOOP_ERROR_RETRY_MAX_S, self._cfg.poll_interval_s * 2**errors)
+                    log.exception("downlink_loop_failed", error=str(exc), retry_in_s=delay)
+                    retry_at, idle = time.monotonic() + delay, True
+                else:
+                    errors, idle = 0, len(items) < asked
+                    rows.add_ready(items)
+
+    async def _cycle(
+        self, done: list[_Done], limit: int, stale: bool | None
+    ) -> list[outbox.OutboxItem]:
+        """Release stale claims (if ``stale`` is not None; True: at startup), then record
+        ``done`` and claim up to ``limit`` rows in one transaction.
+
+        If that transaction fails, those outcomes are not retried: the rows stay ``pushing``
+        and are reconciled (TTS asked, never pushed blindly) once their claims expire.
+        """
+        try:
+            if stale is not None:
+                await self._release_stale(startup=stale)
+            items = await self._db(
+                outbox.claim_due,
+                self._engine,
+                worker_id=self._worker_id,
+                limit=limit,
+                now=_now(),
+                record=[d.mark for d in done],
+            )
+        except Exception as exc:
+            if done:
+                log.warning(
+                    "downlink_outcomes_lost",
+                    error=type(exc).__name__,
+                    outbox_ids=[d.mark.outbox_id for d in done],
+                    note="left pushing; reconciled after stale_claim_s",
+                )
+            raise
+        for d in done:
+            d.report()
+        return items
+
+    def _start_ready(self, rows: _Rows, stop: asyncio.Event) -> None:
+        """Start ready rows while fewer than ``concurrency`` are in flight.
+
+        A row that waited longer than half a request timeout (every slot held by slow
+        requests) is given back instead: claim to last request stays within ``_row_max_s``.
+        """
+        now = time.monotonic()
+        while rows.ready and len(rows.in_flight) < self._concurrency:
+            claimed_at, item = rows.ready.popleft()
+            if now - claimed_at > self._cfg.request_timeout_s / 2:
+                rows.done.append(self._release(item, 0.0, None))
+                continue
+            rows.in_flight.add(asyncio.create_task(self._handle(item, stop)))
 
     @property
     def _stale_check_interval_s(self) -> float:
         return max(self._cfg.stale_claim_s / 4, self._cfg.poll_interval_s)
 
-    async def _claim_and_push(self, stop: asyncio.Event) -> bool:
-        # Clear before claiming: a NOTIFY arriving during the claim sets it again, so no
-        # insert is missed between this claim and the next wait.
-        self._wakeup.clear()
-        items = await self._db(
-            outbox.claim_due,
-            self._engine,
-            worker_id=self._worker_id,
-            limit=1,
-            now=_now(),
-        )
-        if not items:
-            return False
-        await self._finish([asyncio.create_task(self._handle(items[0], stop))], stop)
-        return True
-
-    async def _finish(self, tasks: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
-        """Wait for ``tasks``; once ``stop`` is set, give them ``shutdown_grace_s``, then cancel.
+    async def _drain(self, rows: _Rows) -> None:
+        """At stop: give the ready rows back, ``in_flight`` ``shutdown_grace_s`` (then
+        cancel them), and record the outcomes.
 
         A push cancelled mid-flight leaves its row ``pushing``; it is reconciled after the
         claim expires (``stale_claim_s``), never pushed blindly.
         """
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            pending: set[asyncio.Future[Any]] = set(tasks)
-            while pending and not stop.is_set():
-                _, pending = await asyncio.wait(
-                    pending | {stopper}, return_when=asyncio.FIRST_COMPLETED
-                )
-                pending.discard(stopper)
-            if pending:
-                _, pending = await asyncio.wait(pending, timeout=self._cfg.shutdown_grace_s)
-            if pending:
-                log.warning("downlink_push_abandoned", count=len(pending))
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-        finally:
-            stopper.cancel()
-            await asyncio.gather(stopper, return_exceptions=True)
+        if rows.txn is not None:
+            with contextlib.suppress(Exception):  # logged; those rows are reconciled
+                rows.add_ready(await rows.txn)
+            rows.txn = None
+        while rows.ready:
+            rows.done.append(self._release(rows.ready.popleft()[1], 0.0, None))
+        if rows.in_flight:
+            finished, _ = await asyncio.wait(rows.in_flight, timeout=self._cfg.shutdown_grace_s)
+            rows.collect(finished)
+        if rows.in_flight:
+            log.warning("downlink_push_abandoned", count=len(rows.in_flight))
+            for task in rows.in_flight:
+                task.cancel()
+            await asyncio.gather(*rows.in_flight, return_exceptions=True)
+            rows.in_flight.clear()
+        if rows.done:  # what the last pushes got is recorded before we go
+            with contextlib.suppress(Exception):  # logged; those rows are reconciled
+                await self._cycle(rows.take_done(), 0, None)
 
     # -- one row ------------------------------------------------------------------------
 
-    async def _handle(self, item: outbox.OutboxItem, stop: asyncio.Event) -> None:
+    async def _handle(self, item: outbox.OutboxItem, stop: asyncio.Event) -> _Done | None:
+        """The row's outcome, to be recorded with the next claim (None: none to record)."""
         with bound_contextvars(
             application_id=item.application_id, device_id=item.device_id, outbox_id=item.id
         ):
             try:
-                await self._handle_row(item, stop)
+                return await self._handle_row(item, stop)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the row stays `pushing` and is reconciled later
                 log.exception("downlink_row_failed", error=str(exc))
+                return None
 
-    async def _handle_row(self, item: outbox.OutboxItem, stop: asyncio.Event) -> None:
+    async def _handle_row(self, item: outbox.OutboxItem, stop: asyncio.Event) -> _Done | None:
         problem = validate(item)
         if problem is not None:
-            await self._fail(item, f"invalid row: {problem}", reason="invalid")
-            return
+            return self._fail(item, f"invalid row: {problem}", reason="invalid")
         if stop.is_set():
-            await self._release(item, 0.0, None)
-            return
+            return self._release(item, 0.0, None)
         if not self._gate_open(item):
             note = (
                 f"waiting for a connected event stream of {item.application_id} "
                 "(downlinks.require_stream)"
             )
-            await self._release(item, self._stream_recheck_s, note)
-            return
+            return self._release(item, self._stream_recheck_s, note)
         paused_s = self._paused_until.get(item.application_id, 0.0) - time.monotonic()
         if paused_s > 0:
-            await self._release(item, paused_s, None)
-            return
+            return self._release(item, paused_s, None)
         base_url, key = self._settings.credentials_for(item.application_id)
         if key is None:
-            await self._fail(
+            return self._fail(
                 item, f"no API key configured for {item.application_id}", reason="no_api_key"
             )
-            return
         try:
             request = push_request(item, base_url, key)
         except (TypeError, ValueError) as exc:  # orjson: e.g. a payload nested too deep
-            await self._fail(
+            return self._fail(
                 item, f"invalid row: cannot encode the push request: {exc}", reason="invalid"
             )
-            return
         if item.verify_before_push:  # an earlier push got no answer: did TTS take it?
             verdict = await self._reconcile(item, base_url, key)
-            if verdict != "absent":
-                return
+            if verdict is not None:
+                return verdict
         outcome = await self._push(request)
-        await self._record(item, outcome)
+        return self._outcome(item, outcome)
 
     def _gate_open(self, item: outbox.OutboxItem) -> bool:
         if self._stream_ready is None:
@@ -284,16 +352,16 @@ class DownlinkWorker:
             log.info("downlink_waiting_for_stream", recheck_s=self._stream_recheck_s)
         return False
 
-    async def _reconcile(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> str:
+    async def _reconcile(self, item: outbox.OutboxItem, base_url: str, key: Secret) -> _Done | None:
         """Look for an unanswered earlier push in the stored events and TTS's device queue.
 
-        ``accepted`` (marked queued), ``absent`` (safe to push) or ``wait`` (TTS could not
-        be asked, or a recent ``receive`` may still turn into ``sent``: the row waits,
-        keeping ``verify_before_push``).
+        None when it is absent (safe to push); else the row's outcome: ``queued`` when it
+        was accepted, or a wait when TTS could not be asked or a recent ``receive`` may
+        still turn into ``sent`` (the row keeps ``verify_before_push``).
         """
         accepted = await self._db(outbox.accepted_per_events, self._engine, item.id, now=_now())
         if accepted:
-            return await self._reconciled(item, "events")
+            return self._reconciled(item, "events")
         url, headers = list_request(item, base_url, key)
         error: str | None = None
         try:
@@ -305,30 +373,30 @@ class DownlinkWorker:
             self._log_warnings(response)
             found = queue_has(response.content, item) if response.status_code == 200 else None
             if found:
-                return await self._reconciled(item, "device_queue")
+                return self._reconciled(item, "device_queue")
             if found is None:
                 error = classify_response(response).error or "unreadable device queue listing"
         if error is not None:
-            await self._retry(
+            return self._retry(
                 item,
                 f"could not check the device queue before re-pushing: {error}",
                 self._backoff.delay_s(item.attempts),
                 unknown=True,
             )
-            return "wait"
         if accepted is None:
             log.info("downlink_verify_waiting", recheck_s=VERIFY_RECHECK_S)
-            await self._release(item, VERIFY_RECHECK_S, None)
-            return "wait"
+            return self._release(item, VERIFY_RECHECK_S, None)
         log.info("downlink_reconciled", found=False, attempts=item.attempts)
-        return "absent"
+        return None
 
-    async def _reconciled(self, item: outbox.OutboxItem, source: str) -> str:
-        rid = request_id(item.id, item.attempts)
-        await self._db(outbox.mark_queued, self._engine, item.id, request_id=rid, now=_now())
-        metrics.DOWNLINK_PUSHES.labels("reconciled").inc()
-        log.info("downlink_reconciled", found=True, source=source, attempts=item.attempts)
-        return "accepted"
+    def _reconciled(self, item: outbox.OutboxItem, source: str) -> _Done:
+        return _Done(
+            item,
+            self._queued_mark(item),
+            metric="reconciled",
+            event="downlink_reconciled",
+            fields={"found": True, "source": source, "attempts": item.attempts},
+        )
 
     async def _push(self, request: tuple[str, dict[str, str], bytes]) -> Outcome:
         url, headers, body = request
@@ -346,68 +414,81 @@ class DownlinkWorker:
         self._log_warnings(response)
         return classify_response(response)
 
-    async def _record(self, item: outbox.OutboxItem, outcome: Outcome) -> None:
+    def _outcome(self, item: outbox.OutboxItem, outcome: Outcome) -> _Done:
         if outcome.kind == "queued":
-            rid = request_id(item.id, item.attempts)
-            await self._db(outbox.mark_queued, self._engine, item.id, request_id=rid, now=_now())
-            log.info("downlink_queued", attempts=item.attempts)
-            metrics.DOWNLINK_PUSHES.labels("queued").inc()
-            return
+            return _Done(
+                item,
+                self._queued_mark(item),
+                metric="queued",
+                event="downlink_queued",
+                fields={"attempts": item.attempts},
+            )
         error = outcome.error or "unknown error"
         if outcome.kind == "failed":
             if outcome.auth_rejected and item.application_id not in self._auth_rejected:
                 self._auth_rejected.add(item.application_id)
                 log.error("downlink_auth_rejected", error=error)
-            await self._fail(item, error, reason="rejected")
-            return
+            return self._fail(item, error, reason="rejected")
         delay = self._backoff.delay_s(item.attempts)
         if outcome.retry_after_s is not None:  # rate limited: pause the whole application
             delay = outcome.retry_after_s
             self._paused_until[item.application_id] = time.monotonic() + delay
         elif outcome.queue_full:
             delay = min(self._cfg.retry_max_s, max(QUEUE_FULL_MIN_RETRY_S, delay))
-        await self._retry(item, error, delay, unknown=outcome.outcome_unknown)
+        return self._retry(item, error, delay, unknown=outcome.outcome_unknown)
 
-    async def _retry(
+    @staticmethod
+    def _queued_mark(item: outbox.OutboxItem) -> outbox.Mark:
+        rid = request_id(item.id, item.attempts)
+        return outbox.Mark(kind="queued", outbox_id=item.id, now=_now(), request_id=rid)
+
+    def _retry(
         self, item: outbox.OutboxItem, error: str, delay_s: float, *, unknown: bool = False
-    ) -> None:
+    ) -> _Done:
         if self._backoff.gives_up(item.attempts + 1):
-            await self._fail(
+            return self._fail(
                 item,
                 f"{error} (gave up after {item.attempts} attempts)",
                 reason="attempts_exhausted",
             )
-            return
         now = _now()
-        await self._db(
-            outbox.mark_retry,
-            self._engine,
-            item.id,
+        mark = outbox.Mark(
+            kind="retry",
+            outbox_id=item.id,
+            now=now,
             error=error,
             next_attempt_at=now + timedelta(seconds=delay_s),
-            now=now,
             outcome_unknown=unknown,
         )
-        metrics.DOWNLINK_PUSHES.labels("retry").inc()
-        log.warning(
-            "downlink_retry", error=error, attempts=item.attempts, retry_in_s=round(delay_s, 3)
+        fields = {"error": error, "attempts": item.attempts, "retry_in_s": round(delay_s, 3)}
+        return _Done(
+            item, mark, metric="retry", event="downlink_retry", level=logging.WARNING, fields=fields
         )
 
-    async def _fail(self, item: outbox.OutboxItem, error: str, *, reason: str) -> None:
-        await self._db(outbox.mark_failed, self._engine, item.id, error=error, now=_now())
-        metrics.DOWNLINK_PUSHES.labels("invalid" if reason == "invalid" else "failed").inc()
-        log.warning("downlink_failed", reason=reason, error=error, attempts=item.attempts)
+    @staticmethod
+    def _fail(item: outbox.OutboxItem, error: str, *, reason: str) -> _Done:
+        mark = outbox.Mark(kind="failed", outbox_id=item.id, now=_now(), error=error)
+        return _Done(
+            item,
+            mark,
+            metric="invalid" if reason == "invalid" else "failed",
+            event="downlink_failed",
+            level=logging.WARNING,
+            fields={"reason": reason, "error": error, "attempts": item.attempts},
+        )
 
-    async def _release(self, item: outbox.OutboxItem, delay_s: float, note: str | None) -> None:
+    @staticmethod
+    def _release(item: outbox.OutboxItem, delay_s: float, note: str | None) -> _Done:
         now = _now()
-        await self._db(
-            outbox.release_claim,
-            self._engine,
-            item.id,
-            next_attempt_at=now + timedelta(seconds=delay_s),
+        next_attempt_at = now + timedelta(seconds=delay_s)
+        mark = outbox.Mark(
+            kind="released",
+            outbox_id=item.id,
             now=now,
-            note=note,
+            error=note,
+            next_attempt_at=next_attempt_at,
         )
+        return _Done(item, mark)
 
     def _log_warnings(self, response: httpx.Response | None) -> None:
         if response is not None:
@@ -470,3 +551,56 @@ class DownlinkWorker:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """A row's outcome: the mark to record, and what to log and count once it is recorded."""
+
+    item: outbox.OutboxItem
+    mark: outbox.Mark
+    metric: str | None = None  # the DOWNLINK_PUSHES outcome label
+    event: str | None = None  # the log event
+    level: int = logging.INFO
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> None:
+        if self.metric is not None:
+            metrics.DOWNLINK_PUSHES.labels(self.metric).inc()
+        if self.event is not None:
+            item = self.item
+            log.log(
+                self.level,
+                self.event,
+                application_id=item.application_id,
+                device_id=item.device_id,
+                outbox_id=item.id,
+                **self.fields,
+            )
+
+
+@dataclass
+class _Rows:
+    """The worker's claimed rows: ready to start, in flight, finished (outcome to record)."""
+
+    ready: deque[tuple[float, outbox.OutboxItem]] = field(default_factory=deque)  # claimed at
+    in_flight: set[asyncio.Task[_Done | None]] = field(default_factory=set)
+    done: list[_Done] = field(default_factory=list)
+    txn: asyncio.Task[list[outbox.OutboxItem]] | None = None  # the record-and-claim running
+
+    def add_ready(self, items: list[outbox.OutboxItem]) -> None:
+        claimed_at = time.monotonic()
+        self.ready.extend((claimed_at, item) for item in items)
+
+    def collect(self, finished: AbstractSet[asyncio.Future[Any]]) -> bool:
+        """Move the finished rows' outcomes to ``done``; True if any row finished."""
+        tasks = [t for t in self.in_flight if t in finished]
+        for task in tasks:
+            self.in_flight.discard(task)
+            if not task.cancelled() and (result := task.result()) is not None:
+                self.done.append(result)
+        return bool(tasks)
+
+    def take_done(self) -> list[_Done]:
+        done, self.done = self.done, []
+        return done

@@ -27,6 +27,7 @@ from ingestd.outbox import sql as outbox
 from ingestd.outbox.worker import DownlinkWorker
 from ingestd.secrets import Secret
 from ingestd.sim.server import Simulator
+from ingestd.sim.store import SimError
 from ingestd.store import Store
 
 T = schema.downlink_outbox
@@ -41,6 +42,13 @@ def sim() -> Iterator[Simulator]:
 
 
 def settings_for(sim: Simulator, **downlinks: Any) -> Settings:
+    return Settings(
+        tts=TtsSettings(base_url=sim.base_url, api_key=Secret(sim.api_key)),
+        downlinks=downlink_settings(**downlinks),
+    )
+
+
+def downlink_settings(**downlinks: Any) -> DownlinkSettings:
     values: dict[str, Any] = {
         "enabled": True,
         "poll_interval_s": 0.05,
@@ -52,10 +60,7 @@ def settings_for(sim: Simulator, **downlinks: Any) -> Settings:
         "require_stream": False,
         "stale_claim_s": 30.0,
     } | downlinks
-    return Settings(
-        tts=TtsSettings(base_url=sim.base_url, api_key=Secret(sim.api_key)),
-        downlinks=DownlinkSettings(**values),
-    )
+    return DownlinkSettings(**values)
 
 
 def insert(engine: Engine, device_id: str = "dev-0001", n: int = 1, **values: Any) -> list[int]:
@@ -296,6 +301,67 @@ async def test_rate_limit_waits_for_x_rate_limit_retry_plus_one_second(
     assert [q.op for q in sim.downlink_requests] == ["push", "push"]  # a clear refusal
 
 
+async def test_outcomes_recorded_together_each_keep_their_own_status(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pushes that finish together have their outcomes recorded in one transaction (with
+    the next claim): a refused push among accepted ones still ends `failed` with its reason,
+    a 503 goes back to `pending` for a verified retry, and the others end `queued`."""
+    devices = [f"dev-{i:04d}" for i in range(1, 7)]
+    ids = {d: insert(engine, d)[0] for d in devices}
+    refusals = {"dev-0002": SimError("device_not_found"), "dev-0005": SimError("peer_unavailable")}
+    arrived: list[str] = []
+    all_in = asyncio.Event()
+
+    async def tts_handler(request: httpx.Request) -> httpx.Response:
+        device_id = request.url.path.split("/")[-3]
+        arrived.append(device_id)
+        if len(arrived) == len(devices):
+            all_in.set()
+        await all_in.wait()  # every push is in flight: they all answer at once
+        refusal = refusals.get(device_id)
+        if refusal is None:
+            return httpx.Response(200, json={})
+        return httpx.Response(refusal.status, json=refusal.body)
+
+    batches: list[list[outbox.Mark]] = []
+    real_claim = outbox.claim_due
+
+    def recorded_claim(*args: Any, **kwargs: Any) -> Any:
+        batches.append(list(kwargs.get("record", ())))
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "claim_due", recorded_claim)
+    settings = Settings(
+        tts=TtsSettings(base_url="http://tts.invalid", api_key=Secret("NNSXS.X.Y")),
+        downlinks=downlink_settings(retry_base_s=30.0, retry_max_s=60.0),
+    )
+    client = httpx.AsyncClient(transport=httpx.MockTransport(tts_handler))
+    try:
+        w = worker(engine, settings, client=client, concurrency=8)
+        await run_until(
+            w, lambda: len(arrived) == len(devices) and "pushing" not in statuses(engine).values()
+        )
+    finally:
+        await client.aclose()
+    assert sorted(arrived) == devices  # each pushed once
+    by_batch = {len(b) for b in batches}
+    assert len(devices) in by_batch, batches  # all six outcomes in one transaction
+    for device_id, outbox_id in ids.items():
+        r = row(engine, outbox_id)
+        if device_id == "dev-0002":
+            assert (r.status, r.attempts) == ("failed", 1)
+            assert r.last_error.startswith("pkg/applicationserver:device_not_found")
+            assert r.finished_at is not None
+        elif device_id == "dev-0005":
+            assert (r.status, r.attempts, r.verify_before_push) == ("pending", 1, True)
+            assert r.last_error.startswith("pkg/cluster:peer_unavailable")
+        else:
+            assert (r.status, r.attempts) == ("queued", 1)
+            assert r.request_id == f"ingestd-outbox-{outbox_id}-1"
+            assert r.last_error is None
+
+
 async def test_rejected_key_fails_rows_logs_once_and_never_logs_the_key(
     engine: Engine, sim: Simulator
 ) -> None:
@@ -346,21 +412,29 @@ async def test_a_key_without_the_downlink_right_fails_rows_with_the_tts_error_na
     assert read_only not in repr(logs)
 
 
+def crash_before_marking_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process dies after TTS accepted a push, before its `queued` is committed."""
+    real_write = outbox.write_marks
+
+    def write_marks(conn: sa.Connection, marks: Any) -> int:
+        marks = list(marks)
+        if any(m.kind == "queued" for m in marks):
+            raise RuntimeError("killed between push and mark")
+        return real_write(conn, marks)
+
+    monkeypatch.setattr(outbox, "write_marks", write_marks)
+
+
 async def test_crash_after_push_is_verified_not_pushed_again(
     engine: Engine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Push done, row left `pushing` (the process died before recording the answer)."""
     sim.downlinks.ack_delay_s = 60.0  # the item stays in the device queue
     (outbox_id,) = insert(engine)
-    real_mark = outbox.mark_queued
-
-    def crash(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("killed between push and mark")
-
-    monkeypatch.setattr(outbox, "mark_queued", crash)
+    crash_before_marking_queued(monkeypatch)
     await run_until(worker(engine, settings_for(sim)), lambda: len(pushes(sim)) == 1)
     assert row(engine, outbox_id).status == "pushing"
-    monkeypatch.setattr(outbox, "mark_queued", real_mark)
+    monkeypatch.undo()
     # The restarted process (same worker id) takes its own claim back once no request of
     # its previous life can still be in flight (3 request timeouts: verify, push, marks).
     await asyncio.sleep(0.35)  # the time passing is the point: 3 x 0.1 s request timeouts
@@ -376,7 +450,7 @@ async def test_crash_after_push_then_events_while_down_is_not_pushed_again(
     engine: Engine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (outbox_id,) = insert(engine)
-    monkeypatch.setattr(outbox, "mark_queued", lambda *a, **k: 1 / 0)
+    crash_before_marking_queued(monkeypatch)
     await run_until(worker(engine, settings_for(sim)), lambda: len(pushes(sim)) == 1)
     monkeypatch.undo()
     deadline = time.monotonic() + WAIT_S  # the device got it; the stream stored the events
@@ -548,3 +622,32 @@ async def test_an_idle_worker_stops_within_half_a_second(
     started = time.monotonic()
     await asyncio.wait_for(task, 2.0)
     assert time.monotonic() - started < 0.5
+
+
+async def test_rows_claimed_ahead_are_given_back_untouched_at_stop(engine: Engine) -> None:
+    """The worker claims up to `concurrency` rows ahead of the ones in flight; at stop those
+    were never pushed, so they go back to `pending` with the attempt not counted."""
+    called = asyncio.Event()
+    ids = [insert(engine, f"dev-{i:04d}")[0] for i in range(1, 9)]
+    settings = Settings(
+        tts=TtsSettings(base_url="http://tts.invalid", api_key=Secret("NNSXS.X.Y")),
+        downlinks=downlink_settings(shutdown_grace_s=0.2, request_timeout_s=10.0),
+    )
+    async with _slow_tts(5.0, called) as client:
+        w = worker(engine, settings, client=client, concurrency=2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(w.run(stop))
+        await asyncio.wait_for(called.wait(), 5.0)
+        await wait_for(
+            lambda: sum(row(engine, i).status == "pushing" for i in ids) == 4,
+            timeout_s=5,
+            what="2 rows in flight and 2 claimed ahead",
+        )
+        stop.set()
+        await asyncio.wait_for(task, 5.0)
+    rows = [row(engine, i) for i in ids]
+    assert w.pushes == 2
+    assert sum(r.status == "pushing" for r in rows) == 2  # abandoned mid-push: reconciled later
+    for r in rows:
+        if r.status != "pushing":
+            assert (r.status, r.attempts, r.claimed_by) == ("pending", 0, None)

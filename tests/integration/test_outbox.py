@@ -236,6 +236,65 @@ def test_marks_record_outcomes_and_never_undo_event_progress(engine: Engine) -> 
     assert r_moved.status == "sent"
 
 
+def test_one_claim_records_marks_of_every_kind_and_claims_freed_heads(engine: Engine) -> None:
+    """The worker records its outcomes in the transaction of its next claim: each mark moves
+    its own row, and a device whose row was just recorded gives its next row to that claim."""
+    (a1, a2), (b1,), (c1,), (d1,) = (
+        _insert(engine, "dev-a", n=2),
+        _insert(engine, "dev-b"),
+        _insert(engine, "dev-c"),
+        _insert(engine, "dev-d"),
+    )
+    assert sorted(_claim(engine)) == [a1, b1, c1, d1]
+    now = _now()
+    marks = [
+        outbox.Mark(kind="queued", outbox_id=a1, now=now, request_id="ingestd-outbox-1-1"),
+        outbox.Mark(
+            kind="retry", outbox_id=b1, now=now, error="HTTP 503", next_attempt_at=_later(60)
+        ),
+        outbox.Mark(kind="failed", outbox_id=c1, now=now, error="pkg/x:device_not_found"),
+        outbox.Mark(kind="released", outbox_id=d1, now=now, next_attempt_at=now),
+    ]
+    claimed = outbox.claim_due(engine, worker_id="w2", limit=10, now=_later(), record=marks)
+    assert sorted(i.id for i in claimed) == [a2, d1]
+    rows = {i: _row(engine, i) for i in (a1, b1, c1, d1)}
+    assert (rows[a1].status, rows[a1].request_id, rows[a1].claimed_by) == (
+        "queued",
+        "ingestd-outbox-1-1",
+        "w1",  # who pushed it
+    )
+    assert rows[a1].queued_at == now
+    assert (rows[b1].status, rows[b1].attempts, rows[b1].last_error) == ("pending", 1, "HTTP 503")
+    assert rows[b1].claimed_at is None
+    assert (rows[c1].status, rows[c1].last_error, rows[c1].finished_at) == (
+        "failed",
+        "pkg/x:device_not_found",
+        now,
+    )
+    assert (rows[d1].status, rows[d1].attempts, rows[d1].claimed_by) == ("pushing", 1, "w2")
+
+
+def test_a_failing_mark_rolls_back_the_whole_claim(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outcomes and claim commit together or not at all: nothing is claimed without them."""
+    (a1, a2) = _insert(engine, "dev-a", n=2)
+    _claim(engine)
+
+    real = outbox.write_marks
+
+    def broken(conn: sa.Connection, marks: Any) -> int:
+        real(conn, marks)  # written, then the transaction fails
+        raise RuntimeError("connection lost")
+
+    monkeypatch.setattr(outbox, "write_marks", broken)
+    mark = outbox.Mark(kind="queued", outbox_id=a1, now=_now(), request_id="r")
+    with pytest.raises(RuntimeError):
+        outbox.claim_due(engine, worker_id="w1", limit=5, now=_later(), record=[mark])
+    monkeypatch.undo()
+    assert (_row(engine, a1).status, _row(engine, a2).status) == ("pushing", "pending")
+
+
 def _event(
     kind: str,
     outbox_id: int | None,
