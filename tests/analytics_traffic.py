@@ -160,11 +160,12 @@ def fill(engine: Engine) -> None:
     gaps = [
         {
             "stream": "s1",
-            "gap_start": at(D0, h=1),
-            "gap_end": at(D0, h=2),
+            # On D1, not D0: a report of the last 3 days covers it at any time of day.
+            "gap_start": at(D1, h=4),
+            "gap_end": at(D1, h=5),
             "reason": "reconnect",
-            "detected_at": at(D0, h=2),
-            "backfilled_at": at(D0, h=3),
+            "detected_at": at(D1, h=5),
+            "backfilled_at": at(D1, h=6),
             "backfill_passes": 1,
             "recovered": 5,
         },
