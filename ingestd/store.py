@@ -170,7 +170,8 @@ class _BulkInsert:
             f'TRUNCATE "{stage}"',  # a savepoint's pass (_write_isolated) reuses it at once
         )
         self._to_tuple = _tuple_function(table, dialect, copy=False)
-        self._to_copy_tuple = _tuple_function(table, dialect, copy=dialect == "postgresql")
+        pg = dialect == "postgresql"
+        self._to_copy_tuple = _tuple_function(table, dialect, copy=True) if pg else self._to_tuple
 
     def rows(self, values: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
         """The driver parameters for ``values``."""

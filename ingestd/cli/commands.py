@@ -193,6 +193,15 @@ def _age(text: str, option: str) -> timedelta:
         raise ConfigError([f"{option}: {exc}"]) from None
 
 
+def _require_schema(engine: sa.Engine, settings: Settings) -> None:
+    """Refuse a database that is not at this ingestd's schema (before reading or deleting)."""
+    if not migrations.is_up_to_date(engine):
+        raise SchemaNotReady(
+            f"{settings.database.safe_url} is not at this ingestd's schema: "
+            "run `ingestd migrate` first"
+        )
+
+
 def prune(args: argparse.Namespace) -> int:
     """``ingestd prune --older-than AGE [--dry-run]``: retention, rows deleted per table."""
     from ingestd.prune import prune as prune_rows
@@ -201,11 +210,7 @@ def prune(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = create_engine(settings.database.url)
     try:
-        if not migrations.is_up_to_date(engine):
-            raise SchemaNotReady(
-                f"{settings.database.safe_url} is not at this ingestd's schema: "
-                "run `ingestd migrate` first"
-            )
+        _require_schema(engine, settings)
         result = prune_rows(engine, older_than=older_than, dry_run=args.dry_run)
     finally:
         engine.dispose()
@@ -225,11 +230,7 @@ def report(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = create_engine(settings.database.url)
     try:
-        if not migrations.is_up_to_date(engine):
-            raise SchemaNotReady(
-                f"{settings.database.safe_url} is not at this ingestd's schema: "
-                "run `ingestd migrate` first"
-            )
+        _require_schema(engine, settings)
         summary = write_report(
             engine, Path(args.output), since=since, application_id=args.application
         )

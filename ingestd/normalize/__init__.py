@@ -210,15 +210,7 @@ def normalize(event: Mapping[str, Any], source: str = "stream") -> list[Row]:
     unique_id = _unique_id_of(event)
     if type(data) is not dict:
         raise MalformedEvent(f"{name} {unique_id}: data is not an object: {show(data)}")
-    try:
-        return handler(event, data, unique_id, source)
-    except MalformedEvent as exc:
-        raise MalformedEvent(f"{name} {unique_id}: {exc}") from None
-    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
-        # A sub-object of the wrong JSON type somewhere the handlers do not check by hand.
-        raise MalformedEvent(
-            f"{name} {unique_id}: unexpected structure ({type(exc).__name__}: {exc})"
-        ) from exc
+    return _derive(handler, event, data, unique_id, source, f"{name} {unique_id}")
 
 
 def normalize_application_up(up: Mapping[str, Any], source: str = "storage") -> list[Row]:
@@ -243,14 +235,26 @@ def normalize_application_up(up: Mapping[str, Any], source: str = "storage") -> 
         "identifiers": [{"device_ids": ids}] if type(ids) is dict else [],
         "time": up.get("received_at"),
     }
+    return _derive(handler, pseudo, up, None, source, f"stored {name}")
+
+
+def _derive(
+    handler: _Handler,
+    event: Mapping[str, Any],
+    data: Mapping[str, Any],
+    unique_id: str | None,
+    source: str,
+    where: str,
+) -> list[Row]:
+    """``handler``'s rows; any failure is a :class:`MalformedEvent` prefixed with ``where``."""
     try:
-        return handler(pseudo, up, None, source)
+        return handler(event, data, unique_id, source)
     except MalformedEvent as exc:
-        raise MalformedEvent(f"stored {name}: {exc}") from None
+        raise MalformedEvent(f"{where}: {exc}") from None
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
-        raise MalformedEvent(
-            f"stored {name}: unexpected structure ({type(exc).__name__}: {exc})"
-        ) from exc
+        # A sub-object of the wrong JSON type somewhere the handlers do not check by hand.
+        structure = f"unexpected structure ({type(exc).__name__}: {exc})"
+        raise MalformedEvent(f"{where}: {structure}") from exc
 
 
 def _fits(value: Any, max_chars: int) -> bool:
