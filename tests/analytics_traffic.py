@@ -190,7 +190,8 @@ def fill(engine: Engine) -> None:
     rejected = [
         ("s1", NOW - timedelta(hours=1)),
         ("s1", NOW - timedelta(hours=2)),
-        ("s1", NOW - timedelta(days=2)),
+        # Two days ago, before test_prune's cutoff (D1 09:00) at any time of day.
+        ("s1", at(D1, h=2)),
         ("s2", NOW - timedelta(hours=3)),
     ]
     with engine.begin() as conn:

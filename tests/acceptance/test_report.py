@@ -25,11 +25,14 @@ RENDER_BUDGET_MS = 2000  # from navigation start to every plot drawn
 RENDER_TRIES = 5
 RENDERED = "document.body && document.body.dataset.renderMs"  # set by the page's marker script
 DEVICES, DAYS = 100, 7
+# The known traffic starts at D0, midnight three days back: four days cover all of it at any
+# time of day (three lost D0's 10:00 uplinks once the clock passed 10:00 UTC).
+FIXTURE_SPAN = timedelta(days=4)
 
 
 def test_report_data_on_known_traffic(engine: Engine) -> None:
     fill(engine)
-    data = load_report_data(engine, since=timedelta(days=3), application_id="app", now=NOW)
+    data = load_report_data(engine, since=FIXTURE_SPAN, application_id="app", now=NOW)
     assert data.totals["uplinks"] == 13  # the real ones; 2 simulated left out
     loss = {r[1]: r[2:] for r in data.loss.rows}
     assert loss == {"dev-a": (7, 8, 1, 1 / 8), "dev-b": (5, 7, 2, 2 / 7)}
@@ -37,8 +40,7 @@ def test_report_data_on_known_traffic(engine: Engine) -> None:
     assert {r[0]: r[1] for r in data.downlinks.rows} == {"acked": 1, "failed": 1, "pending": 1}
     assert sorted(r[4] for r in data.gaps.rows) == ["healed", "open", "open"]
     assert (
-        load_report_data(engine, since=timedelta(days=3), application_id="other").totals["uplinks"]
-        == 0
+        load_report_data(engine, since=FIXTURE_SPAN, application_id="other").totals["uplinks"] == 0
     )
 
 
@@ -184,7 +186,7 @@ def test_report_renders_in_headless_chromium_offline_and_fast(
 def test_report_command_on_known_traffic(engine: Engine, tmp_path: Path) -> None:
     fill(engine)
     out = tmp_path / "r.html"
-    summary = write_report(engine, out, since=timedelta(days=3), application_id="app")
+    summary = write_report(engine, out, since=FIXTURE_SPAN, application_id="app")
     assert "13 uplinks, 2 devices, 2 gateways, 3 downlinks, 2 open gaps" in summary
     page = out.read_text(encoding="utf-8")
     assert "dev-a" in page and "gw-1" in page and "healed" in page
