@@ -64,8 +64,8 @@ QUEUE_FULL_MIN_RETRY_S = 30.0  # downlink_queue_capacity: the device's queue dra
 LISTEN_RETRY_MAX_S = 30.0
 LOOP_ERROR_RETRY_MAX_S = 30.0
 # Rows claimed per transaction when busy, at least: each transaction's fixed cost (and its
-# thread's GIL hand-offs) is shared by this many pushes (issue 12: 16 -> 64 rows took
-# SQLite from 0.59x to 0.70x a raw httpx loop).
+# thread's GIL hand-offs) is shared by this many pushes (issue 12: 8 -> 64 rows took
+# SQLite from 0.59x to 0.70x a raw httpx loop, before the slots).
 CLAIM_BATCH_MIN = 64
 
 _R = TypeVar("_R")
@@ -247,16 +247,16 @@ class DownlinkWorker:
                 continue
             claimed_at, item = rows.ready.popleft()
             if time.monotonic() - claimed_at > self._cfg.request_timeout_s / 2:
-                rows.done.append(self._release(item, 0.0, None))
-                continue
-            rows.busy += 1
-            try:
-                done = await self._handle(item, stop)
-            finally:
-                rows.busy -= 1
+                done: _Done | None = self._release(item, 0.0, None)
+            else:
+                rows.busy += 1
+                try:
+                    done = await self._handle(item, stop)
+                finally:
+                    rows.busy -= 1
             if done is not None:
                 rows.done.append(done)
-            rows.finished.set()
+            rows.finished.set()  # the dispatcher records it with the next claim
 
     async def _cycle(
         self, done: list[_Done], limit: int, stale: bool | None
