@@ -42,7 +42,14 @@ def uplink_id(application_id: str, device_id: str, received_at: datetime, f_cnt:
     so the same instant written with nanoseconds (events) or microseconds (a database)
     gives the same id.
     """
-    if received_at.tzinfo is not UTC:
-        received_at = received_at.astimezone(UTC)
-    key = f"{application_id}\x1f{device_id}\x1f{received_at.isoformat()}\x1f{f_cnt}"
+    t = received_at if received_at.tzinfo is UTC else received_at.astimezone(UTC)
+    # The key holds received_at as ``isoformat()`` writes it (no fraction when it is zero):
+    # ids stored by earlier versions stay the same. %-formatted here, at a third of the cost.
+    fields = (t.year, t.month, t.day, t.hour, t.minute, t.second)
+    when = _ISO % fields if t.microsecond == 0 else _ISO_US % (*fields, t.microsecond)
+    key = f"{application_id}\x1f{device_id}\x1f{when}\x1f{f_cnt}"
     return blake2b(key.encode(), digest_size=UPLINK_ID_CHARS // 2).hexdigest()
+
+
+_ISO = "%04d-%02d-%02dT%02d:%02d:%02d+00:00"
+_ISO_US = "%04d-%02d-%02dT%02d:%02d:%02d.%06d+00:00"

@@ -203,6 +203,8 @@ def _tuple_function(
         conv = None if col.name in _CHECKED_TEXT else _converter(col.type, dialect)
         if copy and isinstance(col.type, sa.LargeBinary):
             conv = _pg_bytea_text
+        if copy and isinstance(col.type, schema.UtcDateTime):
+            conv = _time_text_converter(_PG_TIME_TEXT)
         if conv is None:
             parts.append(f"get({col.name!r})")
         else:
@@ -215,7 +217,7 @@ def _tuple_function(
 
 def _converter(type_: Any, dialect: str) -> Callable[[Any], Any] | None:
     if isinstance(type_, schema.UtcDateTime):
-        return _sqlite_time_converter() if dialect == "sqlite" else None
+        return _time_text_converter(_SQLITE_TIME_TEXT) if dialect == "sqlite" else None
     if isinstance(type_, sa.JSON):
         return _json_text if dialect == "sqlite" else _pg_json_text
     if isinstance(type_, sa.String) and dialect == "postgresql":  # Text is a String
@@ -261,10 +263,19 @@ def _without_nul(value: Any) -> Any:
     return value
 
 
-def _sqlite_time_converter() -> Callable[[datetime | None], str | None]:
-    """A converter to the exact text SQLAlchemy's SQLite DateTime writes (so stored times
-    sort and read alike), remembering its last value: a batch's ``ingested_at`` is one
-    object, and each reception row repeats its uplink's ``received_at``."""
+# A time as text: on SQLite exactly what SQLAlchemy's DateTime writes (naive UTC, always with
+# microseconds), so stored times sort and read alike; in PostgreSQL's COPY text, with its
+# offset. %-formatting the fields costs under half of ``datetime.isoformat`` (1.0 vs 2.4 µs
+# here) and of psycopg formatting a datetime for COPY (3 µs); with 4-7 times per uplink,
+# import's parse-and-prepare path ran ~5 % faster (benchmarks/, 2026-12-02).
+_SQLITE_TIME_TEXT = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
+_PG_TIME_TEXT = "%04d-%02d-%02d %02d:%02d:%02d.%06d+00"
+
+
+def _time_text_converter(form: str) -> Callable[[datetime | None], str | None]:
+    """A converter of aware datetimes to ``form`` in UTC, remembering its last value: a
+    batch's ``ingested_at`` is one object, and each reception row repeats its uplink's
+    ``received_at``."""
     # One (value, text) pair, replaced whole: threads of several streams may share it.
     last: list[tuple[datetime | None, str | None]] = [(None, None)]
 
@@ -275,7 +286,15 @@ def _sqlite_time_converter() -> Callable[[datetime | None], str | None]:
         if value is None:
             return None
         utc = value if value.tzinfo is UTC else value.astimezone(UTC)
-        text = utc.isoformat(" ", "microseconds")[:26]  # without "+00:00"
+        text = form % (
+            utc.year,
+            utc.month,
+            utc.day,
+            utc.hour,
+            utc.minute,
+            utc.second,
+            utc.microsecond,
+        )
         last[0] = (value, text)
         return text
 

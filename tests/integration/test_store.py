@@ -290,3 +290,24 @@ def test_an_event_the_database_refuses_again_is_not_rejected_twice(engine: Engin
         store.commit_batch(batch)
     assert _count(engine, schema.rejected_events) == 1
     assert _count(engine, schema.uplinks) == 2
+
+
+def test_times_are_stored_as_sqlalchemy_writes_them_whatever_their_form(engine: Engine) -> None:
+    # A whole second written with an offset, and nanoseconds: the bulk path formats times
+    # itself, and a query binding the same instant through SQLAlchemy must find the row.
+    event = _uplinks(1)[0]
+    up = event["data"]["uplink_message"]  # type: ignore[index]
+    up["received_at"] = "2026-11-01T14:00:00+02:00"
+    up["rx_metadata"][0]["time"] = "2026-11-01T11:59:59.000000999Z"
+    import_stream(Store(engine), io.BytesIO(_body([event])), stream="times")
+    whole = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    u, r = schema.uplinks.c, schema.uplink_receptions.c
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(u.received_at).where(u.received_at == whole)).all() == [
+            (whole,)
+        ]
+        first = sa.select(r.time).where(r.reception_index == 0, r.time < whole)
+        assert conn.execute(first).scalar_one() == whole - timedelta(seconds=1)
+        if engine.dialect.name == "sqlite":  # the text SQLAlchemy's DateTime writes
+            text = conn.exec_driver_sql("SELECT received_at FROM uplinks").scalar_one()
+            assert text == "2026-11-01 12:00:00.000000"

@@ -25,6 +25,13 @@ def test_uplink_id_is_a_stable_hash_of_the_identity() -> None:
     assert uplink_id("acme-water-meters", "wm-0001", when, 1842) == (
         "c5061eb22563d353a59f6562ba71eb32"
     )
+    # The key writes the time as isoformat() does, so ids stored by any version match:
+    # no fraction at a whole second, four-digit years.
+    assert uplink_id("acme-water-meters", "wm-0001", when.replace(microsecond=0), 1842) == (
+        "84d550db8eaa5d5a76dabe2383e219e2"
+    )
+    early = datetime(812, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    assert uplink_id("a", "d", early, 0) == "06b2e9db77333965f0c8dedcc34a9a2d"
     # Any UTC offset, nanoseconds cut: one instant, one id.
     assert uplink_id("a", "d", parse_time("2024-10-30T09:15:40.118402999Z"), 1) == uplink_id(
         "a", "d", parse_time("2024-10-30T11:15:40.118402+02:00"), 1
