@@ -70,11 +70,12 @@ def import_stream(
         def flush() -> None:
             nonlocal pending
             batch = builder.take()
+            prepared = store.prepare(batch)  # while the previous batch is still committing
             if pending is not None:
                 summary.result.add(pending.result())
                 if progress is not None:
                     progress(summary)
-            pending = pool.submit(store.commit_batch, batch, store.prepare(batch))
+            pending = pool.submit(store.commit_batch, batch, prepared)
 
         for payload in _frames(source, summary):
             summary.frames += 1
