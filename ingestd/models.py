@@ -1,6 +1,7 @@
 """Values passed between the pipeline's stages.
 
-Raw Things Stack JSON stays a plain ``dict`` (decoded by orjson; TTS_WIRE §2 has its keys).
+Raw Things Stack JSON stays a plain ``dict`` (decoded by orjson; TTS_WIRE §2 has its keys)
+until a batch takes it in, which writes the hot tables' JSON columns out as :class:`JsonText`.
 Internal values are small frozen dataclasses or NamedTuples, closed sets StrEnums, and the
 rows written to the hot tables TypedDicts: plain dicts at run time (built as dict literals,
 no class to construct), checked by mypy against their table's columns.
@@ -8,10 +9,13 @@ no class to construct), checked by mypy against their table's columns.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple, TypedDict
+
+import orjson
 
 # Closed sets as StrEnums: each member is its own string, so rows, SQL parameters and
 # comparisons with plain strings work unchanged, and the declaration is the one home.
@@ -65,6 +69,58 @@ class DownlinkKind(StrEnum):
 TX_PRIORITIES: tuple[str, ...] = tuple(Priority)
 
 
+class JsonText(str):
+    """A JSON column's value already written out as compact JSON text: stored as it is.
+
+    :class:`~ingestd.batch.BatchBuilder` writes the per-event JSON columns out this way as
+    it adds an event, so that a batch holds text and each event's tree of decoded dicts is
+    freed at once, while it is still in the CPU's cache, not thousands of events later with
+    its batch. A distinct type, since a plain string is a JSON value of its own.
+    """
+
+    __slots__ = ()
+
+
+def json_text(value: Any) -> JsonText | None:
+    """``value`` (decoded JSON, or None) as :class:`JsonText`."""
+    if value is None:
+        return None
+    try:
+        return JsonText(orjson.dumps(value).decode())
+    except TypeError:  # nested deeper than orjson writes (254 levels; it reads 1024)
+        return JsonText(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str))
+
+
+def raw_text(value: Any) -> str:
+    """``value`` (an event, a row) as JSON for ``rejected_events.raw``; never raises.
+
+    :class:`JsonText` is written as the JSON it holds. What no JSON writer can write (an
+    integer past 64 bits, nesting past Python's recursion limit) keeps, for an object,
+    what identifies an event.
+    """
+    try:
+        return orjson.dumps(value, default=_raw_default, option=_RAW_OPTIONS).decode()
+    except Exception:  # e.g. nested too deep for orjson, or an integer past 64 bits
+        pass
+    try:
+        return json.dumps(value, default=str)
+    except Exception:  # deeper than Python recurses
+        pass
+    if type(value) is dict:
+        return json.dumps(
+            {k: str(value.get(k)) for k in ("unique_id", "name", "time")}
+            | {"raw": "the event is nested too deep to write out"}
+        )
+    return f"<unrepresentable {type(value).__name__}>"
+
+
+_RAW_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def _raw_default(value: Any) -> Any:
+    return orjson.Fragment(str.__str__(value)) if type(value) is JsonText else str(value)
+
+
 # The rows that flow through the pipeline, one TypedDict per table, keyed exactly by the
 # columns in ingestd.schema (tests/unit/test_models.py holds the two in step). Values from
 # TTS JSON are typed as the column stores them; JSON columns hold any JSON value.
@@ -78,8 +134,8 @@ class _EventColumns(TypedDict):
     application_id: str | None
     device_id: str | None
     dev_eui: str | None
-    correlation_ids: list[Any] | None
-    data: dict[str, Any] | None
+    correlation_ids: list[Any] | JsonText | None
+    data: dict[str, Any] | JsonText | None
 
 
 class EventRow(_EventColumns, total=False):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,7 +53,10 @@ from ingestd.models import (
     Cursor,
     EventRow,
     Gap,
+    JsonText,
     Row,
+    json_text,
+    raw_text,
 )
 from ingestd.secrets import redact
 
@@ -242,14 +244,10 @@ def _pg_json_text(value: Any) -> str | None:
     # jsonb refuses the escape \u0000 in strings. orjson writes U+0000 only as that escape,
     # so its absence proves the value clean (a backslash before "u0000" is a false alarm
     # that costs one walk and changes nothing).
-    if value is None:
-        return None
-    try:
-        text = orjson.dumps(value).decode()  # _json_text, inline: three columns per event
-    except TypeError:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
-    if "\\u0000" in text:
-        return _json_text(_without_nul(value))
+    text = _json_text(value)
+    if text is not None and "\\u0000" in text:
+        clean = _without_nul(orjson.loads(text) if type(value) is JsonText else value)
+        return _json_text(clean)
     return text
 
 
@@ -302,12 +300,12 @@ def _time_text_converter(form: str) -> Callable[[datetime | None], str | None]:
 
 
 def _json_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # nested deeper than orjson writes (254 levels; it reads 1024)
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    """A JSON column's text: :class:`JsonText` as it is (a plain copy), else written now."""
+    if type(value) is not JsonText:
+        value = json_text(value)
+        if value is None:
+            return None
+    return str.__str__(value)
 
 
 def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any]) -> Any:
@@ -483,7 +481,7 @@ class Store:
                 rejected.append(
                     {
                         "stream": batch.stream,
-                        "raw": _raw_text(item[0]),
+                        "raw": raw_text(item[0]),
                         "error": f"database refused the event: {_describe(exc)}"[:2000],
                         # Its raw text holds ingested_at, which differs on every replay.
                         "digest": reject_digest(str(item[0]["unique_id"]), "refused"),
@@ -663,21 +661,6 @@ def _describe(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)  # a DBAPIError's driver exception says it best
     inner = orig if isinstance(orig, BaseException) else exc
     return f"{type(inner).__name__}: {inner}"
-
-
-def _raw_text(event_row: Mapping[str, Any]) -> str:
-    """An ``events`` row as JSON for ``rejected_events.raw``; never raises."""
-    try:
-        return orjson.dumps(event_row, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-    except Exception:  # e.g. nested too deep for orjson, or an integer past 64 bits
-        pass
-    try:
-        return json.dumps(event_row, default=str)
-    except Exception:  # deeper than Python recurses: keep what identifies the event
-        return json.dumps(
-            {k: str(event_row.get(k)) for k in ("unique_id", "name", "time")}
-            | {"raw": "the event is nested too deep to write out"}
-        )
 
 
 def _escaped(value: Any, max_chars: int) -> str:

@@ -244,6 +244,14 @@ def test_a_row_the_database_refuses_is_rejected_and_the_batch_still_lands(engine
     assert result.rejected == 1
     assert _count(engine, schema.uplinks) == 3
     assert store.load_cursor("refuse").last_time is not None
+    # The reject holds the event's row as JSON, its payload as the object TTS sent: enough
+    # to reprocess it.
+    with engine.connect() as conn:
+        raw = conn.execute(sa.select(schema.rejected_events.c.raw)).scalar_one()
+    kept = orjson.loads(raw)
+    assert kept["unique_id"] == events[1]["unique_id"]
+    assert kept["data"] == events[1]["data"]
+    assert kept["correlation_ids"] == events[1]["correlation_ids"]
 
 
 def test_a_console_style_json_array_export_imports_like_a_stream(engine: Engine) -> None:
