@@ -82,6 +82,10 @@ LEADER_CHECK_S = 5.0  # the leader checks its lock's session this often
 OVERLAP_SHRINK = 4.0
 SHUTDOWN_COMMIT_ATTEMPTS = 3
 AUTH_ERROR_CODES = {7, 16}  # PermissionDenied, Unauthenticated: an error frame about the key
+# A spool is a backlog, and its events are late already: drained in batches this many times
+# batch_max_events, so that each commit's fixed cost and the gap between two commits (the
+# next batch's conversion, the spool ack, the task hand-offs) are paid less often.
+DRAIN_BATCH_FACTOR = 4
 SETTLE_POLL_S = 0.05  # after a full spool: how often to look whether everything is committed
 RESULT_FRAME = b'{"result":'  # how every TTS event frame begins; anything else is parsed
 # Connections that end so, with nothing past the cursor, were no progress for /healthz; the
@@ -792,7 +796,7 @@ class StreamConsumer:
                 log.info("spool_caught_up", spool_frames=spool.frames)
                 return
             for payload, pos in records:
-                if len(builder) >= max_events:
+                if len(builder) >= max_events * DRAIN_BATCH_FACTOR:
                     await self._start_flush()
                 error = builder.add_frame(payload)
                 self._batch_spool_pos = pos
