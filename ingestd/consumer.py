@@ -775,6 +775,7 @@ class StreamConsumer:
         assert spool is not None
         builder = self._builder_or_fail()
         max_events = self._max_events
+        batch_events = max_events * DRAIN_BATCH_FACTOR
         while True:
             records = await asyncio.to_thread(spool.read, max_events)
             if not records:
@@ -796,7 +797,7 @@ class StreamConsumer:
                 log.info("spool_caught_up", spool_frames=spool.frames)
                 return
             for payload, pos in records:
-                if len(builder) >= max_events * DRAIN_BATCH_FACTOR:
+                if len(builder) >= batch_events:
                     await self._start_flush()
                 error = builder.add_frame(payload)
                 self._batch_spool_pos = pos
