@@ -129,6 +129,8 @@ class StorageApi:
 
     def record(self, event: Mapping[str, Any]) -> None:
         """Keep the ApplicationUp an AS event carries, as the storage package would."""
+        if not self.enabled:  # the package is not there: nothing is stored
+            return
         up_type = _STORED_FROM_EVENT.get(str(event.get("name")))
         data = event.get("data")
         if up_type is None or up_type not in self.types or not isinstance(data, dict):
