@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,7 +66,7 @@ from ingestd.models import Batch, Cursor, Gap
 from ingestd.normalize import parse_time
 from ingestd.retry import Backoff
 from ingestd.spool import MAX_BYTES_DEFAULT, Position, Spool, stream_dir
-from ingestd.store import Store
+from ingestd.store import PreparedRows, Store
 from ingestd.stream import EventStream, OpenStream
 
 log = structlog.get_logger()
@@ -86,6 +85,9 @@ AUTH_ERROR_CODES = {7, 16}  # PermissionDenied, Unauthenticated: an error frame 
 # batch_max_events, so that each commit's fixed cost and the gap between two commits (the
 # next batch's conversion, the spool ack, the task hand-offs) are paid less often.
 DRAIN_BATCH_FACTOR = 4
+# Batches taken and not yet committed: the one committing and one behind it, whose rows
+# are converted on the loop's thread meanwhile (the commit thread only sends and waits).
+IN_FLIGHT = 2
 SETTLE_POLL_S = 0.05  # after a full spool: how often to look whether everything is committed
 RESULT_FRAME = b'{"result":'  # how every TTS event frame begins; anything else is parsed
 # Connections that end so, with nothing past the cursor, were no progress for /healthz; the
@@ -115,6 +117,7 @@ class _Taken:
 
     raw: list[bytes] = field(default_factory=list)
     spool_pos: Position | None = None
+    task: asyncio.Task[None] | None = None  # its commit
 
 
 @dataclass(kw_only=True)
@@ -176,8 +179,10 @@ class StreamConsumer:
         self._max_delay_s = batching.batch_max_delay_s
         self._backoff = Backoff(base_s=settings.reconnect_min_s, max_s=settings.reconnect_max_s)
         self._builder: BatchBuilder | None = None
-        self._flush_lock = asyncio.Lock()
-        self._flush_task: asyncio.Task[None] | None = None
+        # Batches taken for their commits, oldest first (at most IN_FLIGHT): each converts its
+        # rows at once, then commits when the one before it has. Only _start_flush adds one.
+        self._in_flight: list[_Taken] = []
+        self._flush_task: asyncio.Task[None] | None = None  # the newest one's
         self._warnings = tts.WarningLog()  # each X-Warning once per stream
         self._warned_http1 = False
         self._stopping = False
@@ -204,10 +209,11 @@ class StreamConsumer:
         self._spool_cursor: Cursor | None = None
         self._raw: list[bytes] = []  # frames in the builder's batch that are not in the spool
         self._batch_spool_pos: Position | None = None  # how far into the spool that batch reaches
-        self._committing: _Taken | None = None
         self._failed: BaseException | None = None  # a batch that could not be stored
         self._failure = asyncio.Event()
         self._hold = False  # a batch was given up at shutdown: no later one may commit
+        self._state_pending: tuple[datetime | None, str | None] | None = None
+        self._state_saver: asyncio.Future[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -260,9 +266,10 @@ class StreamConsumer:
             await cancel_and_wait([ticker, main, *([self._drainer] if self._drainer else [])])
             await asyncio.shield(self._stop_spooling())
             # Commit the batch in flight with its cursor even if we are being cancelled.
-            await asyncio.shield(self._flush())
+            await asyncio.shield(self._flush_now())
             await asyncio.shield(self._close_spool())
             self._set_disconnected(None)
+            self._state_pending = None  # this is the last word
             await asyncio.shield(self._save_state(None, None))  # status: not connected
             log.info("stream_stopped", cursor=self._builder.cursor.last_time)
 
@@ -443,7 +450,7 @@ class StreamConsumer:
                 " use https (TTS offers h2), or tts.http2_prior_knowledge for h2c on http://",
             )
         self.connected_event.set()
-        self._spawn(self._save_state(now, None))
+        self._queue_state(now, None)
 
     def _set_disconnected(self, error: str | None) -> None:
         was = self.state.connected
@@ -454,7 +461,28 @@ class StreamConsumer:
             self.state.last_error = error
         metrics.STREAM_CONNECTED.labels(self.settings.name).set(0)
         if (was or error) and not self._stopping:
-            self._spawn(self._save_state(None, error))
+            self._queue_state(None, error)
+
+    def _queue_state(self, connected_since: datetime | None, error: str | None) -> None:
+        """Save the connection state in the background, one write at a time per stream.
+
+        States queued while a write waits (a locked SQLite database) are merged into the
+        next: a write per reconnect would each hold a worker thread until the database's
+        busy timeout, and the spool, which rides out exactly such a stall, needs them.
+        """
+        pending = self._state_pending
+        if pending is not None and error is None:
+            error = pending[1]  # set_stream_state keeps the last error when given none
+        self._state_pending = (connected_since, error)
+        if self._state_saver is None or self._state_saver.done():
+            self._state_saver = asyncio.ensure_future(self._save_queued_states())
+            _background.add(self._state_saver)
+            self._state_saver.add_done_callback(_background.discard)
+
+    async def _save_queued_states(self) -> None:
+        while self._state_pending is not None:
+            (connected_since, error), self._state_pending = self._state_pending, None
+            await self._save_state(connected_since, error)
 
     async def _save_state(self, connected_since: datetime | None, error: str | None) -> None:
         try:
@@ -466,11 +494,6 @@ class StreamConsumer:
             )
         except StoreUnavailable as exc:
             log.warning("stream_state_not_saved", error=str(exc))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        _background.add(task)
-        task.add_done_callback(_background.discard)
 
     # -- reading and committing --------------------------------------------------------------
 
@@ -487,10 +510,10 @@ class StreamConsumer:
                 if payload.startswith(RESULT_FRAME):  # judged by the drainer; cheap here
                     self.state.last_frame_at = datetime.now(UTC)
                 continue
-            if len(builder) >= max_events:  # full, and the previous commit still runs
-                if self._commit_running() and await self._start_spooling(payload):
+            if len(builder) >= max_events:  # full, and IN_FLIGHT batches wait already
+                if self._flushes_full() and await self._start_spooling(payload):
                     continue
-                await self._start_flush()  # without a spool: wait for it, as TTS drops
+                await self._start_flush()  # without a spool: wait for them, as TTS drops
             rejected = builder.rejected_total
             error = builder.add_frame(payload)
             self._raw.append(payload)
@@ -505,7 +528,7 @@ class StreamConsumer:
             if builder.first_cursor_pending:
                 builder.first_cursor_pending = False
                 await self._start_flush()  # a new stream's first cursor, saved at once
-            elif len(builder) >= max_events and not self._commit_running():
+            elif len(builder) >= max_events and not self._flushes_full():
                 await self._start_flush()
             if n == refill_frame:
                 self._judge_replay(opened_at)
@@ -541,45 +564,81 @@ class StreamConsumer:
         return _later(cursor, spooled)
 
     def _commit_running(self) -> bool:
-        return self._flush_task is not None and not self._flush_task.done()
+        return bool(self._in_flight)
+
+    def _flushes_full(self) -> bool:
+        return len(self._in_flight) >= IN_FLIGHT
 
     async def _start_flush(self) -> None:
-        """Start committing the current batch; wait for the previous commit first."""
-        while self._flush_task is not None and not self._flush_task.done():
-            # shield: cancelling the reader must never cancel a commit half-way.
-            await asyncio.shield(self._flush_task)
-        task = asyncio.create_task(self._flush())
+        """Take the current batch and start its commit, behind those in flight.
+
+        Waits while IN_FLIGHT batches are. The batch leaves the builder here, in the
+        caller's step, not when its task first runs: until then the reader or drainer would
+        still see it full, and wait for (or spool around) a commit that has not begun.
+        """
+        while len(self._in_flight) >= IN_FLIGHT:
+            # wait(), not await: cancelling the reader must never cancel a commit half-way.
+            oldest = self._in_flight[0].task
+            assert oldest is not None  # set as it is appended
+            await asyncio.wait([oldest])
+        if self._failed is not None or self._hold:
+            return  # its cursor would pass a batch that was not stored
+        builder = self._builder_or_fail()
+        names = builder.names
+        batch = builder.take()
+        taken = _Taken(raw=self._raw, spool_pos=self._batch_spool_pos)
+        self._raw, self._batch_spool_pos = [], None
+        ahead = self._flush_task if self._in_flight else None
+        task = asyncio.create_task(self._flush(batch, names, taken, ahead))
         task.add_done_callback(_read_result)
-        self._flush_task = task
+        taken.task = self._flush_task = task
+        self._in_flight.append(taken)
+
+    async def _flush_now(self) -> None:
+        """Commit what the builder holds and wait for it (at a stop)."""
+        if self._builder is None:
+            return
+        await self._start_flush()
+        if self._flush_task is not None:  # it commits after every batch ahead of it
+            await asyncio.gather(self._flush_task, return_exceptions=True)
 
     async def _flush_on_timer(self, stop: asyncio.Event) -> None:
         while not await sleep_or_stop(self._max_delay_s, stop):
+            if self._spooling:
+                # The drainer commits full batches until it has caught up (then this timer
+                # takes over again); a timed flush in between would commit the part it has
+                # read so far, and a commit costs ~2x per event at a quarter of the size.
+                continue
             await self._start_flush()
 
-    async def _flush(self) -> None:
-        builder = self._builder
-        if builder is None:
-            return
-        async with self._flush_lock:
+    async def _flush(
+        self,
+        batch: Batch,
+        names: dict[str, int],
+        taken: _Taken,
+        ahead: asyncio.Task[None] | None,
+    ) -> None:
+        """Commit ``batch`` once the batch ``ahead`` of it is committed, then ack its spool."""
+        try:
+            # Converted now, on the loop's thread, while the commit thread sends the batch
+            # ahead: a commit thread doing Python work would hold the GIL the parser needs.
+            prepared = None if batch.empty else self._store.prepare(batch)
+            if ahead is not None:
+                await asyncio.wait([ahead])
             if self._failed is not None or self._hold:
-                return  # its cursor would pass a batch that was not stored
-            names = builder.names
-            batch = builder.take()
-            taken = _Taken(raw=self._raw, spool_pos=self._batch_spool_pos)
-            self._raw, self._batch_spool_pos = [], None
+                return  # the batch ahead was not stored: this one's cursor would pass it
             if not batch.empty:
-                self._committing = taken
                 try:
-                    stored = await self._commit(batch, names)
+                    stored = await self._commit(batch, names, prepared)
                 except Exception as exc:  # not an outage: the batch cannot be stored
                     self._fail(exc, batch)
                     return
-                finally:
-                    self._committing = None
                 if not stored:
                     self._hold = True
                     return
             await self._ack(taken.spool_pos)
+        finally:
+            self._in_flight.remove(taken)
 
     def _fail(self, exc: Exception, batch: Batch) -> None:
         """Stop the stream loudly; the cursor stays before ``batch`` (spooled frames stay)."""
@@ -593,14 +652,13 @@ class StreamConsumer:
         self._failed = exc
         self._failure.set()
 
-    async def _commit(self, batch: Batch, names: dict[str, int]) -> bool:
+    async def _commit(
+        self, batch: Batch, names: dict[str, int], prepared: PreparedRows | None
+    ) -> bool:
         """Commit ``batch``, retrying outages; False when given up on at shutdown."""
         name = self.settings.name
         attempt = 0
         self.state.uncommitted_since = datetime.now(UTC)
-        # Converted here, on the loop's thread, so that the commit thread only sends and
-        # waits: a thread doing Python work would hold the GIL the parser needs.
-        prepared = self._store.prepare(batch)
         while True:
             started = asyncio.get_running_loop().time()
             try:
@@ -676,10 +734,8 @@ class StreamConsumer:
             return False
         self._spooling = True
         spool = await self._open_spool()
-        committing = self._committing
-        head = committing.raw if committing is not None else []
-        current = self._raw
-        frames = [*head, *current, payload]
+        parts = [t.raw for t in self._in_flight] + [self._raw]  # oldest first
+        frames = [f for raw in parts for f in raw] + [payload]
         try:
             if spool is None:
                 raise SpoolUnavailable("the spool could not be opened", reason="io")
@@ -688,14 +744,17 @@ class StreamConsumer:
         except SpoolUnavailable as exc:
             self._spooling = False
             raise self._spool_refused(exc) from exc
-        # A commit may have finished (or begun) meanwhile: find who holds each list now.
-        for raw, end in ((head, len(head)), (current, len(head) + len(current))):
+        # Commits may have finished (or begun) meanwhile: find who holds each list now.
+        end = 0
+        for raw in parts:
+            end += len(raw)
             if not raw:
                 continue
             if raw is self._raw:
                 self._raw, self._batch_spool_pos = [], ends[end - 1]
-            elif self._committing is not None and raw is self._committing.raw:
-                self._committing.raw, self._committing.spool_pos = [], ends[end - 1]
+            for taken in self._in_flight:
+                if raw is taken.raw:
+                    taken.raw, taken.spool_pos = [], ends[end - 1]
         if len(frames) > 1:
             spool.set_read_position(ends[-2])
         log.warning(
@@ -883,7 +942,7 @@ class StreamConsumer:
         self._spooling = False
 
     async def _close_spool(self) -> None:
-        if self._flush_task is not None:
+        if self._flush_task is not None:  # the newest commit: it waits for all before it
             await asyncio.gather(self._flush_task, return_exceptions=True)
         spool, self._spool = self._spool, None
         if spool is None:
@@ -909,15 +968,16 @@ def _read_result(task: asyncio.Task[None]) -> None:
 
 
 def _append_noting(spool: Spool, frames: list[bytes]) -> tuple[list[Position], Cursor | None]:
-    """Append ``frames`` (in a worker thread); also the cursor of their newest event.
+    """Append ``frames`` (in a worker thread); also a resume cursor for them.
 
-    Spooling is off the fast path, so each frame is parsed here once more for its time
-    and id; a frame without them (a stream start, a malformed one) does not count.
+    The cursor is that of the last frame holding an event (a stream start, a malformed
+    frame or one dated past ``FUTURE_SLACK_S`` does not count), not of the newest event:
+    parsing every frame once more would cost a third of the drainer's own parse, and
+    resuming from an older event only replays a few that are stored once anyway.
     """
     ends = spool.append(frames)
     horizon = datetime.now(UTC).timestamp() + FUTURE_SLACK_S
-    newest: Cursor | None = None
-    for payload in frames:
+    for payload in reversed(frames):
         try:
             event = orjson.loads(payload)["result"]
             if event.get("name") == "events.stream.start":
@@ -926,10 +986,9 @@ def _append_noting(spool: Spool, frames: list[bytes]) -> tuple[list[Position], C
             uid = event["unique_id"]
         except Exception:  # the drainer judges (and rejects) it
             continue
-        if not isinstance(uid, str) or t.timestamp() > horizon:
-            continue
-        newest = _later(newest, Cursor(last_time=t, unique_ids_at_last_time=frozenset({uid})))
-    return ends, newest
+        if isinstance(uid, str) and t.timestamp() <= horizon:
+            return ends, Cursor(last_time=t, unique_ids_at_last_time=frozenset({uid}))
+    return ends, None
 
 
 def _later(a: Cursor | None, b: Cursor) -> Cursor:

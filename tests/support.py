@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -97,12 +98,19 @@ async def running(settings: Settings) -> AsyncIterator[Service]:
 
 
 async def wait_for(
-    predicate: Callable[[], bool], *, timeout_s: float = 20.0, what: str = ""
+    predicate: Callable[[], bool],
+    *,
+    timeout_s: float = 20.0,
+    what: str = "",
+    executor: Executor | None = None,
 ) -> None:
-    """Poll ``predicate`` (in a thread: it may query the database) until true or timeout."""
+    """Poll ``predicate`` (in a thread: it may query the database) until true or timeout.
+
+    ``executor``: where it runs (default: the loop's, which a daemon under test shares)."""
     deadline = time.monotonic() + timeout_s
+    loop = asyncio.get_running_loop()
     while True:
-        if await asyncio.to_thread(predicate):
+        if await loop.run_in_executor(executor, predicate):
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")

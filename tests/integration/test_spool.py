@@ -14,6 +14,7 @@ import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -104,10 +105,15 @@ def _spooled(service: Service) -> int:
     return spool.frames if spool is not None else 0
 
 
-async def _publish(sim: Simulator, n: int) -> list[dict[str, Any]]:
+async def _publish(
+    sim: Simulator, n: int, executor: ThreadPoolExecutor | None = None
+) -> list[dict[str, Any]]:
+    """``n`` uplinks in bursts, generated in ``executor`` (default: the loop's, shared with
+    the daemon under test)."""
+    loop = asyncio.get_running_loop()
     out: list[dict[str, Any]] = []
     while len(out) < n:
-        out += await asyncio.to_thread(sim.uplinks, min(BURST, n - len(out)))
+        out += await loop.run_in_executor(executor, sim.uplinks, min(BURST, n - len(out)))
         await asyncio.sleep(0.02)  # pacing the traffic
     return out
 
@@ -174,6 +180,55 @@ async def test_a_write_lock_held_longer_than_the_stream_buffer_loses_nothing(
     assert any(e["event"] == "spool_started" for e in logs)
     assert any(e["event"] == "spool_caught_up" for e in logs)
     assert not (tmp_path / "spool").exists()  # an empty spool leaves nothing behind
+
+
+async def test_a_reconnect_while_the_spool_drains_resumes_behind_it_and_loses_nothing(
+    sim: Simulator, db_url: str, db: Db, tmp_path: Path
+) -> None:
+    """Frames arrive out of order; the stream drops while the database still stalls. The
+    resume starts at the last spooled event (not after the newest): what it replays that
+    the spool holds already is stored once, and nothing in between is lost."""
+    sim.out_of_order_window = 25
+    settings = _settings(sim, db_url, tmp_path / "spool")
+    with (
+        capture_logs() as logs,
+        ThreadPoolExecutor(2) as own,  # the daemon's worker threads are what is tested
+    ):
+        async with running(settings) as service:
+            await connected(service)
+            sent = await _publish(sim, 50, own)
+            await wait_for(lambda: db.scalar("SELECT count(*) FROM uplinks") == 50)
+            with _write_lock(db_url):
+                sent += await _publish(sim, 1000, own)
+                await wait_for(lambda: _spooled(service) >= 700, timeout_s=30, what="spooled")
+                requests = len(sim.stream_requests)
+                sim.fail_next_requests = [503, 503, 503]  # closed a while: only replay has it
+                await asyncio.get_running_loop().run_in_executor(own, sim.restart)
+                sent += await _publish(sim, 100, own)  # within the resume's tail of BUFFER
+                await wait_for(
+                    lambda: any(r.status == 200 for r in sim.stream_requests[requests:]),
+                    what="reconnect",
+                    executor=own,
+                )
+                sent += await _publish(sim, 100, own)
+                # Still locked: the new connection's frames go on into the spool (its writes
+                # need worker threads, which state saves waiting on the lock must not hold).
+                await wait_for(
+                    lambda: _spooled(service) >= 1100, timeout_s=10, what="spooled", executor=own
+                )
+            await wait_for(
+                lambda: db.scalar("SELECT count(*) FROM uplinks") >= len(sent),
+                timeout_s=60,
+                what="everything stored",
+            )
+            await wait_for(lambda: _spooled(service) == 0, timeout_s=10, what="spool acked")
+    assert any(e["event"] == "stream_resuming_while_draining" for e in logs)
+    resume = next(r for r in sim.stream_requests[requests:] if r.status == 200)
+    assert resume.after is not None
+    assert parse_time(resume.after) <= max(parse_time(str(e["time"])) for e in sent[:1050])
+    assert _assert_stored_once_or_in_a_gap(db, sent) == set()
+    assert db.scalar("SELECT count(*) FROM uplinks") == len(sent) == 1250
+    assert db.scalar("SELECT count(*) FROM stream_gaps") == 0
 
 
 async def test_a_store_outage_is_ridden_out_by_the_spool(
