@@ -163,9 +163,8 @@ class BackfillStore:
     def _insert(self, conn: Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> int:
         if not rows:
             return 0
-        bulk = self._bulk[table]
-        count: int = conn.exec_driver_sql(bulk.sql, bulk.rows(rows)).rowcount
-        return count
+        bulk = self._bulk[table]  # COPY on PostgreSQL, as the stream's batches are written
+        return bulk.insert(conn, bulk.payload(rows), len(rows))
 
     @staticmethod
     def _existing_uplinks(conn: Connection, ids: list[str]) -> set[str]:
@@ -252,15 +251,27 @@ async def backfill_window(
     application's. Raises :class:`StorageNotEnabled`/:class:`AuthRejected` unchanged.
     """
     total = BackfillResult()
+    storing: asyncio.Task[BackfillResult] | None = None  # the page before, while one is fetched
+
+    async def stored() -> None:
+        if storing is not None:
+            total.add(await storing)
+            if progress is not None:
+                progress(total)
+
     scopes: Sequence[str | None] = stream.device_ids or (None,)
-    for device in scopes:
-        for up_type in UP_TYPES:
-            async for page in client.pages(
-                since=since, until=until, device_id=device, up_type=up_type
-            ):
-                total.add(await _store(store, page, gap_id))
-                if progress is not None:
-                    progress(total)
+    try:
+        for device in scopes:
+            for up_type in UP_TYPES:
+                async for page in client.pages(
+                    since=since, until=until, device_id=device, up_type=up_type
+                ):
+                    await stored()
+                    storing = asyncio.create_task(_store(store, page, gap_id))
+        await stored()
+    finally:
+        if storing is not None and not storing.done():  # a fetch failed: let it finish
+            await asyncio.gather(storing, return_exceptions=True)
     return total
 
 

@@ -150,10 +150,11 @@ class _BulkInsert:
 
     def __init__(self, table: sa.Table, dialect: str) -> None:
         columns = [c.name for c in table.columns]
+        self.table = table.name
         self.dialect = dialect
         names = ", ".join(f'"{c}"' for c in columns)
         marks = ", ".join("?" if dialect == "sqlite" else "%s" for _ in columns)
-        # For executemany: SQLite's path here, and backfill's on both databases.
+        # executemany: the SQLite path of insert().
         self.sql = f'INSERT INTO "{table.name}" ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING'
         # PostgreSQL: COPY straight into the table, in a savepoint (2-3x executemany). COPY
         # cannot skip a conflict, so a batch holding a row stored already (a concurrent
@@ -191,6 +192,28 @@ class _BulkInsert:
             out += write_row(row)
         out += formatter.end()
         return bytes(out)
+
+    def insert(self, conn: Connection, payload: Any, count: int) -> int:
+        """Insert :meth:`payload`'s ``count`` rows, skipping those stored already; returns
+        how many were inserted."""
+        if self.dialect != "postgresql":
+            return int(conn.exec_driver_sql(self.sql, payload).rowcount)
+        if self.staged_batches == 0:
+            try:
+                with conn.begin_nested():
+                    _copy(conn, self.copy_sql, payload)
+                return count
+            except sa.exc.IntegrityError as exc:
+                if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
+                    raise
+                self.staged_batches = STAGED_AFTER_CONFLICT  # a row is there: skip it, below
+        self.staged_batches -= 1
+        create, copy, insert, truncate = self.stage_sql
+        conn.exec_driver_sql(create)
+        _copy(conn, copy, payload)
+        inserted: int = conn.exec_driver_sql(insert).rowcount
+        conn.exec_driver_sql(truncate)
+        return inserted
 
 
 def _tuple_function(
@@ -588,7 +611,7 @@ class Store:
         for name, count in prepared.by_name.items():
             by_name[name] = by_name.get(name, 0) + count
         for table, count, payload in prepared.tables:
-            inserted = self._execute_bulk(conn, table, payload, count)
+            inserted = self._bulk[table].insert(conn, payload, count)
             if table == "events":
                 # Exact on both drivers; a concurrent writer's rows count as duplicates.
                 result.duplicates += count - inserted
@@ -597,28 +620,6 @@ class Store:
                 result.rows[table] = result.rows.get(table, 0) + count
         if self._downlink_hook is not None and prepared.downlink_events:
             self._downlink_hook(conn, prepared.downlink_events)
-
-    def _execute_bulk(self, conn: Connection, table: str, payload: Any, count: int) -> int:
-        """Insert a table's rows skipping those stored already; returns how many were."""
-        bulk = self._bulk[table]
-        if bulk.dialect != "postgresql":
-            return conn.exec_driver_sql(bulk.sql, payload).rowcount
-        if bulk.staged_batches == 0:
-            try:
-                with conn.begin_nested():
-                    _copy(conn, bulk.copy_sql, payload)
-                return count
-            except sa.exc.IntegrityError as exc:
-                if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
-                    raise
-                bulk.staged_batches = STAGED_AFTER_CONFLICT  # a row is there: skip it, below
-        bulk.staged_batches -= 1
-        create, copy, insert, truncate = bulk.stage_sql
-        conn.exec_driver_sql(create)
-        _copy(conn, copy, payload)
-        inserted: int = conn.exec_driver_sql(insert).rowcount
-        conn.exec_driver_sql(truncate)
-        return inserted
 
     def _insert_gaps(self, conn: Connection, gaps: Sequence[Gap]) -> None:
         conn.execute(

@@ -18,7 +18,7 @@ from ingestd.errors import StoreUnavailable
 from ingestd.importer import import_stream
 from ingestd.models import Cursor
 from ingestd.sim import events as eventgen
-from ingestd.store import Store
+from ingestd.store import Store, _BulkInsert
 
 DATA = Path(__file__).parent.parent / "data" / "events"
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -112,17 +112,17 @@ def test_rows_and_cursor_commit_together_or_not_at_all(
     # Inject an outage half-way through the batch: after events and uplinks are written,
     # the receptions insert loses the database (as a dropped connection or a lock would).
     calls = {"n": 0}
-    execute_bulk = Store._execute_bulk
+    insert = _BulkInsert.insert
 
-    def _fail(self: Store, conn: sa.Connection, table: str, payload: object, count: int) -> int:
-        if table == "uplink_receptions":
+    def _fail(self: _BulkInsert, conn: sa.Connection, payload: object, count: int) -> int:
+        if self.table == "uplink_receptions":
             calls["n"] += 1
             orig = conn.dialect.loaded_dbapi.OperationalError("injected outage mid-batch")
             raise sa.exc.OperationalError("INSERT INTO uplink_receptions", None, orig)
-        return execute_bulk(self, conn, table, payload, count)
+        return insert(self, conn, payload, count)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Store, "_execute_bulk", _fail)
+        patch.setattr(_BulkInsert, "insert", _fail)
         with pytest.raises(StoreUnavailable):
             store.commit_batch(batch)
 
