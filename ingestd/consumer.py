@@ -182,7 +182,6 @@ class StreamConsumer:
         # Batches taken for their commits, oldest first (at most IN_FLIGHT): each converts its
         # rows at once, then commits when the one before it has. Only _start_flush adds one.
         self._in_flight: list[_Taken] = []
-        self._flush_task: asyncio.Task[None] | None = None  # the newest one's
         self._warnings = tts.WarningLog()  # each X-Warning once per stream
         self._warned_http1 = False
         self._stopping = False
@@ -588,19 +587,22 @@ class StreamConsumer:
         batch = builder.take()
         taken = _Taken(raw=self._raw, spool_pos=self._batch_spool_pos)
         self._raw, self._batch_spool_pos = [], None
-        ahead = self._flush_task if self._in_flight else None
-        task = asyncio.create_task(self._flush(batch, names, taken, ahead))
-        task.add_done_callback(_read_result)
-        taken.task = self._flush_task = task
+        ahead = self._in_flight[-1].task if self._in_flight else None
+        taken.task = asyncio.create_task(self._flush(batch, names, taken, ahead))
+        taken.task.add_done_callback(_read_result)
         self._in_flight.append(taken)
+
+    async def _flushed(self) -> None:
+        """Wait for every commit in flight."""
+        tasks = [t.task for t in self._in_flight if t.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _flush_now(self) -> None:
         """Commit what the builder holds and wait for it (at a stop)."""
         if self._builder is None:
             return
         await self._start_flush()
-        if self._flush_task is not None:  # it commits after every batch ahead of it
-            await asyncio.gather(self._flush_task, return_exceptions=True)
+        await self._flushed()
 
     async def _flush_on_timer(self, stop: asyncio.Event) -> None:
         while not await sleep_or_stop(self._max_delay_s, stop):
@@ -942,8 +944,7 @@ class StreamConsumer:
         self._spooling = False
 
     async def _close_spool(self) -> None:
-        if self._flush_task is not None:  # the newest commit: it waits for all before it
-            await asyncio.gather(self._flush_task, return_exceptions=True)
+        await self._flushed()
         spool, self._spool = self._spool, None
         if spool is None:
             return

@@ -14,7 +14,7 @@ import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ def _spooled(service: Service) -> int:
 
 
 async def _publish(
-    sim: Simulator, n: int, executor: ThreadPoolExecutor | None = None
+    sim: Simulator, n: int, executor: Executor | None = None
 ) -> list[dict[str, Any]]:
     """``n`` uplinks in bursts, generated in ``executor`` (default: the loop's, shared with
     the daemon under test)."""
